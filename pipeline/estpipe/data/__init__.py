@@ -1,0 +1,25 @@
+"""The choice-data format (HDF5, version 1) and its reader and writer."""
+
+from estpipe.data.format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    ChoiceData,
+    ChoiceDataFile,
+    ChoiceDataWriter,
+    open_choice_data,
+    provenance,
+    read_choice_data,
+    write_choice_data,
+)
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "ChoiceData",
+    "ChoiceDataFile",
+    "ChoiceDataWriter",
+    "open_choice_data",
+    "provenance",
+    "read_choice_data",
+    "write_choice_data",
+]

@@ -1,0 +1,389 @@
+"""The choice-data file, HDF5 format version 1 (DESIGN.md, "Choice-data file").
+
+Set i owns rows offsets[i]:offsets[i+1] of `X` (n_rows, K) and `dm` (n_rows, M). A reader returns
+any range of sets without reading the rest of the file; sizes, names and provenance come from
+attributes alone. A writer streams row chunks into a temporary file in the target folder and
+renames it at the end, so a failed run leaves nothing under the final name.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from estpipe.errors import UserError
+
+FORMAT_NAME = "choice-data"
+FORMAT_VERSION = 1
+DEFAULT_CHUNK_ROWS = 16384
+REQUIRED_DATASETS = ("offsets", "X", "dm")
+REQUIRED_ATTRS = ("n_sets", "n_rows", "n_params", "n_moments", "param_names", "moment_names")
+
+
+def _h5py():
+    import h5py
+
+    return h5py
+
+
+@dataclass
+class ChoiceData:
+    """Choice sets in memory: a whole file or a contiguous range of its sets.
+
+    X: (n_rows, K) covariates; dm: (n_rows, M) moment vectors; offsets: (n_sets + 1,) with
+    offsets[0] = 0; chosen: (n_rows,) int8 or None; cluster: (n_sets,) int64 or None.
+    """
+
+    X: np.ndarray
+    dm: np.ndarray
+    offsets: np.ndarray
+    chosen: np.ndarray | None = None
+    cluster: np.ndarray | None = None
+
+    @property
+    def n_sets(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def K(self) -> int:
+        return self.X.shape[1]
+
+    @property
+    def M(self) -> int:
+        return self.dm.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        extra = sum(a.nbytes for a in (self.chosen, self.cluster) if a is not None)
+        return self.X.nbytes + self.dm.nbytes + self.offsets.nbytes + extra
+
+
+def provenance(command: str, **details) -> dict:
+    """How a file was made: command, its options, estpipe version, time, python."""
+    from estpipe import __version__
+
+    return {
+        "command": command,
+        **details,
+        "estpipe_version": __version__,
+        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": sys.version.split()[0],
+    }
+
+
+class ChoiceDataFile:
+    """An open choice-data file, checked on open. Use as a context manager or call close().
+
+    Attributes read without touching the arrays: n_sets, n_rows, K, M, param_names,
+    moment_names, provenance, has_chosen, has_cluster, truth. `offsets` (n_sets + 1,) is read
+    once on open (it is small: 8 bytes per set) and checked.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise UserError(f"{self.path}: no such file; make one with `estpipe simulate` or `estpipe load`")
+        if self.path.is_dir():
+            raise UserError(f"{self.path}: is a folder, not a choice-data file")
+        h5py = _h5py()
+        if not h5py.is_hdf5(self.path):
+            raise UserError(
+                f"{self.path}: not an HDF5 file; estpipe reads choice-data files made by "
+                "`estpipe simulate` or `estpipe load` (CSV or Parquet go through `estpipe load`)"
+            )
+        try:
+            self._f = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise UserError(f"{self.path}: cannot be opened as HDF5 ({exc}); the file may be truncated or damaged") from None
+        try:
+            self._check()
+        except BaseException:
+            self._f.close()
+            raise
+
+    # -- checks -------------------------------------------------------------------------------
+    def _check(self) -> None:
+        f, p = self._f, self.path
+        fmt = f.attrs.get("estpipe_format")
+        if isinstance(fmt, bytes):
+            fmt = fmt.decode()
+        if fmt != FORMAT_NAME:
+            raise UserError(
+                f"{p}: an HDF5 file but not an estpipe choice-data file (attribute estpipe_format is "
+                f"{fmt!r}, expected {FORMAT_NAME!r}); convert the data with `estpipe load`"
+            )
+        version = f.attrs.get("estpipe_format_version")
+        if version is None:
+            raise UserError(f"{p}: attribute estpipe_format_version is missing; rewrite the file with `estpipe load`")
+        if int(version) != FORMAT_VERSION:
+            newer = "a newer estpipe" if int(version) > FORMAT_VERSION else "an older estpipe"
+            raise UserError(
+                f"{p}: choice-data format version {int(version)}, but this estpipe reads version "
+                f"{FORMAT_VERSION}; it was written by {newer}: use that version or rewrite the file"
+            )
+        for name in REQUIRED_ATTRS:
+            if name not in f.attrs:
+                raise UserError(f"{p}: attribute {name!r} is missing; the file is incomplete, rewrite it")
+        for name in REQUIRED_DATASETS:
+            if name not in f:
+                raise UserError(f"{p}: dataset {name!r} is missing; the file is incomplete, rewrite it")
+        self.n_sets = int(f.attrs["n_sets"])
+        self.n_rows = int(f.attrs["n_rows"])
+        self.K = int(f.attrs["n_params"])
+        self.M = int(f.attrs["n_moments"])
+        self.param_names = [str(s) for s in f.attrs["param_names"]]
+        self.moment_names = [str(s) for s in f.attrs["moment_names"]]
+        raw = f.attrs.get("provenance", "{}")
+        try:
+            self.provenance = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+        except (json.JSONDecodeError, TypeError):
+            self.provenance = {"raw": str(raw)}
+        X, dm, off = f["X"], f["dm"], f["offsets"]
+        if X.shape != (self.n_rows, self.K):
+            raise UserError(f"{p}: dataset X has shape {X.shape}, expected (n_rows, n_params) = {(self.n_rows, self.K)}; rewrite the file")
+        if dm.shape != (self.n_rows, self.M):
+            raise UserError(f"{p}: dataset dm has shape {dm.shape}, expected (n_rows, n_moments) = {(self.n_rows, self.M)}; rewrite the file")
+        if off.shape != (self.n_sets + 1,):
+            raise UserError(f"{p}: dataset offsets has shape {off.shape}, expected (n_sets + 1,) = ({self.n_sets + 1},); rewrite the file")
+        if len(self.param_names) != self.K or len(self.moment_names) != self.M:
+            raise UserError(f"{p}: {len(self.param_names)} param_names for K = {self.K} and {len(self.moment_names)} moment_names for M = {self.M}; rewrite the file")
+        try:
+            offsets = off[...].astype(np.int64)
+        except OSError as exc:
+            raise UserError(f"{p}: dataset offsets cannot be read ({exc}); the file is truncated or damaged") from None
+        if offsets[0] != 0:
+            raise UserError(f"{p}: offsets[0] is {offsets[0]}, expected 0; rewrite the file")
+        steps = np.diff(offsets)
+        if steps.size and steps.min() <= 0:
+            i = int(np.argmin(steps > 0))
+            raise UserError(
+                f"{p}: offsets are not strictly increasing at set {i} "
+                f"(offsets[{i}] = {offsets[i]}, offsets[{i + 1}] = {offsets[i + 1]}); every set needs at least one row"
+            )
+        if offsets[-1] != self.n_rows:
+            raise UserError(f"{p}: offsets end at {offsets[-1]} but the file has n_rows = {self.n_rows}; rewrite the file")
+        self.offsets = offsets
+        self.has_chosen = "chosen" in f
+        self.has_cluster = "cluster" in f
+        self.truth = f["truth/params"][...].astype(np.float64) if "truth/params" in f else None
+        if self.has_chosen and f["chosen"].shape != (self.n_rows,):
+            raise UserError(f"{p}: dataset chosen has shape {f['chosen'].shape}, expected ({self.n_rows},); rewrite the file")
+        if self.has_cluster and f["cluster"].shape != (self.n_sets,):
+            raise UserError(f"{p}: dataset cluster has shape {f['cluster'].shape}, expected ({self.n_sets},); rewrite the file")
+
+    # -- reading ------------------------------------------------------------------------------
+    def read_sets(self, start: int = 0, stop: int | None = None) -> ChoiceData:
+        """Sets start:stop with their rows (offsets rebased to 0); reads only those rows."""
+        stop = self.n_sets if stop is None else stop
+        if not 0 <= start <= stop <= self.n_sets:
+            raise ValueError(f"set range {start}:{stop} outside 0:{self.n_sets}")
+        r0, r1 = int(self.offsets[start]), int(self.offsets[stop])
+        f = self._f
+        try:
+            X = np.empty((r1 - r0, self.K), dtype=np.float64)
+            dm = np.empty((r1 - r0, self.M), dtype=np.float64)
+            if r1 > r0:
+                f["X"].read_direct(X, np.s_[r0:r1], np.s_[:])
+                f["dm"].read_direct(dm, np.s_[r0:r1], np.s_[:])
+            chosen = f["chosen"][r0:r1].astype(np.int8) if self.has_chosen else None
+            cluster = f["cluster"][start:stop].astype(np.int64) if self.has_cluster else None
+        except OSError as exc:
+            raise UserError(
+                f"{self.path}: rows {r0}:{r1} cannot be read ({exc}); the file is truncated or damaged, rewrite it"
+            ) from None
+        return ChoiceData(X=X, dm=dm, offsets=self.offsets[start : stop + 1] - r0, chosen=chosen, cluster=cluster)
+
+    def read_cluster(self) -> np.ndarray | None:
+        """Cluster id per set (n_sets,), or None when the file has none."""
+        return self._f["cluster"][...].astype(np.int64) if self.has_cluster else None
+
+    def fingerprint(self) -> str:
+        """A short hash that changes when the data change: sizes, names, offsets, provenance, and
+        the first and last row chunks of X and dm (reading all of a large file would cost seconds)."""
+        h = hashlib.sha256()
+        h.update(json.dumps([self.n_sets, self.n_rows, self.K, self.M, self.param_names, self.moment_names]).encode())
+        h.update(json.dumps(self.provenance, sort_keys=True).encode())
+        h.update(self.offsets.tobytes())
+        n = min(self.n_rows, 4096)
+        for name in ("X", "dm"):
+            ds = self._f[name]
+            h.update(np.ascontiguousarray(ds[:n]).tobytes())
+            h.update(np.ascontiguousarray(ds[self.n_rows - n :]).tobytes())
+        return h.hexdigest()[:16]
+
+    def describe(self) -> dict:
+        """Sizes, set-size distribution, names and provenance, as plain data (for inspect)."""
+        sizes = np.diff(self.offsets)
+        return {
+            "path": str(self.path),
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "n_sets": self.n_sets,
+            "n_rows": self.n_rows,
+            "n_params": self.K,
+            "n_moments": self.M,
+            "param_names": self.param_names,
+            "moment_names": self.moment_names,
+            "set_sizes": {
+                "min": int(sizes.min()) if sizes.size else 0,
+                "median": float(np.median(sizes)) if sizes.size else 0.0,
+                "mean": float(sizes.mean()) if sizes.size else 0.0,
+                "max": int(sizes.max()) if sizes.size else 0,
+                "counts": {str(int(k)): int(v) for k, v in zip(*np.unique(sizes, return_counts=True))},
+            },
+            "has_chosen": self.has_chosen,
+            "has_cluster": self.has_cluster,
+            "n_clusters": int(len(np.unique(self.read_cluster()))) if self.has_cluster else None,
+            "truth": self.truth.tolist() if self.truth is not None else None,
+            "provenance": self.provenance,
+            "fingerprint": self.fingerprint(),
+        }
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> "ChoiceDataFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_choice_data(path: str | os.PathLike) -> ChoiceDataFile:
+    return ChoiceDataFile(path)
+
+
+def read_choice_data(path: str | os.PathLike, start: int = 0, stop: int | None = None) -> ChoiceData:
+    """Sets start:stop of a file, in memory."""
+    with ChoiceDataFile(path) as f:
+        return f.read_sets(start, stop)
+
+
+@dataclass
+class ChoiceDataWriter:
+    """Streams choice data into a new file. Use as a context manager:
+
+        with ChoiceDataWriter(path, param_names, moment_names, provenance=...) as w:
+            w.append(X, dm, set_sizes, chosen=..., cluster=...)
+
+    Rows go to a temporary file in the target folder; on a clean exit offsets and attributes are
+    written and the file is renamed to `path`; on an exception the temporary file is removed.
+    """
+
+    path: str | os.PathLike
+    param_names: list[str]
+    moment_names: list[str]
+    provenance: dict = field(default_factory=dict)
+    with_chosen: bool = False
+    with_cluster: bool = False
+    truth: np.ndarray | None = None
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
+
+    def __post_init__(self):
+        self.path = Path(self.path)
+        folder = self.path.parent if str(self.path.parent) else Path(".")
+        if not folder.is_dir():
+            raise UserError(f"{self.path}: folder {folder} does not exist; create it or choose another output path")
+        self.K, self.M = len(self.param_names), len(self.moment_names)
+        self._folder = folder
+        self._sizes: list[np.ndarray] = []
+        self._clusters: list[np.ndarray] = []
+        self.n_rows = 0
+        self._f = None
+        self._tmp = None
+
+    def __enter__(self) -> "ChoiceDataWriter":
+        h5py = _h5py()
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self._folder)
+        os.close(fd)
+        self._tmp = Path(tmp)
+        self._f = h5py.File(self._tmp, "w")
+        c = max(1, self.chunk_rows)
+        self._X = self._f.create_dataset("X", (0, self.K), maxshape=(None, self.K), dtype="f8", chunks=(c, self.K))
+        self._dm = self._f.create_dataset("dm", (0, self.M), maxshape=(None, self.M), dtype="f8", chunks=(c, self.M))
+        if self.with_chosen:
+            self._chosen = self._f.create_dataset("chosen", (0,), maxshape=(None,), dtype="i1", chunks=(c,))
+        return self
+
+    def append(self, X, dm, set_sizes, chosen=None, cluster=None) -> None:
+        """Append whole sets: X (rows, K), dm (rows, M), set_sizes (sets,) summing to rows;
+        chosen (rows,) when the file has it; cluster (sets,) when the file has it."""
+        set_sizes = np.asarray(set_sizes, dtype=np.int64)
+        rows = int(set_sizes.sum())
+        if X.shape != (rows, self.K) or dm.shape != (rows, self.M):
+            raise ValueError(f"append: X {X.shape} and dm {dm.shape} do not match {rows} rows, K={self.K}, M={self.M}")
+        r0, r1 = self.n_rows, self.n_rows + rows
+        self._X.resize(r1, axis=0)
+        self._X[r0:r1] = X
+        self._dm.resize(r1, axis=0)
+        self._dm[r0:r1] = dm
+        if self.with_chosen:
+            if chosen is None:
+                raise ValueError("append: this file records chosen rows, pass chosen")
+            self._chosen.resize(r1, axis=0)
+            self._chosen[r0:r1] = chosen
+        if self.with_cluster:
+            if cluster is None or len(cluster) != len(set_sizes):
+                raise ValueError("append: this file records clusters, pass one id per set")
+            self._clusters.append(np.asarray(cluster, dtype=np.int64))
+        self._sizes.append(set_sizes)
+        self.n_rows = r1
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self._finish()
+        finally:
+            if self._f is not None:
+                self._f.close()
+                self._f = None
+            if exc_type is not None and self._tmp is not None and self._tmp.exists():
+                self._tmp.unlink()
+        if exc_type is None:
+            os.replace(self._tmp, self.path)
+
+    def _finish(self) -> None:
+        sizes = np.concatenate(self._sizes) if self._sizes else np.zeros(0, np.int64)
+        offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        f = self._f
+        f.create_dataset("offsets", data=offsets)
+        if self.with_cluster:
+            f.create_dataset("cluster", data=np.concatenate(self._clusters) if self._clusters else np.zeros(0, np.int64))
+        if self.truth is not None:
+            f.create_dataset("truth/params", data=np.asarray(self.truth, dtype=np.float64))
+        f.attrs["estpipe_format"] = FORMAT_NAME
+        f.attrs["estpipe_format_version"] = FORMAT_VERSION
+        f.attrs["n_sets"] = len(sizes)
+        f.attrs["n_rows"] = self.n_rows
+        f.attrs["n_params"] = self.K
+        f.attrs["n_moments"] = self.M
+        f.attrs["param_names"] = list(self.param_names)
+        f.attrs["moment_names"] = list(self.moment_names)
+        f.attrs["provenance"] = json.dumps(self.provenance)
+
+
+def write_choice_data(path, data: ChoiceData, param_names, moment_names, provenance=None, truth=None) -> None:
+    """Write an in-memory ChoiceData in one go (tests and small files)."""
+    with ChoiceDataWriter(
+        path,
+        list(param_names),
+        list(moment_names),
+        provenance=provenance or {},
+        with_chosen=data.chosen is not None,
+        with_cluster=data.cluster is not None,
+        truth=truth,
+    ) as w:
+        w.append(data.X, data.dm, np.diff(data.offsets), chosen=data.chosen, cluster=data.cluster)
