@@ -1,6 +1,7 @@
 """The moment kernel: per-partition additive sums of the moments and their Jacobian."""
 
 from estpipe.kernel.sums import MomentSums
+from estpipe.kernel.partition import DERIVATIVES, PartitionKernel
 from estpipe.kernel.reference import logit_moments_reference, logit_sums_reference
 
 
@@ -10,4 +11,4 @@ def logit_moments(params, X, dm, offsets, jacobian=True):
     return g, (G if jacobian else None)
 
 
-__all__ = ["MomentSums", "logit_moments", "logit_moments_reference", "logit_sums_reference"]
+__all__ = ["DERIVATIVES", "MomentSums", "PartitionKernel", "logit_moments", "logit_moments_reference", "logit_sums_reference"]
