@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# A single-node Slurm on this machine, for tests and trying `estpipe submit` (see docs/clusters.md).
+#
+#   scripts/slurm-local.sh start    install slurm + munge when missing, configure, start, wait idle
+#   scripts/slurm-local.sh stop     stop slurmd, slurmctld and munged; remove their pid files
+#   scripts/slurm-local.sh status   print the node state (exit 1 when Slurm is not answering)
+#
+# Runs as root, with no systemd: the daemons are started directly. Idempotent: `start` on a running
+# Slurm only waits for the node to be idle. Loopback only; one partition `debug` on node `localhost`.
+set -euo pipefail
+
+CONF=/etc/slurm/slurm.conf
+WAIT_SECONDS=${SLURM_LOCAL_WAIT:-60}
+
+log() { echo "slurm-local: $*" >&2; }
+
+need_root() {
+    if [ "$(id -u)" != 0 ]; then
+        log "must run as root (it installs packages and starts daemons)"
+        exit 2
+    fi
+}
+
+install_packages() {
+    if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null \
+        && command -v munged >/dev/null; then
+        return
+    fi
+    log "installing slurmctld slurmd slurm-client munge (apt)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
+}
+
+write_conf() {
+    local cpus mem
+    cpus=$(nproc)
+    # `slurmd -C` prints the node's real memory; Slurm refuses a node that claims more than it has.
+    mem=$(slurmd -C 2>/dev/null | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' | head -1)
+    mem=${mem:-1000}
+    install -d /etc/slurm
+    cat >"$CONF.new" <<EOF
+# Written by estpipe scripts/slurm-local.sh: a single-node Slurm for tests.
+ClusterName=ci
+SlurmctldHost=localhost
+SlurmUser=slurm
+AuthType=auth/munge
+StateSaveLocation=/var/spool/slurmctld
+SlurmdSpoolDir=/var/spool/slurmd
+SlurmctldPidFile=/run/slurmctld.pid
+SlurmdPidFile=/run/slurmd.pid
+SlurmctldLogFile=/var/log/slurm/slurmctld.log
+SlurmdLogFile=/var/log/slurm/slurmd.log
+# cgroup tracking makes jobs "complete" without running here; linuxproc really runs them.
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/filetxt
+JobCompLoc=/var/log/slurm/jobcomp.log
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+# Without a default a job with no --mem takes the whole node and jobs run one at a time.
+DefMemPerCPU=1000
+ReturnToService=2
+MpiDefault=none
+NodeName=localhost CPUs=$cpus RealMemory=$mem State=UNKNOWN
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+EOF
+    if [ -f "$CONF" ] && cmp -s "$CONF" "$CONF.new"; then
+        rm -f "$CONF.new"
+    else
+        mv "$CONF.new" "$CONF"
+    fi
+}
+
+pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+node_state() { timeout 5 sinfo -h -o %T 2>/dev/null | head -1 || true; }
+
+start() {
+    need_root
+    install_packages
+    install -d -o munge -g munge -m 755 /run/munge
+    install -d -o slurm -g slurm /var/spool/slurmctld /var/log/slurm
+    install -d /var/spool/slurmd
+    write_conf
+    [ -f /etc/munge/munge.key ] || { log "creating /etc/munge/munge.key"; mungekey -c 2>/dev/null || create-munge-key -f; }
+    pid_alive /run/munge/munged.pid || runuser -u munge -- /usr/sbin/munged
+    pid_alive /run/slurmctld.pid || /usr/sbin/slurmctld
+    pid_alive /run/slurmd.pid || /usr/sbin/slurmd -N localhost
+    local state deadline=$((SECONDS + WAIT_SECONDS))
+    while :; do
+        state=$(node_state)
+        case "$state" in
+            idle | mixed | allocated) break ;;
+            drain* | down*)
+                # A node left drained by an earlier run: return it to service.
+                scontrol update NodeName=localhost State=RESUME >/dev/null 2>&1 || true ;;
+        esac
+        if [ $SECONDS -ge $deadline ]; then
+            log "the node is not idle after ${WAIT_SECONDS}s (state: '${state:-no answer}'); see /var/log/slurm/"
+            exit 1
+        fi
+        sleep 0.5
+    done
+    log "up: node localhost is $state (partition debug)"
+}
+
+stop() {
+    local f
+    for f in /run/slurmd.pid /run/slurmctld.pid /run/munge/munged.pid; do
+        if pid_alive "$f"; then
+            kill -TERM "$(cat "$f")" 2>/dev/null || true
+        fi
+    done
+    for f in /run/slurmd.pid /run/slurmctld.pid /run/munge/munged.pid; do
+        local i
+        for i in $(seq 50); do pid_alive "$f" || break; sleep 0.1; done
+    done
+    # A stale pid file breaks a later start and package removal.
+    rm -f /run/slurmd.pid /run/slurmctld.pid
+    log "stopped"
+}
+
+status() {
+    local state
+    state=$(node_state)
+    if [ -z "$state" ]; then
+        echo "not running"
+        exit 1
+    fi
+    echo "localhost: $state"
+}
+
+case "${1:-}" in
+    start) start ;;
+    stop) stop ;;
+    status) status ;;
+    *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+esac
