@@ -1,0 +1,356 @@
+"""Simulated choice data, streamed to a choice-data file (DESIGN.md, `estpipe simulate`).
+
+Designs
+- "logit" (the default): X ~ N(0,1) with K columns; true parameters b drawn from the seeded
+  generator and scaled so that the utilities u = X b have standard deviation TRUTH_UTILITY_SD; one
+  choice per set drawn from the logit probabilities softmax(u) within the set; instruments z = the
+  K columns of x, then further mean-zero functions of x (see `moment_names`) up to M columns;
+  dm = z - z_chosen per set. Estimates must recover `truth/params`.
+- "seed": the original report's benchmark data: X ~ N(0,1), dm ~ U(0,1). For timing only: with
+  dm > 0 the moments are never zero, so its GMM problem has no finite minimizer. No truth, no
+  chosen rows.
+
+Clusters (`cluster_size=C`): sets are grouped into contiguous clusters of C sets (the last one may
+be shorter), ids 0, 1, ... In the logit design every cluster also draws a common shock per
+alternative position, eta_{c,j} ~ N(0, CLUSTER_SHOCK_SD^2), added to the utilities of position j
+of every set of cluster c. Choices of one cluster are then correlated, so the clustered moment
+covariance differs from the plain one. The data then follow a logit with random position
+constants, not the plain logit, so estimates of b are attenuated by a few percent
+(about sqrt((pi^2/6) / (pi^2/6 + CLUSTER_SHOCK_SD^2)) = 0.93 at the default).
+
+Reproducibility: every random quantity comes from its own generator, spawned from
+SeedSequence(seed) and consumed strictly in set order (one draw per set for sizes and choices,
+row-major for X and dm, one row of shocks per cluster). numpy's `random` and `standard_normal`
+consume a generator identically whether they fill one array or several pieces of it, so the same
+seed gives byte-equal arrays whatever the chunk size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from estpipe.data.format import DEFAULT_CHUNK_ROWS, ChoiceDataWriter, provenance
+from estpipe.errors import UserError
+
+DESIGNS = ("logit", "seed")
+TRUTH_UTILITY_SD = 1.5
+CLUSTER_SHOCK_SD = 0.5
+# Rows per chunk of sets when the caller does not say: four HDF5 row chunks, large enough that
+# per-chunk overhead vanishes, small enough that the buffers stay a few tens of MB.
+TARGET_CHUNK_ROWS = 4 * DEFAULT_CHUNK_ROWS
+
+# One independent stream per random quantity (the order is part of the file's reproducibility).
+_STREAMS = ("truth", "sizes", "X", "choice", "dm", "cluster_shock")
+
+
+@dataclass(frozen=True)
+class SimulationSummary:
+    """What `simulate_choice_data` wrote and how fast."""
+
+    path: str
+    design: str
+    n_sets: int
+    n_rows: int
+    K: int
+    M: int
+    seed: int
+    chunk_sets: int
+    chunks: int
+    n_clusters: int | None
+    seconds: float
+    bytes: int  # X and dm (the bulk of the file), float64
+    file_bytes: int
+    truth: list[float] | None
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.n_rows / self.seconds if self.seconds > 0 else math.inf
+
+    @property
+    def mb_per_second(self) -> float:
+        return self.bytes / 1e6 / self.seconds if self.seconds > 0 else math.inf
+
+    def line(self) -> str:
+        """One line for stderr."""
+        return (
+            f"wrote {self.path}: {self.n_sets:,} sets, {self.n_rows:,} rows, K={self.K}, M={self.M}, "
+            f"{self.bytes / 1e6:,.1f} MB in {self.seconds:.2f} s "
+            f"({self.rows_per_second:,.0f} rows/s, {self.mb_per_second:,.0f} MB/s)"
+        )
+
+
+# -- instruments ------------------------------------------------------------------------------
+def instrument_names(K: int, M: int) -> list[str]:
+    """Names of the M instrument columns built from K covariates, in order: x1..xK, then squares
+    minus one ("x1^2-1"), then pairwise products ("x1*x2", "x1*x3", ..., "x2*x3", ...), then
+    cubes minus three times x ("x1^3-3*x1"). All have mean zero when x ~ N(0,1)."""
+    names = [f"x{k + 1}" for k in range(K)]
+    names += [f"x{k + 1}^2-1" for k in range(K)]
+    names += [f"x{a + 1}*x{b + 1}" for a, b in _pairs(K)]
+    names += [f"x{k + 1}^3-3*x{k + 1}" for k in range(K)]
+    if M > len(names):
+        raise UserError(
+            f"--moments {M} is too many for --params {K}: the logit design builds at most "
+            f"{len(names)} instruments (x, squares, pairwise products, cubes); use --moments {len(names)} or fewer"
+        )
+    return names[:M]
+
+
+def _pairs(K: int) -> list[tuple[int, int]]:
+    return [(a, b) for a in range(K) for b in range(a + 1, K)]
+
+
+def fill_instruments(X: np.ndarray, out: np.ndarray) -> None:
+    """Write the instruments of `instrument_names(K, M)` into out.
+
+    X: (rows, K); out: (rows, M), M >= K."""
+    K, M = X.shape[1], out.shape[1]
+    out[:, :K] = X
+    col = K
+    q = min(K, M - col)
+    if q > 0:
+        sq = out[:, col : col + q]
+        np.multiply(X[:, :q], X[:, :q], out=sq)
+        sq -= 1.0
+        col += q
+    pairs = _pairs(K)[: M - col]
+    if pairs:
+        ia = [a for a, _ in pairs]
+        ib = [b for _, b in pairs]
+        np.multiply(X[:, ia], X[:, ib], out=out[:, col : col + len(pairs)])
+        col += len(pairs)
+    c = min(K, M - col)
+    if c > 0:
+        cube = out[:, col : col + c]
+        x = X[:, :c]
+        np.multiply(x, x, out=cube)
+        cube -= 3.0
+        cube *= x
+        col += c
+
+
+def true_params(rng: np.random.Generator, K: int) -> np.ndarray:
+    """b: (K,), N(0,1) draws scaled to norm TRUTH_UTILITY_SD, so that u = X b with X ~ N(0,1) has
+    standard deviation TRUTH_UTILITY_SD: choices are neither near-deterministic nor near-uniform."""
+    b = rng.standard_normal(K)
+    return b * (TRUTH_UTILITY_SD / np.linalg.norm(b))
+
+
+# -- validation -------------------------------------------------------------------------------
+def _check_options(design, sets, alternatives, params, moments, seed, cluster_size, chunk_sets) -> tuple[int, int]:
+    if design not in DESIGNS:
+        raise UserError(f"--design {design!r} is unknown; use one of {', '.join(DESIGNS)}")
+    if int(sets) < 1:
+        raise UserError(f"--sets {sets}: need at least 1 choice set")
+    try:
+        lo, hi = (int(a) for a in alternatives)
+    except (TypeError, ValueError):
+        raise UserError(f"--alternatives {alternatives!r}: expected a size like 30 or a range like 2:30") from None
+    if lo < 2:
+        raise UserError(
+            f"--alternatives {lo}{'' if lo == hi else f':{hi}'}: a choice set needs at least 2 alternatives "
+            "(one alternative carries no information); use e.g. 30 or 2:30"
+        )
+    if hi < lo:
+        raise UserError(f"--alternatives {lo}:{hi}: the range is empty (the upper end is below the lower); use e.g. {hi}:{lo}")
+    if int(params) < 1:
+        raise UserError(f"--params {params}: need at least 1 covariate")
+    if int(moments) < int(params):
+        raise UserError(
+            f"--moments {moments} is below --params {params}: GMM needs at least as many moments as "
+            f"parameters (M >= K); use --moments {params} or more"
+        )
+    if int(seed) < 0:
+        raise UserError(f"--seed {seed}: the seed must be a non-negative integer")
+    if cluster_size is not None and int(cluster_size) < 1:
+        raise UserError(f"--cluster-size {cluster_size}: a cluster needs at least 1 set")
+    if chunk_sets is not None and int(chunk_sets) < 1:
+        raise UserError(f"chunk_sets {chunk_sets}: need at least 1 set per chunk")
+    return lo, hi
+
+
+# -- cluster shocks ---------------------------------------------------------------------------
+class _ClusterShocks:
+    """eta: one row of `width` shocks per cluster, drawn in cluster order from one generator and
+    kept for the last cluster, which may continue in the next chunk."""
+
+    def __init__(self, rng: np.random.Generator, cluster_size: int, width: int):
+        self.rng, self.C, self.width = rng, cluster_size, width
+        self._first = 0  # cluster id of self._table[0]
+        self._table = np.zeros((0, width))
+
+    def for_sets(self, s0: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Cluster ids (n,) of sets s0..s0+n and their shocks (n, width)."""
+        ids = np.arange(s0, s0 + n, dtype=np.int64) // self.C
+        c0, c1 = int(ids[0]), int(ids[-1])
+        have = self._first + len(self._table)  # first cluster not drawn yet
+        keep = self._table[c0 - self._first :] if c0 < have else self._table[:0]
+        new = self.rng.standard_normal((c1 + 1 - max(have, c0), self.width)) * CLUSTER_SHOCK_SD
+        self._table = np.concatenate([keep, new]) if len(keep) else new
+        self._first = c0
+        return ids, self._table[ids - c0]
+
+
+# -- the simulation ---------------------------------------------------------------------------
+def simulate_choice_data(
+    path: str | os.PathLike,
+    *,
+    design: str = "logit",
+    sets: int = 1000,
+    alternatives: tuple[int, int] = (30, 30),
+    params: int = 20,
+    moments: int = 40,
+    seed: int = 0,
+    cluster_size: int | None = None,
+    chunk_sets: int | None = None,
+    progress: bool = False,
+) -> SimulationSummary:
+    """Simulate `sets` choice sets and write them to the choice-data file `path`.
+
+    alternatives: (lo, hi), set sizes drawn uniformly in lo..hi per set (fixed when lo == hi).
+    params, moments: K and M. cluster_size: contiguous clusters of that many sets (see the module
+    docstring). chunk_sets: sets generated and written per step (memory is about
+    chunk_sets * hi * (K + M) * 8 bytes times a small factor); the arrays do not depend on it.
+    progress: show a progress bar on stderr when it is a terminal.
+    """
+    lo, hi = _check_options(design, sets, alternatives, params, moments, seed, cluster_size, chunk_sets)
+    sets, K, M, seed = int(sets), int(params), int(moments), int(seed)
+    logit = design == "logit"
+    moment_names = instrument_names(K, M) if logit else [f"u{m + 1}" for m in range(M)]
+    param_names = [f"x{k + 1}" for k in range(K)]
+    chunk_sets = int(chunk_sets) if chunk_sets is not None else max(1, TARGET_CHUNK_ROWS // hi)
+    chunk_sets = min(chunk_sets, sets)
+    n_chunks = -(-sets // chunk_sets)
+
+    streams = dict(zip(_STREAMS, (np.random.Generator(np.random.PCG64(s)) for s in np.random.SeedSequence(seed).spawn(len(_STREAMS)))))
+    truth = true_params(streams["truth"], K) if logit else None
+    shocks = _ClusterShocks(streams["cluster_shock"], int(cluster_size), hi) if cluster_size else None
+
+    options = dict(design=design, sets=sets, alternatives=[lo, hi], params=K, moments=M, seed=seed, cluster_size=cluster_size)
+    prov = provenance("estpipe simulate", options=options, seed=seed, design=design)
+    if logit:
+        prov["truth_utility_sd"] = TRUTH_UTILITY_SD
+        if cluster_size:
+            prov["cluster_shock_sd"] = CLUSTER_SHOCK_SD
+    else:
+        prov["estimable"] = False
+        prov["note"] = "seed design: timing only; dm ~ U(0,1) > 0, so the GMM problem has no finite minimizer"
+
+    max_rows = chunk_sets * hi
+    X_buf = np.empty((max_rows, K))
+    dm_buf = np.empty((max_rows, M))
+    u_buf = np.empty(max_rows)
+    size_draws = np.empty(chunk_sets)
+    choice_draws = np.empty(chunk_sets)
+
+    t0 = time.perf_counter()
+    bar = _Progress(sets, enabled=progress)
+    writer = ChoiceDataWriter(
+        path, param_names, moment_names, provenance=prov, with_chosen=logit,
+        with_cluster=cluster_size is not None, truth=truth,
+    )
+    with writer, bar:
+        for s0 in range(0, sets, chunk_sets):
+            n = min(chunk_sets, sets - s0)
+            if lo == hi:
+                sizes = np.full(n, lo, dtype=np.int64)
+            else:
+                u = size_draws[:n]
+                streams["sizes"].random(out=u)
+                sizes = lo + (u * (hi - lo + 1)).astype(np.int64)
+            rows = int(sizes.sum())
+            X = X_buf[:rows]
+            dm = dm_buf[:rows]
+            streams["X"].standard_normal(out=X)
+            cluster_ids, eta = shocks.for_sets(s0, n) if shocks else (None, None)
+            chosen = None
+            if logit:
+                uc = choice_draws[:n]
+                streams["choice"].random(out=uc)
+                utilities = u_buf[:rows]
+                np.matmul(X, truth, out=utilities)
+                pick = _draw_choices(utilities, sizes, lo, hi, uc, eta)
+                starts = np.zeros(n, dtype=np.int64)
+                np.cumsum(sizes[:-1], out=starts[1:])
+                chosen_rows = starts + pick
+                chosen = np.zeros(rows, dtype=np.int8)
+                chosen[chosen_rows] = 1
+                fill_instruments(X, dm)
+                if lo == hi:
+                    dm3 = dm.reshape(n, lo, M)
+                    dm3 -= dm3[np.arange(n), pick][:, None, :]
+                else:
+                    dm -= np.repeat(dm[chosen_rows], sizes, axis=0)
+            else:
+                streams["dm"].random(out=dm)
+            writer.append(X, dm, sizes, chosen=chosen, cluster=cluster_ids)
+            bar.advance(n)
+    seconds = time.perf_counter() - t0
+    n_rows = writer.n_rows
+    return SimulationSummary(
+        path=str(path), design=design, n_sets=sets, n_rows=n_rows, K=K, M=M, seed=seed,
+        chunk_sets=chunk_sets, chunks=n_chunks,
+        n_clusters=-(-sets // int(cluster_size)) if cluster_size else None,
+        seconds=seconds, bytes=n_rows * (K + M) * 8, file_bytes=Path(path).stat().st_size,
+        truth=truth.tolist() if truth is not None else None,
+    )
+
+
+def _draw_choices(utilities, sizes, lo, hi, uniforms, eta) -> np.ndarray:
+    """Position (0-based, within its set) of the chosen row of each set, drawn by inverting the
+    cumulative logit probabilities with one uniform per set.
+
+    utilities: (rows,) for sets of `sizes` (n,); uniforms: (n,) in [0, 1); eta: (n, hi) shocks
+    by position, or None."""
+    n = len(sizes)
+    if lo == hi:
+        v = utilities.reshape(n, lo)
+    else:
+        # Pad to (n, hi): missing positions get -inf and so probability zero.
+        v = np.full((n, hi), -np.inf)
+        v[np.arange(hi) < sizes[:, None]] = utilities
+    if eta is not None:
+        v = v + eta[:, : v.shape[1]]
+    w = v - v.max(axis=1, keepdims=True)
+    np.exp(w, out=w)
+    np.cumsum(w, axis=1, out=w)
+    # The first position whose cumulative weight exceeds u * total; the last real position always
+    # qualifies since u < 1, so padded positions are never picked.
+    return np.argmax(w > uniforms[:, None] * w[:, -1:], axis=1)
+
+
+class _Progress:
+    """A rich progress bar on stderr, shown only when asked and stderr is a terminal."""
+
+    def __init__(self, total: int, enabled: bool):
+        import sys
+
+        self._bar = None
+        if enabled and sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+            self._bar = Progress(
+                "simulate", BarColumn(), MofNCompleteColumn(), "sets", TimeRemainingColumn(),
+                console=Console(stderr=True), transient=True,
+            )
+            self._task = self._bar.add_task("simulate", total=total)
+
+    def __enter__(self):
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def advance(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task, n)
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.stop()
