@@ -1,0 +1,626 @@
+"""`estpipe load`: long-format CSV or Parquet (one row per available alternative) to a choice-data file.
+
+The input is read twice, in batches, with only the needed columns:
+
+1. the structure pass reads the set column (and the cluster and alternative columns, if any). It
+   finds where each set starts, checks that every set's rows and every cluster's sets are
+   contiguous, and collects the alternative levels for the constants. What it keeps is O(n_sets):
+   the set start rows, the set ids (a compact Arrow array) and one cluster code per set.
+2. the values pass reads the numeric columns, checks them, builds X and dm one batch of whole sets
+   at a time (a partial set at the end of a batch is carried into the next) and streams them
+   through `ChoiceDataWriter`, so memory does not grow with the file.
+
+Bad input raises `UserError` naming the file, the line (CSV: the 1-based line number, the header
+being line 1) or row (Parquet: the 0-based row index), the set id, what is wrong and how to fix
+it. The writer works on a temporary file, so an error leaves no output.
+
+A set with a single alternative carries no information (s = 1, ds/db = 0 and dm = 0): its rows are
+checked like any other, then the set is dropped; `LoadSummary` and the provenance record how many.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from estpipe.data.format import ChoiceDataWriter, provenance
+from estpipe.errors import UserError
+
+DEFAULT_BATCH_ROWS = 65_536
+MAX_ALT_LEVELS = 200
+CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+@dataclass
+class LoadSummary:
+    """What `load_choice_data` wrote and what it dropped."""
+
+    output: str
+    input: str
+    n_sets: int
+    n_rows: int
+    K: int
+    M: int
+    param_names: list[str]
+    moment_names: list[str]
+    rows_read: int
+    n_batches: int
+    seconds: float
+    n_dropped_single_sets: int = 0
+    first_dropped_set_id: str | None = None
+    n_clusters: int | None = None
+    asc_levels: list[str] = field(default_factory=list)
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows_read / self.seconds if self.seconds > 0 else math.inf
+
+
+# -- the input table ---------------------------------------------------------------------------
+
+
+class _Table:
+    """A CSV or Parquet file read in batches of at most `batch_rows` rows, projected to the asked
+    columns. CSV columns are read as text and converted here, so that a bad value can be pinned to
+    its line; Parquet columns keep their types."""
+
+    def __init__(self, path: Path, batch_rows: int):
+        self.path = path
+        self.batch_rows = max(1, int(batch_rows))
+        name = path.name.lower()
+        if name.endswith(CSV_SUFFIXES):
+            self.kind = "csv"
+        elif name.endswith(PARQUET_SUFFIXES):
+            self.kind = "parquet"
+        else:
+            raise UserError(
+                f"{path}: unsupported file type; estpipe load reads long-format CSV "
+                f"({', '.join(CSV_SUFFIXES)}) or Parquet ({', '.join(PARQUET_SUFFIXES)}): rename or convert the file"
+            )
+        self.names = self._column_names()
+        self.n_batches = 0
+
+    def where(self, row: int) -> str:
+        """A row's place in the file, for messages: `row` is the 0-based data row."""
+        return f"line {row + 2}" if self.kind == "csv" else f"row {row} (0-based)"
+
+    def _column_names(self) -> list[str]:
+        try:
+            if self.kind == "csv":
+                import pyarrow.csv as pacsv
+
+                return list(pacsv.open_csv(self.path, read_options=pacsv.ReadOptions(block_size=1 << 16)).schema.names)
+            import pyarrow.parquet as pq
+
+            return list(pq.ParquetFile(self.path).schema_arrow.names)
+        except (pa.ArrowInvalid, OSError) as exc:
+            if "Empty CSV file" in str(exc):
+                raise UserError(f"{self.path}: the file is empty; it needs a header line and one row per alternative") from None
+            raise UserError(f"{self.path}: cannot be read as {self.kind.upper()}: {_one_line(exc)}") from None
+
+    def _csv_block_bytes(self) -> int:
+        """CSV read block (bytes) holding about `batch_rows` rows, estimated from the first MiB,
+        and comfortably larger than the longest line seen (a line must fit in one block)."""
+        with pa.input_stream(str(self.path), compression="detect") as f:
+            head = f.read(1 << 20)
+        lines = head.split(b"\n")[1:-1] or head.split(b"\n")[:1]
+        mean = sum(len(s) + 1 for s in lines) / max(1, len(lines))
+        longest = max(len(s) + 1 for s in lines)
+        return int(max(self.batch_rows * mean, 8 * longest, 1024))
+
+    def batches(self, columns: list[str]):
+        """Yield (row0, RecordBatch) with the given columns; row0 is the 0-based first data row."""
+        try:
+            if self.kind == "csv":
+                import pyarrow.csv as pacsv
+
+                reader = pacsv.open_csv(
+                    self.path,
+                    read_options=pacsv.ReadOptions(block_size=self._csv_block_bytes()),
+                    convert_options=pacsv.ConvertOptions(
+                        include_columns=columns,
+                        column_types={c: pa.string() for c in columns},
+                        null_values=[""],
+                        strings_can_be_null=True,
+                    ),
+                )
+            else:
+                import pyarrow.parquet as pq
+
+                reader = pq.ParquetFile(self.path).iter_batches(batch_size=self.batch_rows, columns=columns)
+            row0 = 0
+            for block in reader:
+                for start in range(0, block.num_rows, self.batch_rows):
+                    batch = block.slice(start, self.batch_rows)
+                    self.n_batches += 1
+                    yield row0, batch
+                    row0 += batch.num_rows
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise UserError(f"{self.path}: cannot be read as {self.kind.upper()}: {_one_line(exc)}; fix the file") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def _plain(arr: pa.Array) -> pa.Array:
+    """Dictionary-encoded columns (pandas categoricals in Parquet) as their plain values."""
+    return arr.dictionary_decode() if pa.types.is_dictionary(arr.type) else arr
+
+
+def _text(value) -> str:
+    return str(value)
+
+
+# -- pass 1: structure -------------------------------------------------------------------------
+
+
+@dataclass
+class _Structure:
+    """What the structure pass found. set_starts: (n_sets,) first row of each set; set_ids:
+    (n_sets,) Arrow array; cluster_codes: (n_sets,) int64, clusters numbered from 0 in order of
+    appearance, or None; levels: the sorted levels of the alternative column, or None."""
+
+    n_rows: int
+    set_starts: np.ndarray
+    set_ids: pa.Array
+    cluster_codes: np.ndarray | None
+    levels: list | None
+
+    @property
+    def n_sets(self) -> int:
+        return len(self.set_starts)
+
+    @property
+    def set_ends(self) -> np.ndarray:
+        return np.append(self.set_starts[1:], self.n_rows)
+
+
+def _run_starts(values: pa.Array, previous) -> np.ndarray:
+    """Positions (int64) where a run of equal values starts; position 0 counts when the value
+    differs from `previous`, the last value of the batch before (None at the start of the file)."""
+    n = len(values)
+    change = np.zeros(n, dtype=bool)
+    if n > 1:
+        change[1:] = pc.not_equal(values[1:], values[:-1]).to_numpy(zero_copy_only=False)
+    change[0] = previous is None or values[0].as_py() != previous
+    return np.flatnonzero(change)
+
+
+def _first_repeat(ids: pa.Array) -> tuple[int, int] | None:
+    """(first, again): the earliest run that repeats an earlier run's id, and that earlier run."""
+    if pc.count_distinct(ids).as_py() == len(ids):
+        return None
+    counts = pc.value_counts(ids)
+    repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    candidates = np.flatnonzero(pc.is_in(ids, value_set=repeated).to_numpy(zero_copy_only=False))
+    seen: dict = {}
+    for i in candidates:
+        key = ids[int(i)].as_py()
+        if key in seen:
+            return seen[key], int(i)
+        seen[key] = int(i)
+    return None
+
+
+def _check_missing(table: _Table, arr: pa.Array, row0: int, column: str, what: str) -> None:
+    if arr.null_count:
+        i = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
+        raise UserError(
+            f"{table.path}: {table.where(row0 + i)}: {what} (column {column}) is missing; every row needs one"
+        )
+
+
+def _sorted_levels(levels: set) -> list:
+    """Numbers sort numerically (also numbers read as text from CSV), anything else lexically."""
+    try:
+        return sorted(levels, key=lambda v: (float(v), str(v)))
+    except (TypeError, ValueError):
+        return sorted(levels, key=str)
+
+
+def _scan_structure(table: _Table, set_col: str, cluster_col: str | None, alt_col: str | None) -> _Structure:
+    columns = [c for c in dict.fromkeys([set_col, cluster_col, alt_col]) if c is not None]
+    set_starts, set_ids = [], []
+    cluster_starts, cluster_ids = [], []
+    levels: set = set()
+    last_set = last_cluster = None
+    open_set_start = 0  # first row of the set still open at the end of the previous batch
+    n_rows = 0
+    for row0, batch in table.batches(columns):
+        if batch.num_rows == 0:
+            continue
+        ids = _plain(batch.column(set_col))
+        _check_missing(table, ids, row0, set_col, "the set id")
+        starts = _run_starts(ids, last_set)
+        set_starts.append(starts + row0)
+        set_ids.append(ids.take(pa.array(starts)))
+        if cluster_col is not None:
+            clusters = _plain(batch.column(cluster_col))
+            _check_missing(table, clusters, row0, cluster_col, "the cluster id")
+            cstarts = _run_starts(clusters, last_cluster)
+            inside = np.setdiff1d(cstarts, starts, assume_unique=True)
+            if inside.size:
+                i = int(inside[0])
+                earlier = starts[starts < i]
+                set_start = int(earlier[-1]) + row0 if earlier.size else open_set_start
+                before = clusters[i - 1].as_py() if i > 0 else last_cluster
+                raise UserError(
+                    f"{table.path}: set {ids[i].as_py()} (from {table.where(set_start)}) has rows in different clusters "
+                    f"({cluster_col} {before}, then {clusters[i].as_py()} at {table.where(row0 + i)}); every row of a "
+                    "set must carry the same cluster id"
+                )
+            cluster_starts.append(cstarts + row0)
+            cluster_ids.append(clusters.take(pa.array(cstarts)))
+            last_cluster = clusters[-1].as_py()
+        if alt_col is not None:
+            alts = _plain(batch.column(alt_col))
+            _check_missing(table, alts, row0, alt_col, "the alternative")
+            levels.update(pc.unique(alts).to_pylist())
+            if len(levels) > MAX_ALT_LEVELS:
+                raise UserError(
+                    f"{table.path}: column {alt_col} has more than {MAX_ALT_LEVELS} levels; alternative-specific "
+                    f"constants need a column naming the alternative (a few levels): check --alt-col"
+                )
+        last_set = ids[-1].as_py()
+        if starts.size:
+            open_set_start = int(starts[-1]) + row0
+        n_rows = row0 + batch.num_rows
+    if n_rows == 0:
+        raise UserError(f"{table.path}: no data rows (only a header); the file needs one row per available alternative")
+
+    starts = np.concatenate(set_starts)
+    ids = pa.concat_arrays(set_ids)
+    ends = np.append(starts[1:], n_rows)
+    repeat = _first_repeat(ids)
+    if repeat is not None:
+        a, b = repeat
+        raise UserError(
+            f"{table.path}: the rows of set {ids[b].as_py()} are not contiguous: it occupies "
+            f"{table.where(int(starts[a]))} to {table.where(int(ends[a]) - 1)} and appears again at "
+            f"{table.where(int(starts[b]))}; sort the file by {set_col} so that each set's rows are together"
+        )
+    codes = None
+    if cluster_col is not None:
+        cstarts = np.concatenate(cluster_starts)
+        cids = pa.concat_arrays(cluster_ids)
+        repeat = _first_repeat(cids)
+        if repeat is not None:
+            a, b = repeat
+            raise UserError(
+                f"{table.path}: cluster {cids[b].as_py()} is split into non-contiguous blocks: its sets start at "
+                f"{table.where(int(cstarts[a]))} and again at {table.where(int(cstarts[b]))} after other clusters; "
+                f"sort the file by {cluster_col} (then {set_col}) so that each cluster's sets are together"
+            )
+        codes = np.searchsorted(cstarts, starts, side="right").astype(np.int64) - 1
+    return _Structure(
+        n_rows=n_rows,
+        set_starts=starts,
+        set_ids=ids,
+        cluster_codes=codes,
+        levels=_sorted_levels(levels) if alt_col is not None else None,
+    )
+
+
+# -- pass 2: values ----------------------------------------------------------------------------
+
+
+def _float_column(table: _Table, arr: pa.Array, row0: int, column: str) -> np.ndarray:
+    """A column of the batch as float64 (rows,), refusing non-numeric, missing, NaN and infinite
+    values with the column and the row."""
+    arr = _plain(arr)
+    _check_missing(table, arr, row0, column, "the value")
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        try:
+            arr = pc.cast(arr, pa.float64())
+        except pa.ArrowInvalid:
+            i = _first_unparsable(arr)
+            raise UserError(
+                f"{table.path}: {table.where(row0 + i)}: column {column} holds {arr[i].as_py()!r}, which is not a "
+                "number; every used column must be numeric"
+            ) from None
+    elif pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type) or pa.types.is_boolean(arr.type) or pa.types.is_decimal(arr.type):
+        arr = pc.cast(arr, pa.float64())
+    else:
+        raise UserError(
+            f"{table.path}: column {column} has type {arr.type}, not a number; every used column must be numeric"
+        )
+    values = arr.to_numpy(zero_copy_only=False)
+    finite = np.isfinite(values)
+    if not finite.all():
+        i = int(np.argmin(finite))
+        kind = "NaN" if np.isnan(values[i]) else "an infinite value"
+        raise UserError(
+            f"{table.path}: {table.where(row0 + i)}: column {column} holds {kind}; every used value must be a finite number"
+        )
+    return values
+
+
+def _first_unparsable(arr: pa.Array) -> int:
+    """Index of the first text value that does not cast to float64 (bisection over slices)."""
+    lo, hi = 0, len(arr)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        try:
+            pc.cast(arr.slice(lo, mid - lo), pa.float64())
+            lo = mid
+        except pa.ArrowInvalid:
+            hi = mid
+    return lo
+
+
+@dataclass
+class _Spec:
+    set_col: str
+    choice_col: str
+    x: list[str]
+    z: list[str] | None
+    dm: list[str] | None
+    alt_col: str | None
+    cluster_col: str | None
+
+    @property
+    def value_columns(self) -> list[str]:
+        cols = [self.choice_col, *self.x, *(self.z or []), *(self.dm or [])]
+        if self.alt_col is not None:
+            cols.append(self.alt_col)
+        return list(dict.fromkeys(cols))
+
+
+class _SetBuilder:
+    """Turns rows of whole sets into X (rows, K), dm (rows, M), chosen and set sizes, checks that
+    each set has exactly one chosen row, and drops sets with a single alternative."""
+
+    def __init__(self, table: _Table, spec: _Spec, structure: _Structure, asc_levels: list | None, base):
+        self.table, self.spec, self.structure = table, spec, structure
+        self.asc_levels = asc_levels
+        self.level_values = None
+        if asc_levels is not None:
+            # level of each ASC column, matched against the alternative column's own values
+            self.level_values = pa.array(structure.levels)
+            self.asc_index = np.array([i for i, v in enumerate(structure.levels) if v != base], dtype=np.int64)
+        self.n_dropped = 0
+        self.first_dropped: str | None = None
+
+    def asc(self, alts: pa.Array) -> np.ndarray:
+        """alts: (rows,) alternative levels -> (rows, n_levels - 1) 0/1 constants."""
+        idx = pc.index_in(_plain(alts), value_set=self.level_values).to_numpy(zero_copy_only=False)
+        return (idx[:, None] == self.asc_index[None, :]).astype(np.float64)
+
+    def build(self, cols: dict[str, np.ndarray], set_lo: int, set_hi: int, row_lo: int):
+        """cols: column -> (rows,) for the rows of sets set_lo:set_hi, which start at row_lo."""
+        s = self.structure
+        starts = s.set_starts[set_lo:set_hi] - row_lo
+        sizes = np.diff(np.append(starts, s.set_ends[set_hi - 1] - row_lo))
+        choice = cols[self.spec.choice_col]
+        bad = (choice != 0) & (choice != 1)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise UserError(
+                f"{self.table.path}: {self.table.where(row_lo + i)}: column {self.spec.choice_col} is "
+                f"{choice[i]:g}; the choice column must be 1 for the chosen alternative and 0 otherwise"
+            )
+        n_chosen = np.add.reduceat(choice, starts)
+        wrong = np.flatnonzero(n_chosen != 1)
+        if wrong.size:
+            k = int(wrong[0])
+            first, last = row_lo + int(starts[k]), row_lo + int(starts[k] + sizes[k]) - 1
+            problem = "no chosen row" if n_chosen[k] == 0 else f"{int(n_chosen[k])} chosen rows"
+            raise UserError(
+                f"{self.table.path}: set {s.set_ids[set_lo + k].as_py()} ({self.table.where(first)} to "
+                f"{self.table.where(last)}) has {problem}; exactly one row of each set must have {self.spec.choice_col} = 1"
+            )
+        asc = cols["__asc__"]
+        X = np.column_stack([cols[c] for c in self.spec.x] + ([asc] if asc is not None else []))
+        if self.spec.dm is not None:
+            dm = np.column_stack([cols[c] for c in self.spec.dm])
+        else:
+            z_cols = [cols[c] for c in (self.spec.z or self.spec.x)]
+            Z = np.column_stack(z_cols + ([asc] if asc is not None and self.spec.z is None else []))
+            chosen_rows = np.flatnonzero(choice == 1)
+            dm = Z - np.repeat(Z[chosen_rows], sizes, axis=0)
+        keep_sets = sizes > 1
+        cluster = s.cluster_codes[set_lo:set_hi] if s.cluster_codes is not None else None
+        if not keep_sets.all():
+            dropped = np.flatnonzero(~keep_sets)
+            if self.first_dropped is None:
+                self.first_dropped = _text(s.set_ids[set_lo + int(dropped[0])].as_py())
+            self.n_dropped += dropped.size
+            keep_rows = np.repeat(keep_sets, sizes)
+            X, dm, choice = X[keep_rows], dm[keep_rows], choice[keep_rows]
+            sizes = sizes[keep_sets]
+            cluster = cluster[keep_sets] if cluster is not None else None
+        return X, dm, sizes, choice.astype(np.int8), cluster
+
+
+def _columns_list(option: str, value) -> list[str] | None:
+    if value is None:
+        return None
+    names = [c.strip() for c in value.split(",")] if isinstance(value, str) else [str(c).strip() for c in value]
+    if not names or any(not c for c in names):
+        raise UserError(f"{option} {value!r}: give column names separated by commas, e.g. {option} price,time")
+    dup = [c for c in dict.fromkeys(names) if names.count(c) > 1]
+    if dup:
+        raise UserError(f"{option}: column {dup[0]} is listed twice; list each column once")
+    return names
+
+
+def load_choice_data(
+    input,
+    out,
+    *,
+    set_col: str,
+    choice_col: str,
+    x,
+    z=None,
+    dm=None,
+    alt_col: str | None = None,
+    asc: bool = False,
+    asc_base: str | None = None,
+    cluster_col: str | None = None,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+    command: str = "estpipe load",
+) -> LoadSummary:
+    """Convert a long-format CSV or Parquet file (one row per available alternative) to a
+    choice-data file at `out`.
+
+    x: the covariate columns -> X (n_rows, K); z: instrument columns (default: x), dm = z - z of the
+    chosen row of the set; or dm: moment columns taken as given. With `alt_col` and `asc`, one
+    0/1 constant per level of `alt_col` except `asc_base` (default: the first level, numbers sorted
+    numerically, text lexically) is appended to X as "asc_<level>" and, unless z is given, to z.
+    Column lists are lists or comma-separated strings. Sets with a single alternative are dropped.
+    Raises UserError for bad input and leaves no file behind.
+    """
+    t0 = time.perf_counter()
+    input, out = Path(input), Path(out)
+    x_cols = _columns_list("--x", x)
+    z_cols = _columns_list("--z", z)
+    dm_cols = _columns_list("--dm", dm)
+    if not x_cols:
+        raise UserError("--x: give the covariate columns, e.g. --x price,time")
+    if z_cols is not None and dm_cols is not None:
+        raise UserError("--z and --dm together: give instruments with --z (dm = z - z of the chosen row) or ready moment columns with --dm, not both")
+    if alt_col is not None and not asc:
+        raise UserError(f"--alt-col {alt_col} does nothing without --asc: add --asc for alternative-specific constants")
+    if asc and alt_col is None:
+        raise UserError("--asc needs --alt-col: name the column that says which alternative a row is")
+    if asc_base is not None and not asc:
+        raise UserError("--asc-base needs --asc (and --alt-col)")
+    if not input.exists():
+        raise UserError(f"{input}: no such file; check the path of the input CSV or Parquet file")
+    if input.is_dir():
+        raise UserError(f"{input}: is a folder; give a CSV or Parquet file")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise UserError(f"{out}: folder {folder} does not exist; create it or choose another output path")
+
+    table = _Table(input, batch_rows)
+    spec = _Spec(set_col, choice_col, x_cols, z_cols, dm_cols, alt_col if asc else None, cluster_col)
+    asked = {"--set-col": [set_col], "--choice-col": [choice_col], "--x": x_cols, "--z": z_cols or [],
+             "--dm": dm_cols or [], "--alt-col": [alt_col] if alt_col else [], "--cluster-col": [cluster_col] if cluster_col else []}
+    for option, names in asked.items():
+        for name in names:
+            if name not in table.names:
+                raise UserError(
+                    f"{input}: no column {name!r} (asked by {option}); the columns are: {', '.join(table.names)}"
+                )
+
+    structure = _scan_structure(table, set_col, cluster_col, spec.alt_col)
+    asc_levels, base = None, None
+    if spec.alt_col is not None:
+        levels = structure.levels
+        if asc_base is None:
+            base = levels[0]
+        else:
+            matches = [v for v in levels if _text(v) == asc_base or _same_number(v, asc_base)]
+            if not matches:
+                raise UserError(
+                    f"--asc-base {asc_base}: not a level of column {alt_col}; its levels are: {', '.join(map(_text, levels))}"
+                )
+            base = matches[0]
+        asc_levels = [v for v in levels if v != base]
+    asc_names = [f"asc_{_text(v)}" for v in asc_levels or []]
+    param_names = x_cols + asc_names
+    moment_names = dm_cols if dm_cols is not None else (z_cols if z_cols is not None else x_cols + asc_names)
+    K, M = len(param_names), len(moment_names)
+    if M < K:
+        source = "--dm" if dm_cols is not None else "--z"
+        raise UserError(
+            f"M = {M} moment columns ({source} {','.join(moment_names)}) but K = {K} parameters "
+            f"({','.join(param_names)}); GMM needs M >= K: add columns to {source} or use fewer in --x"
+        )
+
+    builder = _SetBuilder(table, spec, structure, asc_levels, base)
+    value_columns = spec.value_columns
+    details = {
+        "input": str(input),
+        "input_format": table.kind,
+        "options": {
+            "set_col": set_col, "choice_col": choice_col, "x": x_cols, "z": z_cols, "dm": dm_cols,
+            "alt_col": alt_col, "asc": asc, "asc_base": asc_base, "cluster_col": cluster_col,
+        },
+        "asc_levels": [_text(v) for v in structure.levels] if structure.levels is not None else None,
+        "asc_base_level": _text(base) if base is not None else None,
+        "single_alternative_sets": "dropped (they carry no information)",
+    }
+    if cluster_col is not None:
+        details["cluster_ids"] = "numbered from 0 in order of appearance in the input"
+    table.n_batches = 0
+    carry: dict[str, np.ndarray] | None = None
+    carry_row = 0
+    next_set = 0
+    ends = structure.set_ends
+    writer = ChoiceDataWriter(
+        out, param_names, moment_names, provenance={}, with_chosen=True, with_cluster=cluster_col is not None
+    )
+    with writer:
+        for row0, batch in table.batches(value_columns):
+            cols = {c: _float_column(table, batch.column(c), row0, c) for c in value_columns if c != spec.alt_col}
+            cols["__asc__"] = builder.asc(batch.column(spec.alt_col)) if spec.alt_col is not None else None
+            if carry is not None:
+                cols = {c: (np.concatenate([carry[c], v]) if v is not None else None) for c, v in cols.items()}
+                row_lo = carry_row
+            else:
+                row_lo = row0
+            row_hi = row0 + batch.num_rows
+            set_hi = int(np.searchsorted(ends, row_hi, side="right"))
+            if set_hi > next_set:
+                cut = int(ends[set_hi - 1]) - row_lo
+                part = {c: (v[:cut] if v is not None else None) for c, v in cols.items()}
+                X, dm_rows, sizes, chosen, cluster = builder.build(part, next_set, set_hi, row_lo)
+                if sizes.size:
+                    writer.append(X, dm_rows, sizes, chosen=chosen, cluster=cluster)
+                next_set = set_hi
+                cols = {c: (v[cut:] if v is not None else None) for c, v in cols.items()}
+                row_lo += cut
+            carry, carry_row = (cols, row_lo) if row_hi > row_lo else (None, row_hi)
+        if next_set != structure.n_sets or carry is not None:
+            raise UserError(f"{input}: the file changed while it was being loaded; load it again")
+        if writer.n_rows == 0:
+            raise UserError(
+                f"{input}: every set has a single alternative ({builder.n_dropped} sets), and such sets carry no "
+                "information; the file needs sets with two or more alternatives"
+            )
+        details["dropped_single_alternative_sets"] = builder.n_dropped
+        details["first_dropped_set_id"] = builder.first_dropped
+        details["n_batches"] = table.n_batches
+        writer.provenance = provenance(command, **details)
+    n_kept = structure.n_sets - builder.n_dropped
+    n_clusters = None
+    if structure.cluster_codes is not None:
+        n_clusters = int(len(np.unique(structure.cluster_codes[_kept_sets(structure)])))
+    return LoadSummary(
+        output=str(out),
+        input=str(input),
+        n_sets=n_kept,
+        n_rows=writer.n_rows,
+        K=K,
+        M=M,
+        param_names=param_names,
+        moment_names=moment_names,
+        rows_read=structure.n_rows,
+        n_batches=table.n_batches,
+        seconds=time.perf_counter() - t0,
+        n_dropped_single_sets=builder.n_dropped,
+        first_dropped_set_id=builder.first_dropped,
+        n_clusters=n_clusters,
+        asc_levels=[_text(v) for v in asc_levels or []],
+    )
+
+
+def _kept_sets(structure: _Structure) -> np.ndarray:
+    return (structure.set_ends - structure.set_starts) > 1
+
+
+def _same_number(level, text: str) -> bool:
+    try:
+        return float(level) == float(text)
+    except (TypeError, ValueError):
+        return False
