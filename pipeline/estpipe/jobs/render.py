@@ -1,0 +1,228 @@
+"""Batch scripts for a job spec: Slurm (sbatch) and PBS (qsub).
+
+Inside the allocation the script starts a dask scheduler in the batch step and the workers as one
+parallel step (Slurm: `srun dask worker`; PBS: `pbsdsh dask worker`), then runs
+`estpipe estimate --scheduler-file ... --checkpoint ... --resume --out ...`.
+
+Why srun + `dask scheduler`/`dask worker` rather than dask-mpi: it needs nothing beyond
+dask.distributed, which estpipe already depends on (dask-mpi needs mpi4py and an MPI library built
+for the cluster), workers are plain Slurm tasks that srun places and cleans up, and the scheduler
+file on the shared logs folder is the one handshake, the same one `--scheduler-file` uses for any
+existing dask cluster. dask-mpi still works: see docs/clusters.md.
+
+Requeue safety: `--requeue` and `--open-mode=append` (Slurm), `-r y` and an appended log (PBS);
+the data is made under a temporary name and renamed, and the checkpoint is written atomically
+after every accepted iteration, so a requeued or resubmitted job resumes from it.
+
+The script runs the interpreter that rendered it (`sys.executable`) unless the spec's setup lines
+set PYTHON (they run after the default is set, so `PYTHON=python3` after a `module load` wins).
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from estpipe.jobs.spec import JobSpec, LoadSpec
+
+# Seconds the script waits for the scheduler file and all workers before giving up with a message.
+SCHEDULER_WAIT = 120
+
+
+@dataclass(frozen=True)
+class RenderedJob:
+    """A batch script and where its outputs go; `log` may hold the scheduler's job-id pattern."""
+
+    kind: str
+    script: str
+    log: str
+    results: Path
+    checkpoint: Path
+
+
+def _q(value) -> str:
+    return shlex.quote(str(value))
+
+
+def _command(words: list[str]) -> str:
+    return " ".join(_q(w) if not w.startswith('"$') else w for w in words)
+
+
+def _common_body(spec: JobSpec, python: str, job_id: str, restart: str) -> list[str]:
+    """The shell lines shared by Slurm and PBS, up to (not including) starting the workers."""
+    backend, data = spec.backend, spec.data
+    lines = [
+        "set -euo pipefail",
+        "",
+        f"PYTHON={_q(python)}",
+    ]
+    if backend.setup:
+        lines += ["# environment set-up from the job spec ([backend] setup; it may set PYTHON)"]
+        lines += list(backend.setup)
+    lines += [
+        "",
+        f"DATA={_q(data.path)}",
+        f"RESULTS={_q(spec.output.results)}",
+        f"CHECKPOINT={_q(spec.output.checkpoint)}",
+        f"LOGS={_q(spec.output.logs)}",
+        f'SCHEDULER_FILE="$LOGS/{spec.name}-{job_id}.scheduler.json"',
+        "",
+        f'echo "estpipe: job {job_id} (restart {restart}) on $(hostname) at $(date -Is)" >&2',
+        'mkdir -p "$LOGS" "$(dirname "$RESULTS")" "$(dirname "$CHECKPOINT")" "$(dirname "$DATA")"',
+        "",
+        "# Make the data when it is missing; it is written under a temporary name and renamed.",
+        'if [ ! -f "$DATA" ]; then',
+    ]
+    words = data.cli_args()
+    if isinstance(data, LoadSpec):
+        words[2] = '"$DATA"'  # load INPUT OUT
+    else:
+        words[1] = '"$DATA"'  # simulate OUT
+    lines += [
+        '    "$PYTHON" -m estpipe ' + _command(words),
+        "fi",
+        "",
+        "cleanup() {",
+        '    [ -n "${WORKERS_PID:-}" ] && kill "$WORKERS_PID" 2>/dev/null',
+        '    [ -n "${SCHEDULER_PID:-}" ] && kill "$SCHEDULER_PID" 2>/dev/null',
+        "    wait 2>/dev/null",
+        '    rm -f "$SCHEDULER_FILE"',
+        "}",
+        "trap cleanup EXIT",
+        "",
+        "# A scheduler file left by an earlier run of this job would point at a dead scheduler.",
+        'rm -f "$SCHEDULER_FILE"',
+        '"$PYTHON" -m dask scheduler --scheduler-file "$SCHEDULER_FILE" --port 0 --dashboard-address :0'
+        + (f" --interface {_q(backend.interface)}" if backend.interface else "")
+        + " &",
+        "SCHEDULER_PID=$!",
+        "",
+    ]
+    return lines
+
+
+def _worker_command(spec: JobSpec, per_process: int) -> str:
+    backend = spec.backend
+    words = [
+        '"$PYTHON"', "-m", "dask", "worker", "--scheduler-file", '"$SCHEDULER_FILE"',
+        "--nworkers", str(per_process), "--nthreads", "1", "--memory-limit", backend.memory,
+        "--no-dashboard", "--death-timeout", "120", "--local-directory", '"${TMPDIR:-/tmp}"',
+    ]
+    if backend.interface:
+        words += ["--interface", backend.interface]
+    return _command(words)
+
+
+def _estimate_tail(spec: JobSpec) -> list[str]:
+    backend = spec.backend
+    estimate = _command(
+        ['"$PYTHON"', "-m", "estpipe", "estimate", '"$DATA"', "--scheduler-file", '"$SCHEDULER_FILE"',
+         "--checkpoint", '"$CHECKPOINT"', "--resume", "--out", '"$RESULTS"'] + spec.estimate.cli_args()
+    )
+    return [
+        "",
+        "# Wait (bounded) until every worker has joined, so a worker that cannot start is reported.",
+        f'"$PYTHON" -m estpipe.jobs.workers "$SCHEDULER_FILE" {backend.workers} --timeout {backend.worker_timeout}',
+        "",
+        "# The checkpoint is written after every accepted iteration; --resume continues from it.",
+        estimate,
+    ]
+
+
+def render_slurm(spec: JobSpec, python: str | None = None) -> RenderedJob:
+    """An sbatch script for `spec` (backend kind slurm)."""
+    backend = spec.backend
+    python = python or sys.executable
+    log = str(spec.output.logs / f"{spec.name}-%j.out")
+    mem_per_cpu = max(1, -(-backend.memory_mb // backend.cores))
+    head = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={spec.name}",
+        f"#SBATCH --nodes={backend.nodes}",
+        f"#SBATCH --ntasks={backend.workers}",
+        f"#SBATCH --cpus-per-task={backend.cores}",
+        f"#SBATCH --mem-per-cpu={mem_per_cpu}M",
+        f"#SBATCH --time={backend.walltime}",
+    ]
+    if backend.partition:
+        head.append(f"#SBATCH --partition={backend.partition}")
+    if backend.account:
+        head.append(f"#SBATCH --account={backend.account}")
+    head += [
+        f"#SBATCH --output={log}",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --requeue",
+        f"# Written by `estpipe submit {spec.source.name}`: a dask scheduler here, one dask worker per",
+        "# task, then estpipe estimate with checkpoint and resume (safe to requeue or resubmit).",
+    ]
+    body = _common_body(spec, python, "$SLURM_JOB_ID", "${SLURM_RESTART_COUNT:-0}")
+    body += [
+        "# One dask worker per Slurm task, each with --cpus-per-task cores for its BLAS.",
+        f"srun --ntasks={backend.workers} --cpus-per-task={backend.cores} --kill-on-bad-exit=0 "
+        + _worker_command(spec, 1) + " &",
+        "WORKERS_PID=$!",
+    ]
+    body += _estimate_tail(spec)
+    return RenderedJob("slurm", "\n".join(head + body) + "\n", log, spec.output.results, spec.output.checkpoint)
+
+
+def _pbs_walltime(walltime: str) -> str:
+    """Slurm's "D-HH:MM:SS" as PBS's "HH:MM:SS" (hours may exceed 24)."""
+    if "-" not in walltime:
+        return walltime
+    days, rest = walltime.split("-", 1)
+    hours, minutes, seconds = rest.split(":")
+    return f"{int(days) * 24 + int(hours):02d}:{minutes}:{seconds}"
+
+
+def render_pbs(spec: JobSpec, python: str | None = None) -> RenderedJob:
+    """A qsub script for `spec` (backend kind pbs; PBS Pro / OpenPBS `select` syntax)."""
+    backend = spec.backend
+    python = python or sys.executable
+    per_node = backend.workers // backend.nodes
+    ncpus = per_node * backend.cores
+    mem_mb = per_node * backend.memory_mb
+    log = str(spec.output.logs / f"{spec.name}-$PBS_JOBID.out")
+    head = [
+        "#!/bin/bash",
+        f"#PBS -N {spec.name}",
+        f"#PBS -l select={backend.nodes}:ncpus={ncpus}:mem={mem_mb}mb",
+        f"#PBS -l walltime={_pbs_walltime(backend.walltime)}",
+    ]
+    if backend.queue:
+        head.append(f"#PBS -q {backend.queue}")
+    if backend.account:
+        head.append(f"#PBS -A {backend.account}")
+    head += [
+        "#PBS -r y",
+        "#PBS -j oe",
+        f"#PBS -o {spec.output.logs / (spec.name + '.pbs.out')}",
+        f"# Written by `estpipe submit {spec.source.name}`: a dask scheduler here, dask workers on every",
+        "# node (pbsdsh), then estpipe estimate with checkpoint and resume (safe to rerun).",
+    ]
+    body = _common_body(spec, python, "$PBS_JOBID", "${PBS_RUN_COUNT:-0}")
+    # PBS overwrites -o on a rerun; appending here keeps every run's log.
+    body.insert(body.index('SCHEDULER_FILE="$LOGS/' + spec.name + '-$PBS_JOBID.scheduler.json"') + 1,
+                'mkdir -p "$LOGS"; exec >>"$LOGS/' + spec.name + '-$PBS_JOBID.out" 2>&1')
+    body += [
+        f"# pbsdsh starts one command per node; each runs {per_node} dask worker process(es).",
+        "pbsdsh -- " + _worker_command(spec, per_node) + " &",
+        "WORKERS_PID=$!",
+    ]
+    body += _estimate_tail(spec)
+    return RenderedJob("pbs", "\n".join(head + body) + "\n", log, spec.output.results, spec.output.checkpoint)
+
+
+def render(spec: JobSpec, python: str | None = None) -> RenderedJob:
+    from estpipe.errors import UserError
+
+    if spec.backend.kind == "slurm":
+        return render_slurm(spec, python)
+    if spec.backend.kind == "pbs":
+        return render_pbs(spec, python)
+    raise UserError(
+        f"job spec {spec.source}: backend.kind {spec.backend.kind!r} runs on this machine; "
+        "use `estpipe run` for it, or set kind = \"slurm\" or \"pbs\" to submit a batch job"
+    )
