@@ -1,0 +1,205 @@
+"""dask workers as batch jobs (dask-jobqueue), for `estpipe estimate --jobqueue slurm|pbs --workers N`.
+
+`start_jobqueue_cluster` returns a dask-jobqueue cluster whose N workers are connected, or raises a
+`UserError` with the batch system's reason within a bounded wait. dask-jobqueue alone does not do
+that: when sbatch refuses a worker job (say, memory above the node's) it only logs the error in the
+background, `scale()` returns, and waiting for workers hangs until its timeout. So:
+
+1. Slurm: the worker job script is checked first with `sbatch --test-only` (nothing is submitted),
+   which gives sbatch's own reason at once.
+2. While waiting, errors from job submission that dask-jobqueue logs are captured and raised.
+3. At the deadline, the jobs' states and reasons come from squeue/scontrol (qstat for PBS), plus
+   the end of a worker's error log, so "pending: Resources" or "FAILED" is what the user reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Literal
+
+from estpipe.errors import UserError
+
+KINDS = ("slurm", "pbs")
+DEFAULT_WAIT = 120.0
+
+
+class _SubmitErrors(logging.Handler):
+    """Keeps the errors dask-jobqueue logs when a job submission command fails in the background."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        exc = record.exc_info[1] if record.exc_info else None
+        text = str(exc) if exc is not None else record.getMessage()
+        if "Command exited with non-zero exit code" in text or "Could not parse job id" in text:
+            self.messages.append(text)
+
+
+def _stderr_of(text: str) -> str:
+    """The stderr part of dask-jobqueue's 'Command exited with non-zero exit code' message, one line."""
+    match = re.search(r"stderr:\n(.*)", text, re.S)
+    body = match.group(1) if match else text
+    lines = [line.strip() for line in body.strip().splitlines() if line.strip()]
+    return " ".join(lines) or text.strip().replace("\n", " ")
+
+
+def _run(cmd: list[str], timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def _preflight_slurm(job_script: str) -> None:
+    """Ask sbatch whether the worker job could run (`--test-only` submits nothing)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".sh", delete=False) as handle:
+        handle.write(job_script)
+    try:
+        done = _run(["sbatch", "--test-only", handle.name])
+    finally:
+        Path(handle.name).unlink(missing_ok=True)
+    if done.returncode != 0:
+        reason = " ".join(line.strip() for line in done.stderr.strip().splitlines() if line.strip())
+        raise UserError(f"Slurm refused the dask worker job: {reason}; ask for less (--memory, --cores) or another partition")
+
+
+def _job_reasons(kind: str, job_ids: list[str], log_dir: Path | None) -> str:
+    """What the batch system says about the worker jobs (state and reason), one line."""
+    if not job_ids:
+        return "no worker job was submitted"
+    parts = []
+    for job_id in job_ids:
+        if kind == "slurm":
+            done = _run(["scontrol", "show", "job", job_id])
+            fields = dict(re.findall(r"(\w+)=(\S+)", done.stdout))
+            state, reason = fields.get("JobState", "unknown"), fields.get("Reason", "None")
+            text = f"job {job_id} {state}" + (f" ({reason})" if reason != "None" else "")
+        else:
+            done = _run(["qstat", "-f", job_id])
+            fields = dict(re.findall(r"^\s*(\w+) = (.*)$", done.stdout, re.M))
+            text = f"job {job_id} state {fields.get('job_state', 'unknown')}" + (
+                f" ({fields['comment']})" if "comment" in fields else ""
+            )
+        if log_dir is not None:
+            err = log_dir / f"{job_id}.err"
+            if err.exists():
+                tail = [line.strip() for line in err.read_text(errors="replace").splitlines() if line.strip()][-1:]
+                if tail:
+                    text += f"; its log {err} ends: {tail[0]}"
+        parts.append(text)
+    return "; ".join(parts)
+
+
+def _mark_failed(cluster) -> None:
+    """Jobs whose submission failed stay 'created', which SpecCluster.close() refuses; mark them failed."""
+    from distributed.core import Status
+
+    for job in list(getattr(cluster, "_created", ())):
+        if getattr(job, "job_id", None) is None and job.status == Status.created:
+            job.status = Status.failed
+
+
+def close_jobqueue_cluster(cluster) -> None:
+    """Close a cluster from `start_jobqueue_cluster`, cancelling its worker jobs."""
+    _mark_failed(cluster)
+    cluster.close()
+
+
+def start_jobqueue_cluster(
+    kind: Literal["slurm", "pbs"],
+    workers: int,
+    *,
+    cores: int = 1,
+    memory: str = "2GB",
+    walltime: str = "01:00:00",
+    queue: str | None = None,
+    account: str | None = None,
+    env_lines: tuple[str, ...] | list[str] = (),
+    log_dir: str | Path | None = None,
+    wait_timeout: float = DEFAULT_WAIT,
+    interface: str | None = None,
+    scheduler_host: str | None = None,
+):
+    """Start `workers` dask workers as batch jobs (one job each) and wait until they are connected.
+
+    kind: "slurm" (SLURMCluster, `queue` is the partition) or "pbs" (PBSCluster).
+    cores, memory: per worker; walltime: per worker job; env_lines: shell lines run in each job
+    before the worker starts (module loads, environment activation).
+    log_dir: where the worker jobs' logs go (`<job id>.out` / `.err`); default ./dask-worker-logs.
+    interface / scheduler_host: the network the workers reach the scheduler on; on one test machine
+    use interface="lo" and scheduler_host="127.0.0.1".
+    Workers run the interpreter of this process (sys.executable).
+
+    Returns the dask-jobqueue cluster (use `Client(cluster)`; close with `close_jobqueue_cluster`).
+    Raises UserError with the batch system's reason when a worker job cannot be submitted or the
+    workers have not all connected within `wait_timeout` seconds.
+    """
+    if kind not in KINDS:
+        raise UserError(f"--jobqueue {kind!r} is not supported; use one of {', '.join(KINDS)}")
+    if workers < 1:
+        raise UserError(f"--workers {workers}: --jobqueue needs at least 1 worker")
+    submit = "sbatch" if kind == "slurm" else "qsub"
+    if shutil.which(submit) is None:
+        raise UserError(f"--jobqueue {kind}: {submit} is not on PATH; run on a login node of a {kind} cluster")
+    from dask_jobqueue import PBSCluster, SLURMCluster
+
+    log_dir = Path(log_dir or "dask-worker-logs").resolve()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    out_name = "%j" if kind == "slurm" else "$PBS_JOBID"
+    directives = (
+        [f"-o {log_dir}/{out_name}.out", f"-e {log_dir}/{out_name}.err"]
+        if kind == "slurm"
+        else [f"-o {log_dir}", f"-e {log_dir}"]
+    )
+    scheduler_options = {"dashboard_address": ":0"}
+    if scheduler_host:
+        scheduler_options["host"] = scheduler_host
+    cls = SLURMCluster if kind == "slurm" else PBSCluster
+    options = dict(
+        cores=cores, processes=1, memory=memory, walltime=walltime, queue=queue, account=account,
+        python=shlex.quote(sys.executable), job_script_prologue=list(env_lines),
+        job_extra_directives=directives, scheduler_options=scheduler_options, log_directory=None,
+    )
+    if interface:
+        options["interface"] = interface
+    errors = _SubmitErrors()
+    watched = [logging.getLogger(name) for name in ("tornado.application", "asyncio", "distributed", "dask_jobqueue")]
+    for logger in watched:
+        logger.addHandler(errors)
+    cluster = cls(**options)
+    try:
+        if kind == "slurm":
+            _preflight_slurm(cluster.job_script())
+        cluster.scale(jobs=workers)
+        _wait_for_workers(cluster, kind, workers, errors, wait_timeout, log_dir)
+    except BaseException:
+        close_jobqueue_cluster(cluster)
+        raise
+    finally:
+        for logger in watched:
+            logger.removeHandler(errors)
+    return cluster
+
+
+def _wait_for_workers(cluster, kind: str, workers: int, errors: _SubmitErrors, timeout: float, log_dir: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if errors.messages:
+            raise UserError(f"{kind} refused a dask worker job: {_stderr_of(errors.messages[0])}")
+        seen = len(cluster.scheduler_info.get("workers", {}))
+        if seen >= workers:
+            return
+        if time.monotonic() > deadline:
+            job_ids = [job.job_id for job in cluster.workers.values() if getattr(job, "job_id", None)]
+            raise UserError(
+                f"only {seen} of {workers} dask worker jobs connected within {timeout:.0f} s: "
+                f"{_job_reasons(kind, job_ids, log_dir)}"
+            )
+        time.sleep(0.2)
