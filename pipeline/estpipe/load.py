@@ -367,11 +367,13 @@ class _Spec:
     cluster_col: str | None
 
     @property
+    def numeric_columns(self) -> list[str]:
+        return list(dict.fromkeys([self.choice_col, *self.x, *(self.z or []), *(self.dm or [])]))
+
+    @property
     def value_columns(self) -> list[str]:
-        cols = [self.choice_col, *self.x, *(self.z or []), *(self.dm or [])]
-        if self.alt_col is not None:
-            cols.append(self.alt_col)
-        return list(dict.fromkeys(cols))
+        """The columns of the values pass: the numeric ones and the alternative column."""
+        return list(dict.fromkeys(self.numeric_columns + ([self.alt_col] if self.alt_col is not None else [])))
 
 
 class _SetBuilder:
@@ -562,7 +564,7 @@ def load_choice_data(
     )
     with writer:
         for row0, batch in table.batches(value_columns):
-            cols = {c: _float_column(table, batch.column(c), row0, c) for c in value_columns if c != spec.alt_col}
+            cols = {c: _float_column(table, batch.column(c), row0, c) for c in spec.numeric_columns}
             cols["__asc__"] = builder.asc(batch.column(spec.alt_col)) if spec.alt_col is not None else None
             if carry is not None:
                 cols = {c: (np.concatenate([carry[c], v]) if v is not None else None) for c, v in cols.items()}
