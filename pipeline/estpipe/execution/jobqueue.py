@@ -116,9 +116,9 @@ def start_jobqueue_cluster(
     kind: Literal["slurm", "pbs"],
     workers: int,
     *,
-    cores: int = 1,
-    memory: str = "2GB",
-    walltime: str = "01:00:00",
+    cores: int | None = None,
+    memory: str | None = None,
+    walltime: str | None = None,
     queue: str | None = None,
     account: str | None = None,
     env_lines: tuple[str, ...] | list[str] = (),
@@ -131,7 +131,9 @@ def start_jobqueue_cluster(
 
     kind: "slurm" (SLURMCluster, `queue` is the partition) or "pbs" (PBSCluster).
     cores, memory: per worker; walltime: per worker job; env_lines: shell lines run in each job
-    before the worker starts (module loads, environment activation).
+    before the worker starts (module loads, environment activation). Options left None come from
+    dask's jobqueue configuration (jobqueue.yaml or DASK_JOBQUEUE__SLURM__... variables), then
+    from the defaults 1 core, 2GB, one hour.
     log_dir: where the worker jobs' logs go (`<job id>.out` / `.err`); default ./dask-worker-logs.
     interface / scheduler_host: the network the workers reach the scheduler on; on one test machine
     use interface="lo" and scheduler_host="127.0.0.1".
@@ -158,17 +160,27 @@ def start_jobqueue_cluster(
         if kind == "slurm"
         else [f"-o {log_dir}", f"-e {log_dir}"]
     )
-    scheduler_options = {"dashboard_address": ":0"}
+    import dask.config
+
+    def configured(name, given, default):
+        if given is not None:
+            return given
+        value = dask.config.get(f"jobqueue.{kind}.{name}", None)
+        return default if value is None else value
+
+    scheduler_options = {"dashboard_address": ":0", **(dask.config.get(f"jobqueue.{kind}.scheduler-options", None) or {})}
     if scheduler_host:
         scheduler_options["host"] = scheduler_host
     cls = SLURMCluster if kind == "slurm" else PBSCluster
     options = dict(
-        cores=cores, processes=1, memory=memory, walltime=walltime, queue=queue, account=account,
-        python=shlex.quote(sys.executable), job_script_prologue=list(env_lines),
-        job_extra_directives=directives, scheduler_options=scheduler_options, log_directory=None,
+        cores=configured("cores", cores, 1), processes=1, memory=configured("memory", memory, "2GB"),
+        walltime=configured("walltime", walltime, "01:00:00"), python=shlex.quote(sys.executable),
+        job_script_prologue=list(env_lines), job_extra_directives=directives,
+        scheduler_options=scheduler_options,
     )
-    if interface:
-        options["interface"] = interface
+    for name, value in (("queue", queue), ("account", account), ("interface", interface)):
+        if value is not None:
+            options[name] = value
     errors = _SubmitErrors()
     watched = [logging.getLogger(name) for name in ("tornado.application", "asyncio", "distributed", "dask_jobqueue")]
     for logger in watched:

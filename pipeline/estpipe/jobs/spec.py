@@ -353,7 +353,9 @@ def _alternatives(table: _Table) -> tuple[int, int]:
 
 
 def _data(table: _Table) -> SimulateSpec | LoadSpec | None:
-    path = table.path("path", required=True)
+    if not table.has("path"):
+        table.problems.add("data.path", 'missing; give the choice-data file (HDF5) to use or make, e.g. path = "data.h5"')
+    path = table.path("path")
     if table.has("input"):
         table.check_keys(LOAD_KEYS, " for loaded data (an `input` is given)")
         source = table.path("input")
@@ -473,7 +475,7 @@ def parse_job_spec(raw: dict, source: Path) -> JobSpec:
         if key in TABLES or key in TOP_KEYS:
             continue
         kind = "table" if isinstance(value, dict) else "key"
-        problems.add(key, f"unknown {kind}{_did_you_mean(key, TABLES + TOP_KEYS)}; allowed tables: {', '.join(f'[{t}]' for t in TABLES)}")
+        problems.add(key, f"unknown {kind}{_did_you_mean(key, TABLES + TOP_KEYS)}; allowed: name = \"...\" and the tables {', '.join(f'[{t}]' for t in TABLES)}")
     name = raw.get("name", source.stem)
     if not isinstance(name, str) or not _NAME.match(name):
         problems.bad("name", name, "letters, digits, '.', '_' and '-' only (it names the batch job)")

@@ -1,0 +1,104 @@
+"""Run a job spec on this machine: make the data when it is missing, then `estpipe estimate` with a
+checkpoint and --resume, so running the job again after a crash continues from the checkpoint.
+
+The estimation is `estpipe estimate` itself, called in-process through the CLI app, so the table,
+the results file and the exit codes are exactly estimate's. Back ends: local (in-process or a
+LocalCluster of `workers`), dask (an existing scheduler), and slurm/pbs (dask-jobqueue workers as
+batch jobs, for interactive use from a login node; `estpipe submit` is the batch way).
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+from estpipe.errors import UserError
+from estpipe.jobs.spec import JobSpec, LoadSpec
+
+
+def _log(message: str) -> None:
+    print(f"estpipe: {message}", file=sys.stderr)
+
+
+def prepare_data(spec: JobSpec) -> Path:
+    """The job's choice-data file: simulated or loaded when it does not exist yet."""
+    data = spec.data
+    if data.path.exists():
+        _log(f"data: {data.path} (exists)")
+        return data.path
+    data.path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, LoadSpec):
+        from estpipe.load import load_choice_data
+
+        if not data.input.exists():
+            raise UserError(f"job spec {spec.source}: data.input {str(data.input)!r} does not exist; give the CSV or Parquet file to load")
+        _log(f"data: loading {data.input} -> {data.path}")
+        load_choice_data(
+            data.input, data.path, set_col=data.set_col, choice_col=data.choice_col, x=list(data.x),
+            z=list(data.z) if data.z else None, dm=list(data.dm) if data.dm else None,
+            alt_col=data.alt_col, asc=data.asc, asc_base=data.asc_base, cluster_col=data.cluster_col,
+        )
+    else:
+        from estpipe.simulate import simulate_choice_data
+
+        _log(f"data: simulating {data.sets} sets -> {data.path}")
+        simulate_choice_data(
+            data.path, design=data.design, sets=data.sets, alternatives=data.alternatives,
+            params=data.params, moments=data.moments, seed=data.seed, cluster_size=data.cluster_size,
+        )
+    return data.path
+
+
+def estimate_arguments(spec: JobSpec, *, scheduler: str | None = None, json: bool = False) -> list[str]:
+    """The `estpipe estimate` arguments for this job on this machine (after `estimate`)."""
+    args = [str(spec.data.path)]
+    backend = spec.backend
+    if scheduler is not None:
+        args += ["--scheduler", scheduler]
+    elif backend.kind == "local":
+        args += ["--workers", str(backend.workers)]
+    elif backend.kind == "dask":
+        args += ["--scheduler", backend.address] if backend.address else ["--scheduler-file", str(backend.scheduler_file)]
+    args += ["--checkpoint", str(spec.output.checkpoint), "--resume", "--out", str(spec.output.results)]
+    args += spec.estimate.cli_args()
+    if json:
+        args.append("--json")
+    return args
+
+
+@contextmanager
+def _cluster_for(spec: JobSpec):
+    """The scheduler address of dask-jobqueue workers for slurm/pbs specs; None otherwise."""
+    backend = spec.backend
+    if backend.kind not in ("slurm", "pbs"):
+        yield None
+        return
+    from estpipe.execution.jobqueue import close_jobqueue_cluster, start_jobqueue_cluster
+
+    cluster = start_jobqueue_cluster(
+        backend.kind, backend.workers, cores=backend.cores, memory=backend.memory, walltime=backend.walltime,
+        queue=backend.partition or backend.queue, account=backend.account, env_lines=backend.setup,
+        log_dir=spec.output.logs, wait_timeout=backend.worker_timeout, interface=backend.interface,
+    )
+    try:
+        _log(f"{backend.kind}: {backend.workers} dask-jobqueue workers at {cluster.scheduler_address}")
+        yield cluster.scheduler_address
+    finally:
+        close_jobqueue_cluster(cluster)
+
+
+def run_job(spec: JobSpec, *, json: bool = False) -> int:
+    """Make the data if needed and run the estimation; returns estimate's exit code (0, or 3)."""
+    from estpipe.cli.app import app
+
+    prepare_data(spec)
+    for path in (spec.output.results, spec.output.checkpoint):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    if spec.output.checkpoint.exists():
+        _log(f"resuming from checkpoint {spec.output.checkpoint}")
+    with _cluster_for(spec) as scheduler:
+        args = ["estimate"] + estimate_arguments(spec, scheduler=scheduler, json=json)
+        # standalone_mode=False: estimate's UserError reaches our caller, its exit code comes back.
+        code = app(args=args, prog_name="estpipe", standalone_mode=False)
+    return int(code or 0)

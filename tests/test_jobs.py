@@ -1,0 +1,193 @@
+"""Job specs: validation that reports every problem, path resolution, and the rendered batch scripts
+(no batch system needed; the real Slurm runs are in test_slurm.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from estpipe.errors import UserError
+from estpipe.jobs import load_job_spec, render, render_pbs, render_slurm
+
+ROOT = Path(__file__).resolve().parents[1]
+JOBS = ROOT / "jobs"
+EXPECTED = Path(__file__).resolve().parent / "expected"
+
+
+def write_spec(tmp_path: Path, text: str, name: str = "job.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def problems_of(path: Path) -> list[str]:
+    with pytest.raises(UserError) as info:
+        load_job_spec(path)
+    return str(info.value).splitlines()
+
+
+@pytest.mark.parametrize("name", ["seed", "large", "slurm", "pbs"])
+def test_shipped_specs_are_valid(name):
+    spec = load_job_spec(JOBS / f"{name}.toml")
+    assert spec.name == name
+    assert spec.data.path.is_absolute() and spec.output.results.is_absolute()
+
+
+def test_shipped_seed_spec_has_the_reports_sizes():
+    spec = load_job_spec(JOBS / "seed.toml")
+    data = spec.data
+    assert (data.design, data.sets, data.alternatives, data.params, data.moments) == ("logit", 1000, (30, 30), 20, 40)
+    assert spec.backend.kind == "local"
+    assert load_job_spec(JOBS / "large.toml").data.sets == 100_000
+    slurm = load_job_spec(JOBS / "slurm.toml").backend
+    assert (slurm.kind, slurm.workers) == ("slurm", 2)
+
+
+def test_relative_paths_resolve_against_the_spec_folder(tmp_path):
+    (tmp_path / "sub").mkdir()
+    path = write_spec(tmp_path / "sub", '[data]\npath = "../d/data.h5"\n[output]\nresults = "r.json"\n')
+    spec = load_job_spec(path)
+    assert spec.data.path == (tmp_path / "d" / "data.h5").resolve()
+    assert spec.output.results == (tmp_path / "sub" / "r.json").resolve()
+    # The checkpoint and logs default next to the results and the spec.
+    assert spec.output.checkpoint == (tmp_path / "sub" / "r.checkpoint.json").resolve()
+    assert spec.output.logs == (tmp_path / "sub" / "logs").resolve()
+
+
+def test_a_spec_with_several_mistakes_lists_them_all(tmp_path):
+    path = write_spec(tmp_path, """
+nmae = "x"
+[data]
+path = "d.h5"
+sets = -5
+desing = "logit"
+alternatives = "30:2"
+[estimate]
+optimizer = "newton"
+max_iters = 5
+steps = 3
+[backend]
+kind = "slurm"
+walltime = "2h"
+memory = "lots"
+queue = "debug"
+[outputs]
+results = "r.json"
+""")
+    lines = problems_of(path)
+    assert lines[0] == f"job spec {path} has 11 problems:"
+    body = "\n".join(lines[1:])
+    for expected in [
+        "nmae: unknown key (did you mean 'name'?)",
+        "outputs: unknown table (did you mean 'output'?)",
+        "data.sets: -5 is not allowed; a whole number >= 1",
+        "data.desing: unknown key for simulated data (no `input` is given) (did you mean 'design'?)",
+        "data.alternatives: '30:2' is not allowed",
+        "estimate.optimizer: 'newton' is not allowed; one of gauss-newton, bfgs, l-bfgs-b (did you mean 'gauss-newton'?)",
+        "estimate.max_iters: unknown key (did you mean 'max_iter'?)",
+        "estimate.steps: 3 is not allowed; one of 1, 2",
+        "backend.queue: unknown key for kind 'slurm' (Slurm calls it partition)",
+        "backend.walltime: '2h' is not allowed",
+        "backend.memory: 'lots' is not allowed",
+    ]:
+        assert expected in body, expected
+    assert len(lines) == 12
+
+
+def test_unknown_backend_gets_its_message(tmp_path):
+    path = write_spec(tmp_path, '[data]\npath = "d.h5"\n[backend]\nkind = "slrum"\n')
+    (line,) = problems_of(path)[1:]
+    assert line.strip() == "backend.kind: 'slrum' is not allowed; one of local, dask, slurm, pbs (did you mean 'slurm'?)"
+
+
+def test_missing_data_path_gets_its_message(tmp_path):
+    path = write_spec(tmp_path, "[data]\nsets = 100\n")
+    lines = problems_of(path)
+    assert lines[0].endswith("has 1 problem:")
+    assert lines[1].strip().startswith("data.path: missing; give the choice-data file (HDF5)")
+    assert "data: missing table" in problems_of(write_spec(tmp_path, "[estimate]\nsteps = 1\n", "nodata.toml"))[1]
+
+
+def test_load_spec_whose_input_is_missing(tmp_path):
+    path = write_spec(tmp_path, '[data]\npath = "d.h5"\ninput = "nope.csv"\nset_col = "s"\nchoice_col = "c"\nx = ["a", "b"]\nz = ["a"]\ndm = ["m"]\n')
+    body = "\n".join(problems_of(path))
+    assert "data.input: " + repr(str(tmp_path / "nope.csv")) + " does not exist" in body
+    assert "data.z: give either z (instruments) or dm" in body
+
+
+def test_dask_backend_needs_one_address(tmp_path):
+    body = "\n".join(problems_of(write_spec(tmp_path, '[data]\npath = "d.h5"\n[backend]\nkind = "dask"\n')))
+    assert "kind 'dask' needs address" in body
+    spec = load_job_spec(write_spec(tmp_path, '[data]\npath = "d.h5"\n[backend]\nkind = "dask"\nscheduler_file = "s.json"\n', "ok.toml"))
+    assert spec.backend.scheduler_file == tmp_path / "s.json"
+
+
+def test_not_toml_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match=r"is not valid TOML: .*line 1"):
+        load_job_spec(write_spec(tmp_path, "[data\n"))
+    with pytest.raises(UserError, match="does not exist"):
+        load_job_spec(tmp_path / "missing.toml")
+
+
+def test_rendered_pbs_script_equals_the_expected_file():
+    rendered = render_pbs(load_job_spec(JOBS / "pbs.toml"), python="/usr/bin/python3")
+    assert rendered.script == (EXPECTED / "pbs.pbs").read_text()
+
+
+def slurm_spec(tmp_path, extra_backend: str = "") -> Path:
+    return write_spec(tmp_path, f"""
+[data]
+path = "data dir/data.h5"
+sets = 200
+[estimate]
+steps = 1
+tol = 1e-9
+start = [0.5, -1]
+[backend]
+kind = "slurm"
+workers = 3
+cores = 2
+memory = "3GB"
+walltime = "00:20:00"
+partition = "debug"
+{extra_backend}
+[output]
+results = "out/results.json"
+""")
+
+
+def test_slurm_script_requeues_appends_and_resumes(tmp_path):
+    spec = load_job_spec(slurm_spec(tmp_path))
+    script = render_slurm(spec).script
+    lines = script.splitlines()
+    for directive in ["--requeue", "--open-mode=append", "--ntasks=3", "--cpus-per-task=2", "--mem-per-cpu=1500M",
+                      "--time=00:20:00", "--partition=debug", f"--output={tmp_path}/logs/job-%j.out"]:
+        assert f"#SBATCH {directive}" in lines
+    assert f"PYTHON={sys.executable}" in lines
+    estimate = next(line for line in lines if "-m estpipe estimate" in line)
+    assert '--checkpoint "$CHECKPOINT" --resume --out "$RESULTS"' in estimate
+    assert estimate.endswith("--steps 1 --tol 1e-09 --start 0.5,-1.0")
+    # The path with a space is quoted once, where the variable is set.
+    assert f"DATA='{tmp_path}/data dir/data.h5'" in lines
+    assert "srun --ntasks=3 --cpus-per-task=2" in script
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+
+
+def test_setup_lines_run_after_the_default_python_so_they_can_replace_it(tmp_path):
+    spec = load_job_spec(slurm_spec(tmp_path, 'setup = ["module load python", "PYTHON=python3"]'))
+    lines = render(spec).script.splitlines()
+    assert lines.index(f"PYTHON={sys.executable}") < lines.index("module load python") < lines.index("PYTHON=python3")
+
+
+def test_dry_run_prints_the_script_and_local_specs_are_refused(tmp_path):
+    path = slurm_spec(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "estpipe", "submit", str(path), "--dry-run"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == render(load_job_spec(path)).script
+    assert not (tmp_path / "logs").exists()
+    done = subprocess.run([sys.executable, "-m", "estpipe", "submit", str(JOBS / "seed.toml")], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.startswith("estpipe: error: job spec") and "use `estpipe run`" in done.stderr
