@@ -1,0 +1,32 @@
+"""Partitions and execution back ends (in-process, dask LocalCluster, an existing dask cluster,
+dask-jobqueue), all behind one Evaluator interface."""
+
+from __future__ import annotations
+
+from estpipe.execution.evaluator import Evaluator, EvaluatorStats, InProcessEvaluator
+from estpipe.execution.memory import available_memory, check_fits_machine, plan_memory
+from estpipe.execution.partitions import Partition, default_partitions, plan_partitions
+
+
+def make_evaluator(path, options, partitions, *, K, M, has_chosen, has_cluster, fingerprint, log) -> Evaluator:
+    """The back end the options choose (DESIGN.md, "Data flow"), with every partition loaded:
+    --scheduler / --scheduler-file: an existing cluster; --jobqueue KIND --workers N: batch-job
+    workers; --workers N > 1: a LocalCluster; otherwise in-process. Memory is checked first."""
+    from estpipe.execution import dask_backend as db
+
+    common = dict(path=path, partitions=partitions, K=K, M=M, has_chosen=has_chosen, has_cluster=has_cluster,
+                  model=options.model, derivatives=options.derivatives, fingerprint=fingerprint, log=log)
+    if options.scheduler or options.scheduler_file:
+        return db.connect_existing(options.scheduler, options.scheduler_file, options.connect_timeout, **common)
+    if options.jobqueue:
+        return db.start_jobqueue(options.jobqueue, options.workers, options.connect_timeout, **common)
+    if options.workers > 1:
+        return db.start_local_cluster(options.workers, **common)
+    plan = plan_memory(partitions, [0] * len(partitions), 1, K, M, has_chosen, has_cluster, new_processes=False)
+    check_fits_machine(plan, available_memory(), "this process",
+                       "run on a cluster (--scheduler, --jobqueue) whose workers together have enough memory")
+    return InProcessEvaluator(str(path), partitions, options.model, options.derivatives)
+
+
+__all__ = ["Evaluator", "EvaluatorStats", "InProcessEvaluator", "Partition", "default_partitions", "make_evaluator",
+           "plan_partitions"]

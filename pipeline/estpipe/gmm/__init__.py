@@ -1,0 +1,15 @@
+"""GMM estimation and inference: weighting, the optimizer loop, standard errors, the J test,
+checkpoints and results (DESIGN.md, "GMM, step by step")."""
+
+from estpipe.gmm.estimate import Reporter, StderrReporter, estimate, run_estimate
+from estpipe.gmm.inference import JTest, efficient_covariance, j_test, sandwich_covariance
+from estpipe.gmm.optimize import IterationRecord, MomentOracle, OptimizeResult, run_optimizer
+from estpipe.gmm.options import DERIVATIVES, OPTIMIZERS, EstimateOptions
+from estpipe.gmm.results import Results, StepRecord
+from estpipe.gmm.weighting import WeightMatrix
+
+__all__ = [
+    "DERIVATIVES", "OPTIMIZERS", "EstimateOptions", "IterationRecord", "JTest", "MomentOracle", "OptimizeResult",
+    "Reporter", "Results", "StderrReporter", "StepRecord", "WeightMatrix", "efficient_covariance", "estimate",
+    "j_test", "run_estimate", "run_optimizer", "sandwich_covariance",
+]

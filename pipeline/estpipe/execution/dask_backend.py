@@ -1,0 +1,280 @@
+"""The dask back end: resident partitions on workers, evaluations that return only sums.
+
+Each partition is loaded by one task, `load_partition(path, start, stop, model, derivatives)`,
+whose future the client keeps for the whole run, so the partition stays in that worker's memory.
+An evaluation maps `partition_sums(resident, params, ...)` over those futures; the scheduler runs
+each where its partition lives (ResidentPartition reports its real size, so moving it never looks
+cheap) and only the small TaskResults travel to the client, which adds them. A partition is a
+pure function of (file, range): when a worker dies, dask recomputes its partitions from that
+lineage on the surviving workers and the evaluation goes on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import uuid
+from pathlib import Path
+
+from estpipe.errors import UserError
+from estpipe.execution.evaluator import Evaluator
+from estpipe.execution.memory import available_memory, check_fits_machine, check_fits_workers, plan_memory
+from estpipe.execution.partitions import Partition
+from estpipe.execution.tasks import TaskResult, blas_report, load_partition
+
+# Seconds to wait for an existing cluster's workers once the scheduler answered.
+WORKER_WAIT_SECONDS = 60.0
+
+
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def blas_threads_per_worker(workers: int, cores: int | None = None) -> int:
+    """max(1, cores // workers): the worker processes share the machine's cores."""
+    return max(1, (cpu_cores() if cores is None else cores) // max(1, workers))
+
+
+class BlasThreads:
+    """A dask WorkerPlugin that sets the BLAS thread count once per worker (also on a worker that
+    replaces a lost one). The nanny starts workers with OMP/OPENBLAS/MKL_NUM_THREADS=1."""
+
+    name = "estpipe-blas-threads"
+
+    def __init__(self, threads: int):
+        self.threads = threads
+
+    def setup(self, worker=None):
+        from threadpoolctl import threadpool_limits
+
+        # Not a context manager: the limit is meant to last for the worker's life.
+        worker._estpipe_blas_limits = threadpool_limits(limits=self.threads, user_api="blas")
+
+    def teardown(self, worker=None):
+        pass
+
+    def transition(self, key, start, finish, **kwargs):
+        pass
+
+
+def _worker_plugin(threads: int):
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class _Plugin(BlasThreads, WorkerPlugin):
+        pass
+
+    return _Plugin(threads)
+
+
+def _worker_available_bytes(dask_worker=None) -> int:
+    """Run on a worker: bytes it can still take (its memory limit less its RSS, or the machine's
+    available memory when it has no limit)."""
+    import psutil
+
+    from estpipe.execution.memory import available_memory as machine
+
+    manager = getattr(dask_worker, "memory_manager", None)
+    limit = getattr(manager, "memory_limit", None) or getattr(dask_worker, "memory_limit", None)
+    if limit:
+        return int(limit - psutil.Process().memory_info().rss)
+    return int(machine())
+
+
+class DaskEvaluator(Evaluator):
+    """Partitions resident on the workers of a dask cluster reached through `client`."""
+
+    def __init__(self, client, path: str, partitions: list[Partition], model: str, derivatives: str,
+                 fingerprint: str, description: str, cluster=None, check_memory=None):
+        super().__init__()
+        self.client = client
+        self.cluster = cluster
+        self.partitions = partitions
+        self._token = uuid.uuid4().hex[:8]
+        self._counter = itertools.count()
+        addresses = worker_addresses(client)
+        self.addresses = addresses
+        self.workers = len(addresses)
+        assignment = [i % len(addresses) for i in range(len(partitions))]
+        if check_memory is not None:
+            check_memory(assignment, addresses)
+        self.description = description
+        path = str(Path(path).resolve())
+        # Round-robin placement keeps the workers' memory even; allow_other_workers lets dask
+        # rebuild a partition on any worker when its own is lost.
+        self.residents = [
+            client.submit(
+                load_partition, path, p.start, p.stop, model, derivatives,
+                key=f"estpipe-partition-{fingerprint}-{p.start}-{p.stop}-{model}-{derivatives}",
+                workers=[addresses[w]], allow_other_workers=True, pure=True,
+            )
+            for p, w in zip(partitions, assignment)
+        ]
+        from distributed import wait
+
+        wait(self.residents)
+        for f in self.residents:
+            if f.status == "error":
+                f.result()  # re-raises the worker's exception here (UserError included)
+
+    def _map(self, fn, *args) -> list[TaskResult]:
+        n = next(self._counter)
+        keys = [f"estpipe-{fn.__name__}-{self._token}-{n}-{i}" for i in range(len(self.residents))]
+        futures = self.client.map(fn, self.residents, *[[a] * len(self.residents) for a in args], key=keys, pure=False)
+        results = self.client.gather(futures)
+        del futures
+        return results
+
+    def blas(self) -> list[dict]:
+        """A task pinned to each worker reports its BLAS threads (checked inside a task)."""
+        addrs = worker_addresses(self.client)
+        futs = [self.client.submit(blas_report, key=f"estpipe-blas-{self._token}-{i}", workers=[a], pure=False)
+                for i, a in enumerate(addrs)]
+        out = self.client.gather(futs)
+        for a, r in zip(addrs, out):
+            r["worker"] = a
+        return out
+
+    def dashboard(self) -> str | None:
+        try:
+            return self.client.dashboard_link if self.client.scheduler_info().get("services", {}).get("dashboard") else None
+        except Exception:  # the dashboard is informational only
+            return None
+
+    def close(self) -> None:
+        self.residents = []
+        try:
+            self.client.close()
+        finally:
+            if self.cluster is not None:
+                self.cluster.close()
+
+
+def worker_addresses(client) -> list[str]:
+    """Every worker's address, sorted (scheduler_info lists only 5 workers unless asked for all)."""
+    import inspect
+
+    if "n_workers" in inspect.signature(client.scheduler_info).parameters:
+        return sorted(client.scheduler_info(n_workers=-1)["workers"])
+    return sorted(client.scheduler_info()["workers"])
+
+
+def _memory_checker(partitions, K, M, has_chosen, has_cluster, client, new_processes: bool):
+    """A check run once the workers are known: per worker against what that worker has."""
+
+    def check(assignment, addresses):
+        plan = plan_memory(partitions, assignment, len(addresses), K, M, has_chosen, has_cluster, new_processes)
+        avail = client.run(_worker_available_bytes)
+        check_fits_workers(plan, [avail[a] for a in addresses], addresses)
+
+    return check
+
+
+def start_local_cluster(workers: int, path, partitions, K, M, has_chosen, has_cluster, model, derivatives,
+                        fingerprint, log) -> DaskEvaluator:
+    """`--workers N`: a LocalCluster of N worker processes on loopback, BLAS threads set per worker.
+
+    Memory is checked against this machine before any process starts."""
+    assignment = [i % workers for i in range(len(partitions))]
+    plan = plan_memory(partitions, assignment, workers, K, M, has_chosen, has_cluster, new_processes=True)
+    check_fits_machine(plan, available_memory(), f"--workers {workers}",
+                       "use machines with more memory (--scheduler or --jobqueue with more workers)")
+    import dask
+    from distributed import Client, LocalCluster
+
+    threads = blas_threads_per_worker(workers)
+    env = {v: str(threads) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+    dashboard = _dashboard_address()
+    # Resident partitions must never be spilled to disk: they are the working set.
+    with dask.config.set({"distributed.worker.memory.target": False, "distributed.worker.memory.spill": False}):
+        cluster = LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+            dashboard_address=dashboard, env=env,
+        )
+    try:
+        client = Client(cluster, set_as_default=False)
+        client.register_plugin(_worker_plugin(threads), name=BlasThreads.name)
+        where = f"LocalCluster of {workers} worker processes at {cluster.scheduler_address}, {threads} BLAS thread{'s' if threads > 1 else ''} per worker"
+        log(f"dask: {where}; dashboard: {cluster.dashboard_link if dashboard else 'off (install bokeh for it)'}")
+        return DaskEvaluator(client, path, partitions, model, derivatives, fingerprint, where, cluster=cluster)
+    except BaseException:
+        cluster.close()
+        raise
+
+
+def _dashboard_address() -> str | None:
+    try:
+        import bokeh  # noqa: F401
+    except ImportError:
+        return None
+    return "127.0.0.1:0"
+
+
+def connect_existing(address: str | None, scheduler_file: str | None, timeout: float, path, partitions, K, M,
+                     has_chosen, has_cluster, model, derivatives, fingerprint, log) -> DaskEvaluator:
+    """`--scheduler ADDRESS` or `--scheduler-file FILE`: an existing cluster. An unreachable
+    scheduler gives one line naming the address tried, after at most `timeout` seconds."""
+    from distributed import Client
+
+    if scheduler_file is not None:
+        sf = Path(scheduler_file)
+        if not sf.is_file():
+            raise UserError(f"{sf}: no such scheduler file; start the scheduler with `dask scheduler --scheduler-file {sf}` first")
+        try:
+            address = json.loads(sf.read_text())["address"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"{sf}: not a dask scheduler file (expected JSON with an \"address\"); check --scheduler-file") from None
+    try:
+        client = Client(address, timeout=timeout, set_as_default=False)
+    except (OSError, TimeoutError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(
+            f"cannot reach the dask scheduler at {address} (waited up to {timeout:g} s: {reason}); "
+            "check the address and that the scheduler is running"
+        ) from None
+    try:
+        try:
+            client.wait_for_workers(1, timeout=min(timeout, WORKER_WAIT_SECONDS))
+        except TimeoutError:
+            raise UserError(f"the dask scheduler at {address} has no workers (waited {min(timeout, WORKER_WAIT_SECONDS):g} s); start some with `dask worker {address}`") from None
+        n = len(worker_addresses(client))
+        where = f"dask cluster at {address}, {n} worker{'s' if n != 1 else ''}"
+        log(f"dask: {where}; dashboard: {client.dashboard_link}")
+        check = _memory_checker(partitions, K, M, has_chosen, has_cluster, client, new_processes=False)
+        return DaskEvaluator(client, path, partitions, model, derivatives, fingerprint, where, check_memory=check)
+    except BaseException:
+        client.close()
+        raise
+
+
+def start_jobqueue(kind: str, workers: int, timeout: float, path, partitions, K, M, has_chosen, has_cluster,
+                   model, derivatives, fingerprint, log) -> DaskEvaluator:
+    """`--jobqueue slurm|pbs --workers N`: workers as batch jobs, through
+    estpipe.execution.jobqueue.start_jobqueue_cluster(kind, workers) (which returns a dask-jobqueue
+    cluster with its workers asked for)."""
+    try:
+        from estpipe.execution.jobqueue import start_jobqueue_cluster
+    except ImportError:
+        raise UserError("--jobqueue is not available in this estpipe (estpipe.execution.jobqueue is missing)") from None
+    from distributed import Client
+
+    cluster = start_jobqueue_cluster(kind, workers)
+    try:
+        client = Client(cluster, set_as_default=False)
+        try:
+            client.wait_for_workers(workers, timeout=timeout)
+        except TimeoutError:
+            raise UserError(
+                f"--jobqueue {kind}: {workers} worker job{'s' if workers != 1 else ''} did not connect within {timeout:g} s; "
+                "check the batch queue (squeue/qstat) and the job output files"
+            ) from None
+        where = f"{kind} jobqueue cluster at {cluster.scheduler_address}, {workers} workers"
+        log(f"dask: {where}; dashboard: {client.dashboard_link}")
+        check = _memory_checker(partitions, K, M, has_chosen, has_cluster, client, new_processes=False)
+        return DaskEvaluator(client, path, partitions, model, derivatives, fingerprint, where, cluster=cluster, check_memory=check)
+    except BaseException:
+        cluster.close()
+        raise

@@ -1,0 +1,121 @@
+"""The Evaluator interface the optimizer loop talks to, and the in-process back end.
+
+Above this line there is one code path: `sums(params, ...)` is the MomentSums of the whole data
+(summed over partitions), `pullback(params, v)` is n G' v. How partitions are held and where they
+are evaluated is the back end's business.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from estpipe.execution.partitions import Partition
+from estpipe.execution.tasks import TaskResult, blas_report, load_partition, partition_pullback, partition_sums
+from estpipe.kernel import MomentSums
+
+
+@dataclass
+class EvaluatorStats:
+    """Counters of map/reduces: how many, wall time, kernel time (max over partitions per
+    evaluation, i.e. the critical path), and bytes of results that came back."""
+
+    evaluations: int = 0
+    wall_seconds: float = 0.0
+    kernel_seconds: float = 0.0
+    result_bytes: int = 0
+    last_result_bytes: int = 0
+    per_evaluation: list[tuple[float, float]] = field(default_factory=list)
+
+    def record(self, wall: float, results: list[TaskResult], nbytes: int) -> None:
+        crit = max(r.seconds for r in results)
+        self.evaluations += 1
+        self.wall_seconds += wall
+        self.kernel_seconds += crit
+        self.result_bytes += nbytes
+        self.last_result_bytes = nbytes
+        self.per_evaluation.append((wall, crit))
+
+    def overhead_seconds(self) -> float:
+        """Median of (wall - kernel critical path) per evaluation: what the back end adds."""
+        if not self.per_evaluation:
+            return 0.0
+        return float(np.median([w - k for w, k in self.per_evaluation]))
+
+
+class Evaluator(ABC):
+    """Sums over all partitions, wherever they live. Use as a context manager or call close()."""
+
+    partitions: list[Partition]
+    workers: int
+    description: str
+
+    def __init__(self):
+        self.stats = EvaluatorStats()
+
+    @abstractmethod
+    def _map(self, fn, *args) -> list[TaskResult]:
+        """Run fn(resident, *args) on every partition where it lives; results in partition order."""
+
+    def sums(self, params, jacobian: bool = True, covariance: bool = False, clustered: bool = True) -> MomentSums:
+        """MomentSums of all the data at params (P,): n [g | G] and, with covariance, hh, nh, nn."""
+        params = np.ascontiguousarray(params, dtype=np.float64)
+        t0 = time.perf_counter()
+        results = self._map(partition_sums, params, bool(jacobian), bool(covariance), bool(clustered))
+        total = results[0].value
+        for r in results[1:]:
+            total = total + r.value
+        self.stats.record(time.perf_counter() - t0, results, sum(_result_bytes(r) for r in results))
+        return total
+
+    def pullback(self, params, v) -> np.ndarray:
+        """n G' v (P,) for v (M,): the reverse-mode product, summed over partitions."""
+        params = np.ascontiguousarray(params, dtype=np.float64)
+        v = np.ascontiguousarray(v, dtype=np.float64)
+        t0 = time.perf_counter()
+        results = self._map(partition_pullback, params, v)
+        total = np.sum([r.value for r in results], axis=0)
+        self.stats.record(time.perf_counter() - t0, results, sum(_result_bytes(r) for r in results))
+        return total
+
+    @abstractmethod
+    def blas(self) -> list[dict]:
+        """BLAS library and threads of every process that evaluates partitions."""
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _result_bytes(r: TaskResult) -> int:
+    import pickle
+
+    return len(pickle.dumps(r, protocol=5))
+
+
+class InProcessEvaluator(Evaluator):
+    """The embedded back end (`--workers 1`): partitions held in this process, BLAS on every core."""
+
+    def __init__(self, path: str, partitions: list[Partition], model: str, derivatives: str):
+        super().__init__()
+        self.partitions = partitions
+        self.workers = 1
+        self.description = "in-process"
+        self._residents = [load_partition(path, p.start, p.stop, model, derivatives) for p in partitions]
+
+    def _map(self, fn, *args) -> list[TaskResult]:
+        return [fn(r, *args) for r in self._residents]
+
+    def blas(self) -> list[dict]:
+        return [blas_report()]
+
+    def close(self) -> None:
+        self._residents = []

@@ -1,0 +1,285 @@
+"""`estimate(path, options) -> Results`: the whole of `estpipe estimate`, as a Python function.
+
+Order (DESIGN.md): check the options and the file; plan partitions; start or reach the back end
+(which loads every partition once, where it stays); check the start (finite objective, identified
+parameters, nonsingular S); step 1 with W = I; step 2 with W = S(b1)^-1; inference at the final
+estimate; results. Checkpoints are written after every accepted iteration.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from estpipe.data.format import ChoiceDataFile
+from estpipe.errors import EXIT_NOT_CONVERGED, EXIT_OK, UserError
+from estpipe.execution import make_evaluator
+from estpipe.execution.partitions import default_partitions, plan_partitions
+from estpipe.gmm.checkpoint import Checkpoint, load_checkpoint
+from estpipe.gmm.inference import efficient_covariance, j_test, sandwich_covariance
+from estpipe.gmm.optimize import GmmObjective, IterationRecord, MomentOracle, run_optimizer
+from estpipe.gmm.options import EstimateOptions
+from estpipe.gmm.results import Results, StepRecord
+from estpipe.gmm.weighting import WeightMatrix, check_covariance, check_identification
+
+
+class Reporter:
+    """Where progress goes. The base class is silent; StderrReporter prints."""
+
+    def log(self, message: str) -> None:
+        pass
+
+    def iteration(self, record: IterationRecord) -> None:
+        pass
+
+
+class StderrReporter(Reporter):
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+
+    def log(self, message: str) -> None:
+        print(f"estpipe: {message}", file=self.stream, flush=True)
+
+    def iteration(self, r: IterationRecord) -> None:
+        print(f"step {r.step} iter {r.iteration:3d}  Q = {r.objective:.10e}  |grad|inf = {r.grad_norm:.3e}  "
+              f"|step| = {r.step_norm:.3e}  {r.seconds:7.2f} s  ({r.evaluations} evaluations)",
+              file=self.stream, flush=True)
+
+
+@dataclass
+class _Model:
+    """The plain logit (P = K, start at zero); used only until estpipe.models provides get_model."""
+
+    name: str = "logit"
+
+    def n_params(self, K: int) -> int:
+        return K
+
+    def param_names(self, x_names: list[str]) -> list[str]:
+        return list(x_names)
+
+    def start(self, K: int) -> np.ndarray:
+        return np.zeros(K)
+
+
+def resolve_model(name: str):
+    """The model registry of estpipe.models (unknown names are refused there with the allowed list)."""
+    try:
+        from estpipe.models import get_model
+    except ImportError:
+        if name != "logit":
+            raise UserError(f"unknown model {name!r}; allowed: logit") from None
+        return _Model()
+    return get_model(name)
+
+
+def _check_output_paths(options: EstimateOptions) -> None:
+    for flag, p in (("--out", options.out), ("--checkpoint", options.checkpoint)):
+        if p is not None:
+            folder = Path(p).parent
+            if not folder.is_dir():
+                raise UserError(f"{flag} {p}: folder {folder} does not exist; create it or choose another path")
+            if Path(p).is_dir():
+                raise UserError(f"{flag} {p}: is a folder; give a file name")
+
+
+def _versions(blas: list[dict], workers: int) -> dict:
+    import dask
+    import scipy
+
+    from estpipe import __version__
+
+    libs = sorted({(b["library"], b["version"]) for r in blas for b in r["blas"]}, key=str)
+    threads = [b["threads"] for r in blas for b in r["blas"]]
+    return {
+        "estpipe": __version__, "python": platform.python_version(), "numpy": np.__version__,
+        "scipy": scipy.__version__, "dask": dask.__version__,
+        "blas": {"libraries": [{"library": a, "version": v} for a, v in libs],
+                 "threads_per_worker": max(threads) if threads else None,
+                 "workers": [{"pid": r["pid"], "worker": r.get("worker"), "threads": [b["threads"] for b in r["blas"]]} for r in blas]},
+    }
+
+
+def estimate(path: str | os.PathLike, options: EstimateOptions | None = None, *, reporter: Reporter | None = None) -> Results:
+    """Estimate the model on the choice-data file at `path` with `options`. See DESIGN.md.
+
+    Raises UserError for every user mistake before anything is written. Writes options.out and
+    options.checkpoint when given. A run that does not converge returns Results with
+    converged=False (the CLI's exit code 3)."""
+    options = options or EstimateOptions()
+    reporter = reporter or Reporter()
+    options.validate()
+    _check_output_paths(options)
+    t_start = time.perf_counter()
+    path = Path(path)
+    with ChoiceDataFile(path) as f:
+        n_sets, n_rows, K, M = f.n_sets, f.n_rows, f.K, f.M
+        x_names, moment_names = f.param_names, f.moment_names
+        has_chosen, has_cluster, truth = f.has_chosen, f.has_cluster, f.truth
+        offsets, cluster = f.offsets, f.read_cluster()
+        fingerprint = f.fingerprint()
+    model = resolve_model(options.model)
+    P = model.n_params(K)
+    names = model.param_names(x_names)
+    if M < P:
+        raise UserError(f"{path}: M = {M} moments for {P} parameters; GMM needs at least as many moments as parameters: "
+                        "add instruments (estpipe load --z) or drop covariates")
+    if options.start is not None:
+        if len(options.start) != P:
+            raise UserError(f"--start has {len(options.start)} values, but model {options.model} on {path} has {P} parameters "
+                            f"({', '.join(names[:6])}{', ...' if P > 6 else ''}); give {P} comma-separated numbers")
+        x0 = np.array(options.start, dtype=np.float64)
+    else:
+        x0 = np.asarray(model.start(K), dtype=np.float64)
+    clustered = has_cluster and not options.no_cluster
+
+    ckpt = None
+    if options.checkpoint and options.resume:
+        ckpt = load_checkpoint(options.checkpoint, fingerprint, options.result_options(), str(path))
+        reporter.log(f"resuming from {options.checkpoint}: step {ckpt.step}, {ckpt.evaluations} evaluations so far"
+                     if ckpt else f"no checkpoint at {options.checkpoint} yet: starting fresh")
+    checkpoint_existed = bool(options.checkpoint) and Path(options.checkpoint).exists()
+
+    requested = options.partitions or default_partitions(options.workers if not (options.scheduler or options.scheduler_file) else 2)
+    partitions = plan_partitions(offsets, requested, cluster if has_cluster else None)
+    evaluator = make_evaluator(path, options, partitions, K=K, M=M, has_chosen=has_chosen, has_cluster=has_cluster,
+                               fingerprint=fingerprint, log=reporter.log)
+    try:
+        reporter.log(f"{n_sets} sets, {n_rows} rows, K = {K}, M = {M}; {evaluator.description}; "
+                     f"{len(partitions)} partition{'s' if len(partitions) != 1 else ''}")
+        blas = evaluator.blas()
+        oracle = MomentOracle(evaluator, clustered)
+        run = _Run(options, reporter, oracle, names, moment_names, fingerprint, ckpt, has_chosen)
+        try:
+            results_core = run.steps(x0)
+        except UserError:
+            if options.checkpoint and not checkpoint_existed and Path(options.checkpoint).exists():
+                os.unlink(options.checkpoint)
+            raise
+        stats = evaluator.stats
+        results = Results(
+            **results_core,
+            evaluations=oracle.evaluations,
+            wall_seconds=time.perf_counter() - t_start,
+            workers=evaluator.workers,
+            partitions=len(partitions),
+            config=options.to_dict(),
+            data={"path": str(path.resolve()), "n_sets": n_sets, "n_rows": n_rows, "K": K, "M": M, "fingerprint": fingerprint},
+            versions=_versions(blas, evaluator.workers),
+            truth=truth if truth is not None and len(truth) == P else None,
+            backend=f"{evaluator.description}, {len(partitions)} partition{'s' if len(partitions) != 1 else ''}",
+            resumed=None if ckpt is None else {"checkpoint": str(options.checkpoint), "step": ckpt.step,
+                                                "evaluations_before": ckpt.evaluations},
+            timing={"evaluation_seconds": stats.wall_seconds, "kernel_seconds": stats.kernel_seconds,
+                    "overhead_per_evaluation_seconds": stats.overhead_seconds(),
+                    "result_bytes_per_evaluation": stats.result_bytes / max(1, stats.evaluations)},
+        )
+    finally:
+        evaluator.close()
+    if options.out:
+        results.write(options.out)
+    return results
+
+
+class _Run:
+    """The GMM steps of one run, with checkpoints; returns the fields of Results it decides."""
+
+    def __init__(self, options, reporter, oracle, names, moment_names, fingerprint, ckpt: Checkpoint | None,
+                 has_chosen: bool):
+        self.o, self.reporter, self.oracle, self.has_chosen = options, reporter, oracle, has_chosen
+        self.names, self.moment_names, self.fingerprint, self.ckpt = names, moment_names, fingerprint, ckpt
+        self.history: list[dict] = list(ckpt.history) if ckpt else []
+        self.evaluations_before = ckpt.evaluations if ckpt else 0
+
+    def _save(self, step: int, W: WeightMatrix | None, b1, params, steps_done: list[StepRecord]) -> None:
+        if not self.o.checkpoint:
+            return
+        Checkpoint(
+            fingerprint=self.fingerprint, options=self.o.result_options(), step=step,
+            weight=None if W is None else W.to_dict(), b1=None if b1 is None else list(map(float, b1)),
+            params=list(map(float, params)), evaluations=self.evaluations_before + self.oracle.evaluations,
+            steps_done=[s.to_dict() for s in steps_done], history=self.history,
+        ).save(self.o.checkpoint)
+
+    def _check_start(self, x: np.ndarray, where: str) -> None:
+        s = self.oracle.sums(x, jacobian=True, covariance=True)
+        g, G = s.g, s.G
+        if not (np.all(np.isfinite(g)) and np.all(np.isfinite(G))):
+            raise UserError(f"the objective is not finite at {where} ({', '.join(f'{v:g}' for v in x[:6])}"
+                            f"{', ...' if len(x) > 6 else ''}): the utilities overflow; give a --start nearer zero "
+                            "or rescale covariates with huge values")
+        check_identification(G, WeightMatrix.identity(len(g)), self.names, where)
+        check_covariance(s.S, self.moment_names, s.n_units, where)
+
+    def steps(self, x0: np.ndarray) -> dict:
+        o, oracle = self.o, self.oracle
+        M = len(self.moment_names)
+        steps_done: list[StepRecord] = []
+        step, W, b1, x = 1, WeightMatrix.identity(M), None, x0
+        if self.ckpt is not None:
+            c = self.ckpt
+            steps_done = [StepRecord(**d) for d in c.steps_done]
+            step, x, b1 = c.step, np.array(c.params), (None if c.b1 is None else np.array(c.b1))
+            W = WeightMatrix.from_dict(c.weight) if c.weight is not None else W
+        self._check_start(x, "the start" if self.ckpt is None else "the checkpoint's parameters")
+
+        while step <= o.steps:
+            label = "W = I" if W.kind == "identity" else "W = S(b1)^-1"
+            self.reporter.log(f"step {step}: {label}, {o.optimizer}, derivatives {o.derivatives}")
+
+            def on_iteration(rec: IterationRecord, step=step, W=W, b1=b1) -> None:
+                self.history.append(rec.to_dict())
+                self.reporter.iteration(rec)
+                self._save(step, W, b1, rec.params, steps_done)
+
+            res = run_optimizer(GmmObjective(oracle, W, o.derivatives), x, o.optimizer, o.tol, o.max_iter, step, on_iteration)
+            steps_done.append(StepRecord(step=step, weighting=W.kind, params=res.x.tolist(), objective=res.fun,
+                                         iterations=res.nit, evaluations=res.nfev, converged=res.success, message=res.message))
+            self.reporter.log(f"step {step} {'converged' if res.success else 'did NOT converge'}: {res.message} "
+                              f"({res.nit} iterations, {res.nfev} evaluations)")
+            x = res.x
+            if step == 1 and o.steps == 2:
+                b1 = x
+                s1 = oracle.sums(b1, jacobian=True, covariance=True)
+                W = WeightMatrix.inverse_of(s1.S, self.moment_names, s1.n_units, "the step-1 estimate b1")
+            step += 1
+            self._save(step, W, b1, x, steps_done)
+
+        # inference at the final estimate
+        s = oracle.sums(x, jacobian=True, covariance=True)
+        g, G, S, n = s.g, s.G, s.S, s.n_sets
+        where = "the final estimate"
+        if o.steps == 1:
+            V = sandwich_covariance(G, WeightMatrix.identity(M), S, n, self.names, where)
+            jt = None
+        else:
+            S_final = WeightMatrix.inverse_of(S, self.moment_names, s.n_units, where)
+            V = efficient_covariance(G, S_final, n, self.names, where)
+            jt = j_test(g, S_final, n, len(x))
+        converged = all(r.converged for r in steps_done)
+        first_bad = next((r for r in steps_done if not r.converged), None)
+        message = steps_done[-1].message if first_bad is None else f"step {first_bad.step}: {first_bad.message}"
+        return dict(
+            params=x, param_names=list(self.names), std_errors=np.sqrt(np.diag(V)),
+            se_type="clustered" if oracle.clustered else "robust", covariance=V,
+            n_clusters=int(s.n_units) if oracle.clustered else None, objective=W.objective(g),
+            j_statistic=None if jt is None else jt.statistic, j_df=None if jt is None else jt.df,
+            j_pvalue=None if jt is None else jt.pvalue, loglik=float(s.loglik) if self.has_chosen else None,
+            converged=converged, message=message, steps=steps_done,
+        )
+
+
+def run_estimate(path: str | os.PathLike, options: EstimateOptions, stdout=None, stderr=None) -> int:
+    """What `estpipe estimate` does: estimate, print a table (or JSON with options.json) on
+    stdout, progress on stderr; returns the exit code (0 converged, 3 not converged).
+    UserError propagates (the CLI prints it, exit code 2)."""
+    stdout = stdout or sys.stdout
+    results = estimate(path, options, reporter=StderrReporter(stderr or sys.stderr))
+    print(results.to_json() if options.json else results.table(), file=stdout, flush=True)
+    return EXIT_OK if results.converged else EXIT_NOT_CONVERGED
