@@ -6,6 +6,17 @@ Contract used by the execution back ends (do not change the signatures without u
     k.n_params                                   P, the model's parameter count
     k.sums(params, jacobian=True, covariance=False, clustered=True) -> MomentSums
     k.pullback(params, v) -> (P,)                sum_i (dh_i/db)' v, i.e. n G' v (reverse mode)
+
+Derivative modes (DERIVATIVES):
+- dual: forward dual blocks, one GEMM per tile gives the moments and their Jacobian together;
+  pullback is the forward partials of v'h (a GEMV instead of the GEMM).
+- adjoint: the same sums; pullback is the reverse-mode rule (logit: X' (s (w - wbar_i)) with
+  w = dm v, about one more read of the data). Models without a hand-written reverse rule use the
+  forward projection of v'h.
+- fd: one-sided finite differences, P + 1 value evaluations (the baseline).
+
+The kernel owns one Workspace: its tile buffers are allocated on the first evaluation and reused
+afterwards; two kernels never share buffers, so partitions can run concurrently.
 """
 
 from __future__ import annotations
@@ -13,34 +24,114 @@ from __future__ import annotations
 import numpy as np
 
 from estpipe.data.format import ChoiceData
+from estpipe.dual import Workspace, chunk_ranges, chunk_size
 from estpipe.errors import UserError
-from estpipe.kernel.reference import logit_sums_reference
+from estpipe.kernel.covariance import UnitSums
+from estpipe.kernel.generic import generic_tile_pullback, generic_tile_sums
+from estpipe.kernel.logit_fast import logit_probabilities, logit_tile_pullback, logit_tile_sums
 from estpipe.kernel.sums import MomentSums
+from estpipe.kernel.tiles import plan_tiles
+from estpipe.models import get_model
 
 DERIVATIVES = ("dual", "adjoint", "fd")
 
 
 class PartitionKernel:
-    def __init__(self, data: ChoiceData, model: str = "logit", derivatives: str = "dual", tile_rows: int | None = None):
-        if model != "logit":
-            raise UserError(f"unknown model {model!r}; allowed: logit")
-        if derivatives not in DERIVATIVES:
-            raise UserError(f"unknown derivatives {derivatives!r}; allowed: {', '.join(DERIVATIVES)}")
-        self.data = data
-        self.model = model
-        self.derivatives = derivatives
-        self.n_params = data.K
+    """data: ChoiceData (X (n_rows, K), dm (n_rows, M), offsets, chosen, cluster), kept resident.
 
+    fast: use the hand-fused logit path when the model is logit (tests turn it off to compare).
+    chunk: partials per dual block (default: chunks.chunk_size's rule)."""
+
+    def __init__(self, data: ChoiceData, model: str = "logit", derivatives: str = "dual",
+                 tile_rows: int | None = None, fast: bool = True, chunk: int | None = None):
+        if derivatives not in DERIVATIVES:
+            raise UserError(f"unknown derivatives {derivatives!r}; allowed: {', '.join(DERIVATIVES)} (--derivatives)")
+        self.data = data
+        self.model = get_model(model)
+        self.derivatives = derivatives
+        self.n_params = self.model.n_params(data.K)
+        self.fast = fast and self.model.name == "logit"
+        self.chunks = chunk_ranges(self.n_params, chunk_size(self.n_params, chunk))
+        self.tiles = plan_tiles(data.offsets, tile_rows)
+        self.ws = Workspace()
+        self._chosen = [self._tile_chosen(t) for t in self.tiles] if data.chosen is not None else None
+
+    @property
+    def n_tiles(self) -> int:
+        return len(self.tiles)
+
+    @property
+    def buffer_nbytes(self) -> int:
+        """Bytes of the reusable tile buffers (memory beyond the data)."""
+        return self.ws.nbytes
+
+    def _tile_chosen(self, tile):
+        rows = np.flatnonzero(self.data.chosen[tile.rows])
+        return rows, np.searchsorted(tile.seg.offsets, rows, side="right") - 1
+
+    # -- evaluations -----------------------------------------------------------------------------
     def sums(self, params, jacobian: bool = True, covariance: bool = False, clustered: bool = True) -> MomentSums:
+        """MomentSums of this partition at params (P,): gG (M, 1 + P) with the Jacobian, (M, 1)
+        without; hh/nh/nn and loglik too when covariance=True (per clusters when clustered and the
+        data have cluster ids)."""
+        params = np.asarray(params)
+        if params.shape != (self.n_params,):
+            raise ValueError(f"params must have shape ({self.n_params},), got {params.shape}")
+        if jacobian and self.derivatives == "fd":
+            return self._fd_sums(params, covariance, clustered)
         d = self.data
-        out = logit_sums_reference(
-            np.asarray(params, dtype=np.float64), d.X, d.dm, d.offsets, chosen=d.chosen,
-            cluster=d.cluster if clustered else None, covariance=covariance,
-        )
-        if not jacobian:
-            out.gG = out.gG[:, :1].copy()
+        complex_step = np.iscomplexobj(params)
+        P = self.n_params if jacobian else 0
+        acc = np.zeros((d.M, 1 + P), dtype=np.complex128 if complex_step else np.float64)
+        units = UnitSums(d.M) if covariance else None
+        cluster = d.cluster if (covariance and clustered) else None
+        loglik = 0.0
+        fast = self.fast and not complex_step
+        chunks = self.chunks if jacobian else [(0, 0)]
+        for i, tile in enumerate(self.tiles):
+            X, dm = d.X[tile.rows], d.dm[tile.rows]
+            chosen = self._chosen[i] if (covariance and self._chosen is not None) else None
+            if fast:
+                self.ws.reset()
+                s, ll = logit_probabilities(X, params, tile.seg, self.ws, chosen)
+                H = logit_tile_sums(X, dm, s, tile.seg, self.ws, acc, jacobian, need_h=covariance)
+            else:
+                H, ll = generic_tile_sums(self.model, params, X, dm, tile.seg, self.ws, acc, chunks, covariance, chosen)
+            loglik += ll
+            if units is not None:
+                units.add_sets(H, None if cluster is None else cluster[tile.set_start : tile.set_stop])
+        out = MomentSums(n_sets=d.n_sets, gG=acc, loglik=loglik)
+        if units is not None:
+            units.finish()
+            out.hh, out.nh, out.nn, out.n_units = units.hh, units.nh, units.nn, units.n_units
         return out
 
     def pullback(self, params, v) -> np.ndarray:
-        sums = self.sums(params, jacobian=True)
-        return sums.gG[:, 1:].T @ np.asarray(v, dtype=np.float64)
+        """sum_i (dh_i/db)' v (P,) for v (M,): n G' v without forming G (reverse mode)."""
+        params = np.asarray(params, dtype=np.float64)
+        v = np.asarray(v, dtype=np.float64)
+        if self.derivatives == "fd":
+            return self._fd_sums(params, False, False).gG[:, 1:].T @ v
+        d = self.data
+        acc = np.zeros(self.n_params)
+        for tile in self.tiles:
+            X, dm = d.X[tile.rows], d.dm[tile.rows]
+            if self.fast and self.derivatives == "adjoint":
+                self.ws.reset()
+                s, _ = logit_probabilities(X, params, tile.seg, self.ws)
+                logit_tile_pullback(X, dm, s, v, tile.seg, self.ws, acc)
+            else:
+                generic_tile_pullback(self.model, params, X, dm, v, tile.seg, self.ws, acc, self.chunks)
+        return acc
+
+    def _fd_sums(self, params, covariance: bool, clustered: bool) -> MomentSums:
+        """One-sided finite differences: P + 1 value evaluations, step sqrt(eps) max(1, |b_k|)."""
+        base = self.sums(params, jacobian=False, covariance=covariance, clustered=clustered)
+        columns = [base.gG[:, 0]]
+        for k in range(self.n_params):
+            h = np.sqrt(np.finfo(float).eps) * max(1.0, abs(float(params[k])))
+            step = params.astype(np.float64, copy=True)
+            step[k] += h
+            columns.append((self.sums(step, jacobian=False).gG[:, 0] - base.gG[:, 0]) / (step[k] - params[k]))
+        base.gG = np.column_stack(columns)
+        return base

@@ -1,0 +1,48 @@
+"""The generic kernel: any model, derivatives from the dual-block rules alone.
+
+Per tile and per chunk of partials: seed the parameters, let the model build its utilities,
+take the segment softmax, and project onto dm with ONE GEMM: dm' [s | ds/db].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from estpipe.dual import Segments, Workspace, project, seed, segment_logsumexp, segment_softmax
+from estpipe.models.base import Model
+
+
+def generic_tile_sums(model: Model, params, X, dm, seg: Segments, ws: Workspace, acc: np.ndarray,
+                      chunks: list[tuple[int, int]], need_h: bool, chosen=None):
+    """Add this tile's [sum_i h_i | sum_i dh_i/db] to acc (M, 1 + P) (or (M, 1) with chunks [(0, 0)]).
+
+    Returns (H, loglik): H (n_sets, M) per-set h_i when need_h (else None), loglik of the chosen rows."""
+    H, loglik = None, 0.0
+    for c, (k0, k1) in enumerate(chunks):
+        ws.reset()
+        theta = seed(params, ws, k0, k1)
+        u = model.utilities(theta, X, seg)
+        s = segment_softmax(u, seg)
+        block = project(dm, s)
+        if c == 0:
+            acc[:, 0] += block[:, 0]
+            if need_h:
+                scratch = None if seg.equal_size else ws.take((seg.n_rows, dm.shape[1]), s.a.dtype)
+                H = seg.weighted_sum(s.value, dm, np.empty((seg.n_sets, dm.shape[1]), s.a.dtype), scratch)
+            if chosen is not None:
+                lse = segment_logsumexp(u, seg)
+                loglik = float(np.sum(u.value[chosen[0]].real) - np.sum(lse.value[chosen[1]].real))
+        acc[:, 1 + k0 : 1 + k1] += block[:, 1:]
+    return H, loglik
+
+
+def generic_tile_pullback(model: Model, params, X, dm, v, seg: Segments, ws: Workspace, acc: np.ndarray,
+                          chunks: list[tuple[int, int]]) -> None:
+    """Add this tile's sum_i (dh_i/db)' v to acc (P,): the forward partials of the scalar
+    w' s with w = dm v, so the M-wide GEMM becomes a GEMV."""
+    for k0, k1 in chunks:
+        ws.reset()
+        w = np.dot(dm, v, out=ws.take((seg.n_rows,)))
+        theta = seed(params, ws, k0, k1)
+        s = segment_softmax(model.utilities(theta, X, seg), seg)
+        acc[k0:k1] += np.dot(w, s.partials)

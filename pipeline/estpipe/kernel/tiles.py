@@ -1,0 +1,48 @@
+"""Tiles: runs of whole choice sets of about `tile_rows` rows, processed one at a time.
+
+Per-tile buffers are (tile_rows, 1 + P), so memory beyond the data does not grow with the data,
+and a tile's X and dm stay in cache between its few operations and its GEMM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from estpipe.dual import Segments
+
+DEFAULT_TILE_ROWS = 4096
+
+
+@dataclass
+class Tile:
+    """Sets [set_start, set_stop) owning rows [row_start, row_stop); seg: their local offsets."""
+
+    set_start: int
+    set_stop: int
+    row_start: int
+    row_stop: int
+    seg: Segments
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.row_start, self.row_stop)
+
+
+def plan_tiles(offsets: np.ndarray, tile_rows: int | None = None) -> list[Tile]:
+    """Split sets (offsets: (n_sets + 1,)) into tiles of at most tile_rows rows; a set larger
+    than tile_rows gets a tile of its own."""
+    tile_rows = DEFAULT_TILE_ROWS if tile_rows is None else int(tile_rows)
+    if tile_rows < 1:
+        raise ValueError("tile_rows must be at least 1")
+    offsets = np.asarray(offsets, dtype=np.int64)
+    n = len(offsets) - 1
+    tiles, i = [], 0
+    while i < n:
+        j = int(np.searchsorted(offsets, offsets[i] + tile_rows, side="right")) - 1
+        j = min(max(j, i + 1), n)
+        r0, r1 = int(offsets[i]), int(offsets[j])
+        tiles.append(Tile(i, j, r0, r1, Segments(offsets[i : j + 1] - r0)))
+        i = j
+    return tiles

@@ -1,0 +1,16 @@
+"""The textbook logit: u = X @ b."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from estpipe.dual import Dual, Segments, linear
+from estpipe.models.base import Model
+
+
+class Logit(Model):
+    name = "logit"
+    description = "u = X @ b (the kernel uses a hand-fused fast path, tested against this one)"
+
+    def utilities(self, theta: Dual, X: np.ndarray, seg: Segments) -> Dual:
+        return linear(X, theta)
