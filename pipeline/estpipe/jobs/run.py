@@ -1,8 +1,8 @@
 """Run a job spec on this machine: make the data when it is missing, then `estpipe estimate` with a
 checkpoint and --resume, so running the job again after a crash continues from the checkpoint.
 
-The estimation is `estpipe estimate` itself, called in-process through the CLI app, so the table,
-the results file and the exit codes are exactly estimate's. Back ends: local (in-process or a
+The estimation is `estpipe estimate` itself (`estpipe.gmm.run_estimate`, the function behind the
+CLI command), so the table, the results file and the exit codes are exactly estimate's. Back ends: local (in-process or a
 LocalCluster of `workers`), dask (an existing scheduler), and slurm/pbs (dask-jobqueue workers as
 batch jobs, for interactive use from a login node; `estpipe submit` is the batch way).
 """
@@ -50,21 +50,23 @@ def prepare_data(spec: JobSpec) -> Path:
     return data.path
 
 
-def estimate_arguments(spec: JobSpec, *, scheduler: str | None = None, json: bool = False) -> list[str]:
-    """The `estpipe estimate` arguments for this job on this machine (after `estimate`)."""
-    args = [str(spec.data.path)]
+def estimate_options(spec: JobSpec, *, scheduler: str | None = None, json: bool = False):
+    """The `estpipe estimate` options (D's EstimateOptions) for this job on this machine."""
+    from estpipe.gmm import EstimateOptions
+
     backend = spec.backend
+    values = {name: value for name, value in vars(spec.estimate).items() if value is not None}
+    values.update(checkpoint=str(spec.output.checkpoint), resume=True, out=str(spec.output.results), json=json)
     if scheduler is not None:
-        args += ["--scheduler", scheduler]
+        values["scheduler"] = scheduler
     elif backend.kind == "local":
-        args += ["--workers", str(backend.workers)]
+        values["workers"] = backend.workers
     elif backend.kind == "dask":
-        args += ["--scheduler", backend.address] if backend.address else ["--scheduler-file", str(backend.scheduler_file)]
-    args += ["--checkpoint", str(spec.output.checkpoint), "--resume", "--out", str(spec.output.results)]
-    args += spec.estimate.cli_args()
-    if json:
-        args.append("--json")
-    return args
+        if backend.address:
+            values["scheduler"] = backend.address
+        else:
+            values["scheduler_file"] = str(backend.scheduler_file)
+    return EstimateOptions.from_mapping(values)
 
 
 @contextmanager
@@ -88,17 +90,12 @@ def _cluster_for(spec: JobSpec):
         close_jobqueue_cluster(cluster)
 
 
-def run_job(spec: JobSpec, *, json: bool = False) -> int:
+def run_job(spec: JobSpec, *, json: bool = False, stdout=None) -> int:
     """Make the data if needed and run the estimation; returns estimate's exit code (0, or 3)."""
-    from estpipe.cli.app import app
+    from estpipe.gmm import run_estimate
 
     prepare_data(spec)
     for path in (spec.output.results, spec.output.checkpoint):
         path.parent.mkdir(parents=True, exist_ok=True)
-    if spec.output.checkpoint.exists():
-        _log(f"resuming from checkpoint {spec.output.checkpoint}")
     with _cluster_for(spec) as scheduler:
-        args = ["estimate"] + estimate_arguments(spec, scheduler=scheduler, json=json)
-        # standalone_mode=False: estimate's UserError reaches our caller, its exit code comes back.
-        code = app(args=args, prog_name="estpipe", standalone_mode=False)
-    return int(code or 0)
+        return run_estimate(spec.data.path, estimate_options(spec, scheduler=scheduler, json=json), stdout=stdout)
