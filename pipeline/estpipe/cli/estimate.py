@@ -1,9 +1,57 @@
-"""`estpipe estimate` (not built yet)."""
+"""Estimate a logit choice model by two-step GMM on a choice-data file.
 
-from estpipe.errors import UserError
+Each partition of the data is read once by the process (or dask worker) that evaluates it and
+stays there; an evaluation returns only the additive sums. Step 1 uses W = I, step 2 (default)
+W = S(b1)^-1; standard errors at the final estimate (clustered when the file has `cluster`), the
+J test after step 2 when M > K. A table goes to stdout (`--json`: the results JSON), progress to
+stderr. Exit codes: 0 converged, 3 not converged (results still written), 2 a user error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
 
 NAME = "estimate"
+EPILOG = ("Example: `estpipe simulate data.h5 --sets 20000 && estpipe estimate data.h5 --workers 2 "
+          "--out results.json --checkpoint run.ckpt --resume`")
+
+_BACKEND = "Back end"
+_GMM = "GMM and optimizer"
+_OUT = "Output"
 
 
-def command() -> None:
-    raise UserError("estpipe estimate is not built yet")
+def command(
+    data: Annotated[Path, typer.Argument(help="A choice-data file (HDF5) made by `estpipe simulate` or `estpipe load`.")],
+    workers: Annotated[int, typer.Option(help="1: in-process (no cluster, BLAS on every core); N > 1: a local dask cluster of N worker processes (or N batch-job workers with --jobqueue).", min=1, rich_help_panel=_BACKEND)] = 1,
+    scheduler: Annotated[Optional[str], typer.Option(help="Address of an existing dask scheduler, e.g. tcp://10.0.0.1:8786.", rich_help_panel=_BACKEND)] = None,
+    scheduler_file: Annotated[Optional[str], typer.Option("--scheduler-file", help="Scheduler file of an existing dask cluster (dask scheduler --scheduler-file).", rich_help_panel=_BACKEND)] = None,
+    jobqueue: Annotated[Optional[str], typer.Option(help="Start --workers N dask workers as batch jobs: slurm or pbs.", rich_help_panel=_BACKEND)] = None,
+    partitions: Annotated[Optional[int], typer.Option(help="Contiguous partitions of the sets, balanced by rows (default: 2 per worker, 1 in-process).", min=1, rich_help_panel=_BACKEND)] = None,
+    connect_timeout: Annotated[float, typer.Option("--connect-timeout", help="Seconds to wait for a scheduler or batch-job workers.", rich_help_panel=_BACKEND)] = 30.0,
+    model: Annotated[str, typer.Option(help="Model name (see estpipe.models).", rich_help_panel=_GMM)] = "logit",
+    optimizer: Annotated[str, typer.Option(help="gauss-newton (scipy least_squares on L'g), bfgs or l-bfgs-b (scipy minimize on Q).", rich_help_panel=_GMM)] = "gauss-newton",
+    derivatives: Annotated[str, typer.Option(help="dual (dual blocks), adjoint (reverse-mode gradient; bfgs and l-bfgs-b only) or fd (finite differences).", rich_help_panel=_GMM)] = "dual",
+    steps: Annotated[int, typer.Option(help="1: W = I only; 2: then W = S(b1)^-1 (efficient).", rich_help_panel=_GMM)] = 2,
+    start: Annotated[Optional[str], typer.Option(help="Start vector, comma-separated (default: the model's, zeros for logit).", rich_help_panel=_GMM)] = None,
+    tol: Annotated[float, typer.Option(help="xtol and ftol of gauss-newton, gtol of bfgs and l-bfgs-b.", rich_help_panel=_GMM)] = 1e-10,
+    max_iter: Annotated[int, typer.Option("--max-iter", help="Iterations per GMM step.", min=1, rich_help_panel=_GMM)] = 200,
+    no_cluster: Annotated[bool, typer.Option("--no-cluster", help="Ignore the file's clusters (sets independent).", rich_help_panel=_GMM)] = False,
+    out: Annotated[Optional[str], typer.Option(help="Write the results JSON here (atomically).", rich_help_panel=_OUT)] = None,
+    checkpoint: Annotated[Optional[str], typer.Option(help="Write a checkpoint (JSON) here after every accepted iteration.", rich_help_panel=_OUT)] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from --checkpoint when it exists (else start fresh).", rich_help_panel=_OUT)] = False,
+    json: Annotated[bool, typer.Option("--json", help="Print the results JSON on stdout instead of the table.", rich_help_panel=_OUT)] = False,
+) -> None:
+    from estpipe.gmm import EstimateOptions, run_estimate
+
+    options = EstimateOptions(
+        workers=workers, scheduler=scheduler, scheduler_file=scheduler_file, jobqueue=jobqueue, partitions=partitions,
+        model=model, optimizer=optimizer, derivatives=derivatives, steps=steps, start=start, tol=tol,
+        max_iter=max_iter, no_cluster=no_cluster, out=out, checkpoint=checkpoint, resume=resume, json=json,
+        connect_timeout=connect_timeout,
+    )
+    code = run_estimate(data, options)
+    if code:
+        raise typer.Exit(code)

@@ -115,10 +115,12 @@ class DaskEvaluator(Evaluator):
         ]
         from distributed import wait
 
-        wait(self.residents)
+        # wait, not gather: the partitions must stay on the workers
+        with client.as_current():
+            wait(self.residents)
         for f in self.residents:
             if f.status == "error":
-                f.result()  # re-raises the worker's exception here (UserError included)
+                raise f.exception()  # the worker's exception, UserError included
 
     def _map(self, fn, *args) -> list[TaskResult]:
         n = next(self._counter)
