@@ -72,18 +72,6 @@ def _common_body(spec: JobSpec, python: str, job_id: str, restart: str) -> list[
         f'echo "estpipe: job {job_id} (restart {restart}) on $(hostname) at $(date -Is)" >&2',
         'mkdir -p "$LOGS" "$(dirname "$RESULTS")" "$(dirname "$CHECKPOINT")" "$(dirname "$DATA")"',
         "",
-        "# Make the data when it is missing; it is written under a temporary name and renamed.",
-        'if [ ! -f "$DATA" ]; then',
-    ]
-    words = data.cli_args()
-    if isinstance(data, LoadSpec):
-        words[2] = '"$DATA"'  # load INPUT OUT
-    else:
-        words[1] = '"$DATA"'  # simulate OUT
-    lines += [
-        '    "$PYTHON" -m estpipe ' + _command(words),
-        "fi",
-        "",
         "# Workers first, then the scheduler, so the workers do not log a lost scheduler.",
         "cleanup() {",
         '    if [ -n "${WORKERS_PID:-}" ]; then kill "$WORKERS_PID" 2>/dev/null; wait "$WORKERS_PID" 2>/dev/null; fi',
@@ -117,13 +105,30 @@ def _worker_command(spec: JobSpec, per_process: int) -> str:
     return _command(words)
 
 
+def _data_lines(spec: JobSpec) -> list[str]:
+    data = spec.data
+    words = data.cli_args()
+    if isinstance(data, LoadSpec):
+        words[2] = '"$DATA"'  # load INPUT OUT
+    else:
+        words[1] = '"$DATA"'  # simulate OUT
+    return [
+        "",
+        "# Make the data when it is missing (while the workers start); it is written under a",
+        "# temporary name and renamed, so a cancelled job never leaves a partial file.",
+        'if [ ! -f "$DATA" ]; then',
+        '    "$PYTHON" -m estpipe ' + _command(words),
+        "fi",
+    ]
+
+
 def _estimate_tail(spec: JobSpec) -> list[str]:
     backend = spec.backend
     estimate = _command(
         ['"$PYTHON"', "-m", "estpipe", "estimate", '"$DATA"', "--scheduler-file", '"$SCHEDULER_FILE"',
          "--checkpoint", '"$CHECKPOINT"', "--resume", "--out", '"$RESULTS"'] + spec.estimate.cli_args()
     )
-    return [
+    return _data_lines(spec) + [
         "",
         "# Wait (bounded) until every worker has joined, so a worker that cannot start is reported.",
         f'"$PYTHON" -m estpipe.jobs.workers "$SCHEDULER_FILE" {backend.workers} --timeout {backend.worker_timeout}',
