@@ -1,0 +1,122 @@
+"""The dask back end: equal to in-process for any partitioning, only sums leave the workers, and a
+killed worker's partitions are rebuilt with the run going on to the same estimate.
+
+One LocalCluster of 2 worker processes serves the whole module (start-up costs seconds); the
+tests reach it the way users reach an existing cluster, with --scheduler ADDRESS.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from estpipe.data.format import ChoiceDataFile
+from estpipe.execution import InProcessEvaluator, make_evaluator, plan_partitions
+from estpipe.gmm import EstimateOptions, Reporter, estimate
+from estpipe.simulate import simulate_choice_data
+
+K, M = 4, 8
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dask") / "clustered.h5"
+    simulate_choice_data(path, sets=3000, alternatives=(3, 7), params=K, moments=M, seed=4, cluster_size=10)
+    return path
+
+
+def _evaluator(path, options, n_partitions):
+    with ChoiceDataFile(path) as f:
+        parts = plan_partitions(f.offsets, n_partitions, f.read_cluster())
+        return make_evaluator(path, options, parts, K=f.K, M=f.M, has_chosen=f.has_chosen, has_cluster=f.has_cluster,
+                              fingerprint=f.fingerprint(), log=lambda m: None)
+
+
+@pytest.mark.parametrize("n_partitions", [pytest.param(p, id=f"{p}-partitions") for p in (1, 3, 7)])
+def test_dask_sums_equal_in_process(cluster, data, n_partitions):
+    params = np.array([0.3, -0.2, 0.5, 0.1])
+    with _evaluator(data, EstimateOptions(), 1) as local:
+        assert isinstance(local, InProcessEvaluator)
+        ref = local.sums(params, covariance=True)
+    with _evaluator(data, EstimateOptions(scheduler=cluster.scheduler_address), n_partitions) as ev:
+        assert len(ev.partitions) == n_partitions
+        out = ev.sums(params, covariance=True)
+        pb = ev.pullback(params, np.arange(M, dtype=float))
+    np.testing.assert_allclose(out.gG, ref.gG, rtol=1e-10)
+    np.testing.assert_allclose(out.S, ref.S, rtol=1e-10)
+    assert out.n_units == ref.n_units == 300  # clusters of 10 sets stay whole
+    np.testing.assert_allclose(out.loglik, ref.loglik, rtol=1e-10)
+    np.testing.assert_allclose(pb, ref.gG[:, 1:].T @ np.arange(M), rtol=1e-10)
+
+
+def test_only_sums_leave_the_workers(cluster, data):
+    """Per evaluation the workers send about P * M * (1 + K) floats (plus S's sums), not rows:
+    measured by dask's own outgoing-bytes counters and by the pickled size of what came back."""
+    from distributed import Client
+
+    with ChoiceDataFile(data) as f:
+        data_bytes = 8 * f.n_rows * (f.K + f.M)
+    P = 7
+    with _evaluator(data, EstimateOptions(scheduler=cluster.scheduler_address), P) as ev, \
+            Client(cluster.scheduler_address, set_as_default=False) as c:
+        ev.sums(np.zeros(K))  # warm up
+        before = c.run(lambda dask_worker: dask_worker.transfer_outgoing_bytes_total)
+        n_eval = 5
+        for i in range(n_eval):
+            ev.sums(np.full(K, 0.01 * i), jacobian=True, covariance=False)
+        after = c.run(lambda dask_worker: dask_worker.transfer_outgoing_bytes_total)
+        sent = sum(after[w] - before.get(w, 0) for w in after) / n_eval
+        pickled = ev.stats.last_result_bytes
+    block = 8 * M * (1 + K)
+    assert 0 < sent <= P * (block + 1024), sent
+    assert P * block <= pickled <= P * (block + 2048), pickled
+    assert sent < data_bytes / 100 and pickled < data_bytes / 100
+
+
+class _KillAWorker(Reporter):
+    """Kills one worker process (SIGKILL, no goodbye) at the first accepted iteration."""
+
+    def __init__(self, address):
+        self.address, self.killed, self.iterations_after = address, None, 0
+
+    def iteration(self, record):
+        if self.killed is None:
+            from distributed import Client
+
+            with Client(self.address, set_as_default=False) as c:
+                pids = c.run(os.getpid)
+            worker, pid = sorted(pids.items())[0]
+            os.kill(pid, signal.SIGKILL)
+            self.killed = (worker, pid)
+            time.sleep(0.2)
+        else:
+            self.iterations_after += 1
+
+
+def test_killed_worker_gives_the_same_estimate(cluster, data):
+    reference = estimate(data, EstimateOptions())
+    reporter = _KillAWorker(cluster.scheduler_address)
+    r = estimate(data, EstimateOptions(scheduler=cluster.scheduler_address, partitions=4), reporter=reporter)
+    assert reporter.killed is not None and reporter.iterations_after >= 3
+    from distributed import Client
+
+    with Client(cluster.scheduler_address, set_as_default=False) as c:
+        assert reporter.killed[1] not in c.run(os.getpid).values()
+    assert r.converged
+    np.testing.assert_allclose(r.params, reference.params, rtol=1e-8)
+    np.testing.assert_allclose(r.std_errors, reference.std_errors, rtol=1e-6)
+    assert r.se_type == "clustered" and r.n_clusters == 300
