@@ -208,13 +208,22 @@ class _Run:
         ).save(self.o.checkpoint)
 
     def _check_start(self, x: np.ndarray, where: str) -> None:
-        s = self.oracle.sums(x, jacobian=True, covariance=True)
-        g, G = s.g, s.G
-        if not (np.all(np.isfinite(g)) and np.all(np.isfinite(G))):
+        try:
+            # overflow here is the user's start, reported below, not a warning per array
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                s = self.oracle.sums(x, jacobian=True, covariance=True)
+            g, G = s.g, s.G
+            finite = bool(np.all(np.isfinite(g)) and np.all(np.isfinite(G)) and np.all(np.isfinite(s.hh)))
+        except FloatingPointError:
+            finite = False
+        if not finite:
             raise UserError(f"the objective is not finite at {where} ({', '.join(f'{v:g}' for v in x[:6])}"
                             f"{', ...' if len(x) > 6 else ''}): the utilities overflow; give a --start nearer zero "
                             "or rescale covariates with huge values")
-        check_identification(G, WeightMatrix.identity(len(g)), self.names, where)
+        if np.abs(s.G).max() <= 1e-10 * max(1.0, np.abs(s.g).max()):
+            raise UserError(f"the objective is flat at {where}: every choice probability is 0 or 1 there (the utilities "
+                            "are huge), so no derivative information is left; give a --start nearer zero")
+        check_identification(s.G, WeightMatrix.identity(s.gG.shape[0]), self.names, where)
         check_covariance(s.S, self.moment_names, s.n_units, where)
 
     def steps(self, x0: np.ndarray) -> dict:

@@ -1,0 +1,213 @@
+"""`estpipe estimate` through its command line: output, exit codes, every bad input (one line,
+exit 2, nothing written), non-convergence (exit 3, results written), checkpoint and resume."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from estpipe.cli.app import main
+from estpipe.data.format import ChoiceData, write_choice_data
+from estpipe.gmm import EstimateOptions, estimate
+from estpipe.simulate import simulate_choice_data
+
+
+def run_cli(argv, capsys) -> tuple[int, str, str]:
+    try:
+        main(["estimate", *map(str, argv)])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "small.h5"
+    simulate_choice_data(path, sets=1500, alternatives=(4, 4), params=3, moments=6, seed=2)
+    return path
+
+
+def _write(path, X, dm, sizes, x_names=None, m_names=None, chosen=None):
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    write_choice_data(path, ChoiceData(X=X, dm=dm, offsets=offsets, chosen=chosen),
+                      x_names or [f"x{k + 1}" for k in range(X.shape[1])],
+                      m_names or [f"z{m + 1}" for m in range(dm.shape[1])], provenance={"command": "test"})
+
+
+def test_table_and_results_file(small, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    code, stdout, stderr = run_cli([small, "--out", out], capsys)
+    assert code == 0, stderr
+    assert "std.err" in stdout and "truth" in stdout and "J =" in stdout
+    assert "step 1 iter" in stderr and "Q =" in stderr  # progress goes to stderr
+    d = json.loads(out.read_text())
+    design_keys = ("params param_names std_errors se_type covariance n_clusters objective j_statistic j_df j_pvalue "
+                   "loglik converged message steps evaluations wall_seconds workers partitions config data versions").split()
+    assert all(k in d for k in design_keys), [k for k in design_keys if k not in d]
+    assert d["converged"] and d["se_type"] == "robust" and d["n_clusters"] is None and d["j_df"] == 3
+    assert [s["weighting"] for s in d["steps"]] == ["identity", "inverse-covariance"]
+    assert all(k in d["steps"][0] for k in "weighting params objective iterations evaluations converged message".split())
+    assert set(d["data"]) >= {"path", "n_sets", "n_rows", "K", "M", "fingerprint"}
+    assert d["versions"]["blas"]["threads_per_worker"] >= 1
+    assert np.array(d["covariance"]).shape == (3, 3)
+    assert d["loglik"] < 0
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_json_on_stdout(small, capsys):
+    code, stdout, _ = run_cli([small, "--json", "--steps", "1"], capsys)
+    assert code == 0
+    d = json.loads(stdout)
+    assert len(d["steps"]) == 1 and d["j_statistic"] is None and d["j_pvalue"] is None
+
+
+@pytest.mark.parametrize(("optimizer", "derivatives"), [
+    pytest.param("bfgs", "dual", id="bfgs-dual"),
+    pytest.param("bfgs", "adjoint", id="bfgs-adjoint"),
+    pytest.param("l-bfgs-b", "adjoint", id="lbfgsb-adjoint"),
+    pytest.param("gauss-newton", "fd", id="gauss-newton-fd"),
+])
+def test_optimizers_and_derivatives_agree(small, optimizer, derivatives):
+    ref = estimate(small, EstimateOptions())
+    r = estimate(small, EstimateOptions(optimizer=optimizer, derivatives=derivatives, tol=1e-9))
+    np.testing.assert_allclose(r.params, ref.params, rtol=1e-5, atol=1e-6)
+
+
+def _bad_files(tmp_path):
+    rng = np.random.default_rng(0)
+    files = {}
+    text = tmp_path / "notes.txt"
+    text.write_text("not data\n")
+    files["foreign"] = text
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["x"] = np.zeros(3)
+    files["foreign-hdf5"] = other
+    sizes = np.full(200, 3)
+    X = rng.standard_normal((600, 3))
+    files["m-less-than-k"] = tmp_path / "m_lt_k.h5"
+    _write(files["m-less-than-k"], X, X[:, :2] - X[:, :2].mean(0), sizes)
+    # x2 is the same for every alternative of a set: it never varies within sets
+    Xc = X.copy()
+    Xc[:, 1] = np.repeat(rng.standard_normal(200), 3)
+    dm = np.column_stack([X, X[:, 0] ** 2 - 1]) - np.repeat(np.column_stack([X, X[:, 0] ** 2 - 1])[::3], 3, axis=0)
+    files["constant-within-sets"] = tmp_path / "const.h5"
+    _write(files["constant-within-sets"], Xc, dm, sizes, x_names=["price", "income", "time"])
+    dmz = dm.copy()
+    dmz[:, 2] = 0.0
+    files["zero-moment"] = tmp_path / "zero_moment.h5"
+    _write(files["zero-moment"], X, dmz, sizes, m_names=["z_price", "z_income", "z_time", "z_sq"])
+    # far too big for memory: HDF5 stores no unwritten chunks, so the file itself is small
+    huge = tmp_path / "huge.h5"
+    n_sets, J = 1000, 10_000_000
+    with h5py.File(huge, "w") as f:
+        f.create_dataset("offsets", data=np.arange(n_sets + 1, dtype=np.int64) * J)
+        f.create_dataset("X", (n_sets * J, 2), dtype="f8", chunks=(65536, 2))
+        f.create_dataset("dm", (n_sets * J, 2), dtype="f8", chunks=(65536, 2))
+        for k, v in dict(estpipe_format="choice-data", estpipe_format_version=1, n_sets=n_sets, n_rows=n_sets * J,
+                         n_params=2, n_moments=2, param_names=["a", "b"], moment_names=["a", "b"], provenance="{}").items():
+            f.attrs[k] = v
+    files["huge"] = huge
+    return files
+
+
+BAD = [
+    pytest.param("missing", [], "no such file", id="missing-file"),
+    pytest.param("foreign", [], "not an HDF5 file", id="foreign-file"),
+    pytest.param("foreign-hdf5", [], "not an estpipe choice-data file", id="foreign-hdf5"),
+    pytest.param("m-less-than-k", [], "M = 2 moments for 3 parameters", id="m-less-than-k"),
+    pytest.param("small", ["--start", "0,0"], "--start has 2 values", id="start-wrong-length"),
+    pytest.param("small", ["--start", "0,x,1"], "not a number", id="start-not-a-number"),
+    pytest.param("small", ["--model", "probit"], "allowed", id="unknown-model"),
+    pytest.param("small", ["--optimizer", "newton"], "allowed: gauss-newton, bfgs, l-bfgs-b", id="unknown-optimizer"),
+    pytest.param("small", ["--derivatives", "ad"], "allowed: dual, adjoint, fd", id="unknown-derivatives"),
+    pytest.param("small", ["--derivatives", "adjoint"], "use --optimizer bfgs or l-bfgs-b", id="adjoint-with-gauss-newton"),
+    pytest.param("small", ["--start", "1e308,1e308,1e308"], "not finite at the start", id="non-finite-start"),
+    pytest.param("small", ["--start", "1e300,1e300,-1e300"], "flat at the start", id="saturated-start"),
+    pytest.param("constant-within-sets", [], "income never varies within sets", id="singular-GWG"),
+    pytest.param("zero-moment", [], "z_time is the same in every set", id="singular-S"),
+    pytest.param("small", ["--scheduler", "tcp://127.0.0.1:9", "--connect-timeout", "2"], "tcp://127.0.0.1:9", id="unreachable-scheduler"),
+    pytest.param("small", ["--scheduler-file", "/nonexistent/sched.json"], "no such scheduler file", id="missing-scheduler-file"),
+    pytest.param("huge", [], "will not fit in memory", id="will-not-fit-in-process"),
+    pytest.param("huge", ["--workers", "2"], "will not fit in memory", id="will-not-fit-local-cluster"),
+    pytest.param("small", ["--resume"], "--resume needs --checkpoint", id="resume-without-checkpoint"),
+    pytest.param("small", ["--steps", "3"], "--steps must be 1 or 2", id="bad-steps"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, small):
+    files = _bad_files(tmp_path_factory.mktemp("bad"))
+    files["small"] = small
+    files["missing"] = small.parent / "missing.h5"
+    return files
+
+
+@pytest.mark.parametrize(("which", "args", "expected"), BAD)
+def test_bad_input_one_line_exit_2_nothing_written(bad_files, tmp_path, capsys, which, args, expected):
+    out, ckpt = tmp_path / "results.json", tmp_path / "run.ckpt"
+    checkpoint = [] if "--resume" in args else ["--checkpoint", ckpt]
+    code, stdout, stderr = run_cli([bad_files[which], "--out", out, *checkpoint, *args], capsys)
+    assert code == 2, (stdout, stderr)
+    lines = [line for line in stderr.splitlines() if line.startswith("estpipe: error:")]
+    assert len(lines) == 1 and expected in lines[0], stderr
+    assert "Traceback" not in stderr and stdout == ""
+    assert not out.exists() and not ckpt.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_max_iter_exits_3_with_results_written(small, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    code, stdout, stderr = run_cli([small, "--max-iter", "2", "--out", out], capsys)
+    assert code == 3, stderr
+    d = json.loads(out.read_text())
+    assert d["converged"] is False and "--max-iter 2" in d["message"]
+    assert d["steps"][0]["iterations"] == 2 and not d["steps"][0]["converged"]
+    assert "NOT converged" in stdout
+
+
+def test_checkpoint_of_other_data_or_options_is_refused(small, tmp_path, capsys):
+    ckpt = tmp_path / "run.ckpt"
+    code, _, _ = run_cli([small, "--checkpoint", ckpt, "--steps", "1"], capsys)
+    assert code == 0 and json.loads(ckpt.read_text())["kind"] == "estpipe-checkpoint"
+    other = tmp_path / "other.h5"
+    simulate_choice_data(other, sets=300, alternatives=(4, 4), params=3, moments=6, seed=9)
+    code, _, stderr = run_cli([other, "--checkpoint", ckpt, "--resume", "--steps", "1"], capsys)
+    assert code == 2 and "belongs to other data" in stderr
+    code, _, stderr = run_cli([small, "--checkpoint", ckpt, "--resume", "--steps", "2"], capsys)
+    assert code == 2 and "other options (steps was 1, now 2)" in stderr
+
+
+def test_killed_run_resumes_to_the_same_estimate_with_fewer_evaluations(tmp_path):
+    data = tmp_path / "resume.h5"
+    simulate_choice_data(data, sets=20_000, alternatives=(10, 10), params=4, moments=8, seed=6)
+    fresh = estimate(data, EstimateOptions())
+    ckpt, out = tmp_path / "run.ckpt", tmp_path / "results.json"
+    cmd = [sys.executable, "-m", "estpipe", "estimate", str(data), "--checkpoint", str(ckpt), "--resume", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert ckpt.exists() and not out.exists()
+    killed_at = json.loads(ckpt.read_text())
+    assert killed_at["history"], "no accepted iteration was recorded"
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr
+    d = json.loads(out.read_text())
+    np.testing.assert_allclose(d["params"], fresh.params, rtol=1e-6)
+    np.testing.assert_allclose(d["std_errors"], fresh.std_errors, rtol=1e-5)
+    assert d["resumed"]["evaluations_before"] >= 1
+    assert d["evaluations"] < fresh.evaluations
