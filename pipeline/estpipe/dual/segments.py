@@ -76,4 +76,7 @@ class Segments:
         if self.equal_size:
             out.reshape(self.n_sets, self.equal_size, *v.shape[1:])[...] = v[:, None]
             return out
+        if out.dtype != v.dtype:  # a real shift into a complex buffer (complex step)
+            out[...] = v[self.row_set]
+            return out
         return np.take(v, self.row_set, axis=0, out=out)

@@ -1,0 +1,152 @@
+"""`estpipe bench`: the kernel's derivative modes against the original plain-numpy evaluation.
+
+Everything is measured in one process and interleaved (f, dual, adjoint, ..., f, dual, ...), so
+machine noise hits every row alike; the table reports median times and ratios to f.
+"""
+
+from __future__ import annotations
+
+import time
+import tracemalloc
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from estpipe.data.format import ChoiceData
+from estpipe.kernel.partition import PartitionKernel
+
+
+@dataclass
+class BenchRow:
+    name: str
+    what: str
+    median_ms: float
+    ratio: float
+
+
+@dataclass
+class BenchResult:
+    sets: int
+    alternatives: int
+    params: int
+    moments: int
+    repeat: int
+    tile_rows: int
+    n_tiles: int
+    data_bytes: int
+    buffer_bytes: int
+    eval_alloc_peak_bytes: int
+    blas: list[dict]
+    rows: list[BenchRow] = field(default_factory=list)
+    max_rel_error: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def table(self) -> str:
+        lines = [
+            f"estpipe bench: {self.sets} sets x {self.alternatives} alternatives, K = {self.params}, "
+            f"M = {self.moments}; median of {self.repeat} interleaved calls",
+            f"{'row':<16} {'median ms':>10} {'x f':>7}  what",
+        ]
+        lines += [f"{r.name:<16} {r.median_ms:>10.3f} {r.ratio:>7.2f}  {r.what}" for r in self.rows]
+        blas = ", ".join(f"{b['internal_api']} {b['version']} ({b['num_threads']} threads, {b['prefix']})" for b in self.blas)
+        lines += [
+            f"BLAS: {blas or 'none found'}",
+            f"data {self.data_bytes / 1e6:.1f} MB; tile buffers {self.buffer_bytes / 1e6:.2f} MB "
+            f"({self.n_tiles} tiles of <= {self.tile_rows} rows); allocated during one dual evaluation "
+            f"(tracemalloc peak) {self.eval_alloc_peak_bytes / 1e3:.1f} kB",
+            "max relative error vs the reference: " + ", ".join(f"{k} {v:.1e}" for k, v in self.max_rel_error.items()),
+        ]
+        return "\n".join(lines)
+
+
+def seed_design(sets: int, alternatives: int, params: int, moments: int, seed: int = 0) -> tuple[ChoiceData, np.ndarray]:
+    """The original report's timing data in memory: X ~ N(0, 1), dm ~ U(0, 1), b ~ N(0, 0.1^2)."""
+    rng = np.random.default_rng(seed)
+    rows = sets * alternatives
+    X = rng.standard_normal((rows, params))
+    dm = rng.uniform(size=(rows, moments))
+    offsets = np.arange(0, rows + 1, alternatives, dtype=np.int64)
+    return ChoiceData(X=X, dm=dm, offsets=offsets), 0.1 * rng.standard_normal(params)
+
+
+def plain_objective(b, X, dm, n_sets, alternatives) -> float:
+    """The original code's function evaluation in plain numpy: Q = g'g with g = dm' s / n."""
+    e = np.exp(X @ b).reshape(n_sets, alternatives)
+    s = e / e.sum(axis=1, keepdims=True)
+    g = dm.T @ s.ravel() / n_sets
+    return float(g @ g)
+
+
+def _blas_info() -> list[dict]:
+    from threadpoolctl import threadpool_info
+
+    keys = ("internal_api", "version", "num_threads", "prefix", "architecture")
+    return [{k: info.get(k) for k in keys} for info in threadpool_info() if info.get("user_api") == "blas"]
+
+
+def run_bench(sets=1000, alternatives=30, params=20, moments=40, repeat=30, tile_rows=None, seed=0) -> BenchResult:
+    data, b = seed_design(sets, alternatives, params, moments, seed)
+    X, dm, n = data.X, data.dm, sets
+    W = np.eye(moments)
+    kernels = {mode: PartitionKernel(data, derivatives=mode, tile_rows=tile_rows) for mode in ("dual", "adjoint", "fd")}
+    generic = PartitionKernel(data, derivatives="dual", tile_rows=tile_rows, fast=False)
+
+    def value_and_gradient():
+        g = kernels["adjoint"].sums(b, jacobian=False).g
+        return g @ W @ g, (2.0 / n) * kernels["adjoint"].pullback(b, W @ g)
+
+    def fd_plain():
+        base = plain_objective(b, X, dm, n, alternatives)
+        for k in range(params):
+            step = b.copy()
+            step[k] += 1.4901161193847656e-08
+            plain_objective(step, X, dm, n, alternatives)
+        return base
+
+    calls = {
+        "f": ("plain numpy Q(b): X @ b, exp, per-set normalization, dm' s / n, g'g",
+              lambda: plain_objective(b, X, dm, n, alternatives)),
+        "value": ("kernel moments g alone (tiled, fast logit)", lambda: kernels["dual"].sums(b, jacobian=False)),
+        "dual": ("value + full Jacobian G, dual blocks (fast logit path)", lambda: kernels["dual"].sums(b)),
+        "dual-generic": ("value + full Jacobian G, generic dual path (any model)", lambda: generic.sums(b)),
+        "adjoint": ("value + gradient of Q, reverse mode (sums + pullback)", value_and_gradient),
+        "fd": ("value + Jacobian by one-sided finite differences (P + 1 kernel values)", lambda: kernels["fd"].sums(b)),
+        "fd-numpy": ("finite differences of f (P + 1 evaluations of f)", fd_plain),
+    }
+    for _, fn in calls.values():  # warm-up: the first call allocates the tile buffers
+        fn()
+    times = {name: [] for name in calls}
+    for _ in range(repeat):
+        for name, (_, fn) in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    base = float(np.median(times["f"]))
+    rows = [BenchRow(name, what, 1e3 * float(np.median(times[name])), float(np.median(times[name])) / base)
+            for name, (what, _) in calls.items()]
+
+    tracemalloc.start()
+    kernels["dual"].sums(b)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+
+    from estpipe.kernel.reference import logit_sums_reference
+
+    ref = logit_sums_reference(b, X, dm, data.offsets, covariance=False)
+    scale = np.abs(ref.gG).max()
+    grad_ref = 2.0 * ref.G.T @ W @ ref.g
+    errors = {
+        "dual": float(np.abs(kernels["dual"].sums(b).gG - ref.gG).max() / scale),
+        "dual-generic": float(np.abs(generic.sums(b).gG - ref.gG).max() / scale),
+        "adjoint": float(np.abs(value_and_gradient()[1] - grad_ref).max() / np.abs(grad_ref).max()),
+        "fd": float(np.abs(kernels["fd"].sums(b).gG - ref.gG).max() / scale),
+    }
+    k = kernels["dual"]
+    return BenchResult(
+        sets=sets, alternatives=alternatives, params=params, moments=moments, repeat=repeat,
+        tile_rows=max(t.row_stop - t.row_start for t in k.tiles), n_tiles=k.n_tiles,
+        data_bytes=data.nbytes, buffer_bytes=k.buffer_nbytes, eval_alloc_peak_bytes=int(peak),
+        blas=_blas_info(), rows=rows, max_rel_error=errors,
+    )

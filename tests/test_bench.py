@@ -1,0 +1,39 @@
+"""`estpipe bench` runs at a tiny size and reports every row (a real subprocess)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+ROWS = {"f", "value", "dual", "dual-generic", "adjoint", "fd", "fd-numpy"}
+
+
+def _bench(*args):
+    return subprocess.run([sys.executable, "-m", "estpipe", "bench", "--sets", "20", "--alternatives", "5",
+                           "--params", "3", "--moments", "4", "--repeat", "3", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_bench_json_reports_every_row():
+    run = _bench("--json", "--tile-rows", "30")
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    rows = {r["name"]: r for r in result["rows"]}
+    assert set(rows) == ROWS
+    assert all(r["median_ms"] > 0 for r in rows.values())
+    assert rows["f"]["ratio"] == 1.0
+    assert result["n_tiles"] == 4 and result["buffer_bytes"] > 0
+    assert result["blas"] and all(b["num_threads"] >= 1 for b in result["blas"])
+    assert result["max_rel_error"]["dual"] < 1e-12 and result["max_rel_error"]["adjoint"] < 1e-12
+    assert result["max_rel_error"]["fd"] < 1e-4
+
+
+def test_bench_table_and_bad_option():
+    run = _bench()
+    assert run.returncode == 0, run.stderr
+    for name in ROWS:
+        assert any(line.split()[:1] == [name] for line in run.stdout.splitlines()), name
+    bad = subprocess.run([sys.executable, "-m", "estpipe", "bench", "--params", "5", "--moments", "4"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--moments 4 is smaller than --params 5" in bad.stderr

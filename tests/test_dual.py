@@ -1,0 +1,134 @@
+"""The dual-block primitives: each tangent rule against finite differences and complex step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from estpipe import dual
+from estpipe.dual import Segments, Workspace, chunk_ranges, chunk_size
+
+P = 3
+RNG = np.random.default_rng(7)
+A = RNG.standard_normal((12, P))  # x(theta) = A @ theta gives a dual with P partials
+THETA = np.array([0.3, -0.2, 0.5])
+C_ROWS = RNG.uniform(0.5, 1.5, size=12)
+M_PROJ = RNG.standard_normal((12, 4))
+SEGMENTS = {"equal-sets": [0, 4, 8, 12], "unequal-sets": [0, 1, 6, 8, 12]}
+
+
+def _positive(x):
+    return dual.exp(x * 0.5)
+
+
+# name -> op(x, seg), each a function of the dual x = A @ theta
+OPS = {
+    "add-dual": lambda x, seg: x + x * 2.0,
+    "add-array": lambda x, seg: x + C_ROWS,
+    "add-scalar": lambda x, seg: 3.0 + x,
+    "subtract-dual": lambda x, seg: x - dual.exp(x),
+    "subtract-array": lambda x, seg: x - C_ROWS,
+    "negative": lambda x, seg: -x,
+    "multiply-dual": lambda x, seg: x * dual.exp(x),
+    "multiply-array": lambda x, seg: x * C_ROWS,
+    "divide-dual": lambda x, seg: x / _positive(x),
+    "divide-array": lambda x, seg: x / C_ROWS,
+    "rdivide": lambda x, seg: 2.0 / _positive(x),
+    "reciprocal": lambda x, seg: dual.reciprocal(_positive(x)),
+    "exp": lambda x, seg: dual.exp(x),
+    "log": lambda x, seg: dual.log(_positive(x)),
+    "power-scalar": lambda x, seg: dual.power(_positive(x), 1.7),
+    "power-array": lambda x, seg: _positive(x) ** C_ROWS,
+    "segment-sum": lambda x, seg: dual.segment_sum(x, seg),
+    "segment-max": lambda x, seg: dual.segment_max(x, seg),
+    "segment-logsumexp": lambda x, seg: dual.segment_logsumexp(x, seg),
+    "segment-softmax": lambda x, seg: dual.segment_softmax(x, seg),
+    "broadcast": lambda x, seg: dual.broadcast(dual.segment_sum(x, seg), seg),
+}
+
+
+def _evaluate(op, theta, seg, partials=True):
+    ws = Workspace()
+    t = dual.seed(theta, ws, 0, P if partials else 0)
+    out = op(dual.linear(A, t), seg)
+    return out if isinstance(out, np.ndarray) else out.a.copy()
+
+
+@pytest.mark.parametrize("seg_name", list(SEGMENTS))
+@pytest.mark.parametrize("name", list(OPS))
+def test_tangent_rule_matches_finite_differences(name, seg_name):
+    seg = Segments(np.array(SEGMENTS[seg_name]))
+    out = _evaluate(OPS[name], THETA, seg)
+    h = 1e-6
+    for k in range(P):
+        e = np.zeros(P)
+        e[k] = h
+        central = (_evaluate(OPS[name], THETA + e, seg, False)[:, 0] - _evaluate(OPS[name], THETA - e, seg, False)[:, 0]) / (2 * h)
+        np.testing.assert_allclose(out[:, 1 + k], central, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("seg_name", list(SEGMENTS))
+@pytest.mark.parametrize("name", list(OPS))
+def test_tangent_rule_matches_complex_step(name, seg_name):
+    seg = Segments(np.array(SEGMENTS[seg_name]))
+    out = _evaluate(OPS[name], THETA, seg)
+    h = 1e-30
+    for k in range(P):
+        theta = THETA.astype(complex)
+        theta[k] += 1j * h
+        step = _evaluate(OPS[name], theta, seg, False)[:, 0].imag / h
+        np.testing.assert_allclose(out[:, 1 + k], step, rtol=1e-12, atol=1e-14)
+
+
+def test_project_is_one_product_of_values_and_partials():
+    ws = Workspace()
+    x = dual.linear(A, dual.seed(THETA, ws))
+    block = dual.project(M_PROJ, x)
+    np.testing.assert_allclose(block[:, 0], M_PROJ.T @ (A @ THETA))
+    np.testing.assert_allclose(block[:, 1:], M_PROJ.T @ A)
+
+
+@pytest.mark.parametrize("seg_name", list(SEGMENTS))
+@pytest.mark.parametrize("scale", [1e2, 1e4], ids=["utilities-1e2", "utilities-1e4"])
+def test_segment_softmax_and_logsumexp_are_stable(seg_name, scale):
+    seg = Segments(np.array(SEGMENTS[seg_name]))
+    ws = Workspace()
+    u = dual.linear(A * scale, dual.seed(np.array([1.0, -1.0, 0.5]), ws))
+    s = dual.segment_softmax(u, seg)
+    lse = dual.segment_logsumexp(u, seg)
+    assert np.all(np.isfinite(s.a)) and np.all(np.isfinite(lse.a))
+    sums = np.add.reduceat(s.value, seg.starts)
+    np.testing.assert_allclose(sums, 1.0)
+    top = np.maximum.reduceat(u.value, seg.starts)
+    np.testing.assert_allclose(lse.value, top, rtol=1e-12)  # one term dominates at this scale
+    assert np.all(lse.value >= top)
+
+
+def test_workspace_reuses_buffers_and_is_not_shared():
+    seg = Segments(np.array(SEGMENTS["unequal-sets"]))
+    ws = Workspace()
+
+    def run():
+        ws.reset()
+        return dual.segment_softmax(dual.linear(A, dual.seed(THETA, ws)), seg).a
+
+    first = run()
+    size = ws.nbytes
+    second = run()
+    assert ws.nbytes == size and np.shares_memory(first, second)
+    other = Workspace()
+    third = dual.segment_softmax(dual.linear(A, dual.seed(THETA, other)), seg).a
+    assert not np.shares_memory(first, third)
+
+
+@pytest.mark.parametrize(
+    "n_params, expected",
+    [(1, 1), (20, 20), (64, 64), (65, 33), (100, 50), (130, 44)],
+    ids=["P1", "P20", "P64", "P65", "P100", "P130"],
+)
+def test_chunk_rule(n_params, expected):
+    size = chunk_size(n_params)
+    assert size == expected
+    ranges = chunk_ranges(n_params, size)
+    assert ranges[0][0] == 0 and ranges[-1][1] == n_params
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))

@@ -1,0 +1,105 @@
+"""Models by name, and their Jacobians against central differences and complex step (hypothesis)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from estpipe.data.format import ChoiceData
+from estpipe.errors import UserError
+from estpipe.kernel import PartitionKernel
+from estpipe.models import MODELS, get_model
+
+MODEL_NAMES = ["logit", "logit-signed"]
+
+
+@st.composite
+def problems(draw, max_scale):
+    """Random K, M, set sizes (variable), data and parameters; utilities up to about max_scale."""
+    K = draw(st.integers(1, 4))
+    M = draw(st.integers(K, 6))
+    sizes = draw(st.lists(st.integers(1, 7), min_size=1, max_size=12))
+    seed = draw(st.integers(0, 2**32 - 1))
+    scale = draw(st.sampled_from([s for s in (0.1, 1.0, 10.0, 1e2, 1e4) if s <= max_scale]))
+    rng = np.random.default_rng(seed)
+    offsets = np.r_[0, np.cumsum(sizes)].astype(np.int64)
+    X = rng.standard_normal((offsets[-1], K))
+    dm = rng.standard_normal((offsets[-1], M))
+    theta = rng.uniform(-1, 1, size=K)
+    return ChoiceData(X=X, dm=dm, offsets=offsets), theta, scale
+
+
+def _params(model, theta, scale):
+    """Parameters giving utilities of about `scale` in size for either model."""
+    if model == "logit":
+        return scale * theta
+    return np.log(scale) + 0.5 * theta  # b = -exp(.) has size about scale
+
+
+def _values(kernel, params):
+    return kernel.sums(params, jacobian=False).gG[:, 0]
+
+
+@pytest.mark.parametrize("model", MODEL_NAMES)
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=problems(max_scale=10.0))
+def test_jacobian_matches_central_differences(model, problem):
+    data, theta, scale = problem
+    params = _params(model, theta, scale)
+    kernel = PartitionKernel(data, model=model, tile_rows=8)
+    G = kernel.sums(params).gG[:, 1:]
+    central = np.empty_like(G)
+    for k in range(len(params)):
+        h = 1e-6 * max(1.0, abs(params[k]))
+        e = np.zeros(len(params))
+        e[k] = h
+        central[:, k] = (_values(kernel, params + e) - _values(kernel, params - e)) / (2 * h)
+    scale_G = max(1.0, np.abs(G).max())
+    np.testing.assert_allclose(G, central, rtol=0, atol=1e-6 * scale_G)
+
+
+@pytest.mark.parametrize("model", MODEL_NAMES)
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=problems(max_scale=1e4))
+def test_jacobian_matches_complex_step(model, problem):
+    data, theta, scale = problem
+    params = _params(model, theta, scale)
+    kernel = PartitionKernel(data, model=model, tile_rows=8)
+    G = kernel.sums(params).gG[:, 1:]
+    h = 1e-30
+    step = np.empty_like(G)
+    for k in range(len(params)):
+        z = params.astype(complex)
+        z[k] += 1j * h
+        step[:, k] = kernel.sums(z, jacobian=False).gG[:, 0].imag / h
+    assert np.all(np.isfinite(G))
+    np.testing.assert_allclose(G, step, rtol=1e-12, atol=1e-12 * max(1.0, np.abs(G).max()))
+
+
+def test_signed_model_costs_no_derivative_code():
+    """logit-signed at theta equals logit at b = -exp(theta), with the chain rule applied."""
+    rng = np.random.default_rng(0)
+    offsets = np.arange(0, 61, 6)
+    data = ChoiceData(X=rng.standard_normal((60, 3)), dm=rng.standard_normal((60, 5)), offsets=offsets)
+    theta = rng.uniform(-1, 1, size=3)
+    b = -np.exp(theta)
+    signed = PartitionKernel(data, model="logit-signed").sums(theta)
+    plain = PartitionKernel(data, model="logit").sums(b)
+    np.testing.assert_allclose(signed.gG[:, 0], plain.gG[:, 0], rtol=1e-13)
+    np.testing.assert_allclose(signed.gG[:, 1:], plain.gG[:, 1:] * b, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_registry_entries(name):
+    model = get_model(name)
+    assert model is MODELS[name] and model.name == name
+    assert model.n_params(3) == 3
+    names = model.param_names(["price", "time", "size"])
+    assert len(names) == 3 and len(set(names)) == 3
+    assert model.start(3).shape == (3,) and np.all(np.isfinite(model.start(3)))
+
+
+def test_unknown_model_lists_the_allowed_names():
+    with pytest.raises(UserError, match=r"unknown model 'probit'; allowed: logit, logit-signed"):
+        get_model("probit")
