@@ -189,7 +189,7 @@ def test_checkpoint_of_other_data_or_options_is_refused(small, tmp_path, capsys)
 
 def test_killed_run_resumes_to_the_same_estimate_with_fewer_evaluations(tmp_path):
     data = tmp_path / "resume.h5"
-    simulate_choice_data(data, sets=20_000, alternatives=(10, 10), params=4, moments=8, seed=6)
+    simulate_choice_data(data, sets=20_000, alternatives=(20, 20), params=4, moments=8, seed=6)
     fresh = estimate(data, EstimateOptions())
     ckpt, out = tmp_path / "run.ckpt", tmp_path / "results.json"
     cmd = [sys.executable, "-m", "estpipe", "estimate", str(data), "--checkpoint", str(ckpt), "--resume", "--out", str(out)]
