@@ -1,0 +1,247 @@
+"""`estpipe submit` and `--jobqueue slurm` against a REAL single-node Slurm on this machine
+(scripts/slurm-local.sh start: installs slurm + munge when missing; needs root, as in CI).
+
+Every job is checked from its own output (the results file it wrote and its log), never only from
+its state: a job can report COMPLETED without having run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from estpipe.errors import UserError
+from estpipe.gmm import EstimateOptions, estimate
+from estpipe.jobs import load_job_spec
+from estpipe.jobs.run import run_job
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+JOBS = ROOT / "jobs"
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A running single-node Slurm; the seconds `start` took are kept for the report."""
+    t0 = time.perf_counter()
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "slurm-local.sh"), "start"], capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        pytest.fail(f"scripts/slurm-local.sh start failed:\n{done.stdout}\n{done.stderr}")
+    return {"start_seconds": time.perf_counter() - t0}
+
+
+def job_state(job_id: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    match = re.search(r"JobState=(\S+)", out)
+    return match.group(1) if match else "UNKNOWN"
+
+
+def wait_for_job(job_id: str, timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = job_state(job_id)
+        if state in TERMINAL:
+            return state
+        time.sleep(0.25)
+    subprocess.run(["scancel", job_id])
+    pytest.fail(f"Slurm job {job_id} did not finish within {timeout} s (state {job_state(job_id)})")
+
+
+def submit(spec_path: Path) -> dict:
+    """`estpipe submit` as a user runs it; returns the job id and the paths it printed."""
+    done = subprocess.run([sys.executable, "-m", "estpipe", "submit", str(spec_path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    printed = dict(re.findall(r"^\s+(\w+):\s+(\S+)$", done.stdout, re.M))
+    job_id = re.search(r"submitted slurm job (\d+)", done.stdout).group(1)
+    return {"job_id": job_id, **{key: Path(value) for key, value in printed.items()}}
+
+
+def spec_in(tmp_path: Path, source: Path, backend: str | None = None, data: dict | None = None) -> Path:
+    """A copy of a shipped spec whose paths are inside tmp_path (and optional replacements)."""
+    text = source.read_text()
+    text = re.sub(r'"\.\./out/\w+/', '"', text)  # ../out/<name>/x -> x, next to the copy
+    if backend is not None:
+        text = re.sub(r"\[backend\].*?(?=\n\[output\])", backend.strip() + "\n", text, flags=re.S)
+    for key, value in (data or {}).items():
+        text, n = re.subn(rf"^{key} = .*$", f"{key} = {json.dumps(value)}", text, flags=re.M)
+        assert n == 1, key
+    path = tmp_path / source.name
+    path.write_text(text)
+    return path
+
+
+def local_copy(spec_path: Path, name: str) -> Path:
+    """The same job with the local back end and its own results and checkpoint (same data file)."""
+    text = re.sub(r"\[backend\].*?(?=\n\[output\])", '[backend]\nkind = "local"\n', spec_path.read_text(), flags=re.S)
+    text = re.sub(r'^(results|checkpoint) = "(.*)"$', lambda m: f'{m.group(1)} = "{name}-{m.group(2)}"', text, flags=re.M)
+    path = spec_path.with_name(f"{name}.toml")
+    path.write_text(text)
+    return path
+
+
+def assert_same_estimate(job: dict, reference: dict, rtol: float) -> None:
+    assert job["converged"] and reference["converged"]
+    np.testing.assert_allclose(job["params"], reference["params"], rtol=rtol, atol=0)
+    np.testing.assert_allclose(job["std_errors"], reference["std_errors"], rtol=rtol * 100, atol=0)
+    np.testing.assert_allclose(job["objective"], reference["objective"], rtol=rtol * 100)
+
+
+SLURM_1_WORKER = """
+[backend]
+kind = "slurm"
+workers = 1
+memory = "1GB"
+walltime = "00:10:00"
+partition = "debug"
+worker_timeout = 60
+"""
+
+
+@pytest.mark.parametrize(
+    ("source", "backend", "data"),
+    [
+        pytest.param("seed.toml", SLURM_1_WORKER, None, id="seed-1-worker"),
+        pytest.param("slurm.toml", None, {"sets": 4000}, id="larger-2-workers"),
+    ],
+)
+def test_submitted_job_equals_an_in_process_run(slurm, tmp_path, source, backend, data):
+    spec_path = spec_in(tmp_path, JOBS / source, backend, data)
+    spec = load_job_spec(spec_path)
+    assert not spec.data.path.exists()  # the job makes its data itself
+    t0 = time.perf_counter()
+    job = submit(spec_path)
+    state = wait_for_job(job["job_id"])
+    seconds = time.perf_counter() - t0
+    log = job["log"].read_text()
+    assert state == "COMPLETED", f"job {job['job_id']} {state}:\n{log}"
+    assert job["results"] == spec.output.results and job["log"] == spec.output.logs / f"{spec.name}-{job['job_id']}.out"
+    results = json.loads(spec.output.results.read_text())
+    assert f"{spec.backend.workers} dask worker" in log and "two-step GMM" in log
+    assert results["data"]["path"] == str(spec.data.path) and results["workers"] == spec.backend.workers
+    assert "dask cluster" in results["backend"]
+
+    # The same job in-process on the same data file: the same estimate.
+    reference_spec = load_job_spec(local_copy(spec_path, "in-process"))
+    assert run_job(reference_spec) == 0
+    reference = json.loads(reference_spec.output.results.read_text())
+    assert_same_estimate(results, reference, rtol=1e-8)
+    print(f"\n{source}: submit to done {seconds:.1f} s; Slurm start {slurm['start_seconds']:.1f} s")
+
+
+def _evaluations(checkpoint: Path) -> int:
+    try:
+        return int(json.loads(checkpoint.read_text())["evaluations"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def test_cancelled_job_resumes_from_its_checkpoint_when_submitted_again(slurm, tmp_path):
+    spec_path = spec_in(tmp_path, JOBS / "slurm.toml", data={"sets": 4000})
+    # Finite differences make each iteration about half a second here: easy to catch mid-run.
+    spec_path.write_text(spec_path.read_text().replace("[estimate]\n", '[estimate]\nderivatives = "fd"\n'))
+    spec = load_job_spec(spec_path)
+    assert spec.estimate.derivatives == "fd"
+    first = submit(spec_path)
+    checkpoint = spec.output.checkpoint
+    deadline = time.monotonic() + 180
+    # Cancel once the checkpoint holds a few evaluations, so that resuming has work to save.
+    while not checkpoint.exists() or _evaluations(checkpoint) < 3:
+        state = job_state(first["job_id"])
+        assert state not in TERMINAL, f"the job ended ({state}) before its first checkpoint:\n{first['log'].read_text()}"
+        assert time.monotonic() < deadline, "no checkpoint within 180 s"
+        time.sleep(0.05)
+    subprocess.run(["scancel", first["job_id"]], check=True)
+    assert wait_for_job(first["job_id"]) == "CANCELLED"
+    assert not spec.output.results.exists(), "the job finished before it was cancelled; make it larger"
+    at_cancel = json.loads(checkpoint.read_text())
+
+    second = submit(spec_path)
+    state = wait_for_job(second["job_id"], timeout=180)
+    log = second["log"].read_text()
+    assert state == "COMPLETED", log
+    assert "resuming from" in log
+    resumed = json.loads(spec.output.results.read_text())
+    assert resumed["resumed"]["evaluations_before"] >= at_cancel["evaluations"] >= 3
+
+    fresh_spec = load_job_spec(local_copy(spec_path, "fresh"))
+    assert run_job(fresh_spec) == 0
+    fresh = json.loads(fresh_spec.output.results.read_text())
+    assert resumed["evaluations"] < fresh["evaluations"]
+    assert_same_estimate(resumed, fresh, rtol=1e-6)
+    print(f"\ncancelled with a checkpoint at {at_cancel.get('evaluations')} evaluations; resumed run "
+          f"{resumed['evaluations']} evaluations vs fresh {fresh['evaluations']}; "
+          f"max rel diff {np.max(np.abs(np.subtract(resumed['params'], fresh['params']) / np.abs(fresh['params']))):.2e}")
+
+
+def test_sbatch_error_comes_back_as_one_line(slurm, tmp_path):
+    spec_path = spec_in(tmp_path, JOBS / "slurm.toml")
+    spec_path.write_text(spec_path.read_text().replace('partition = "debug"', 'partition = "nosuch"'))
+    done = subprocess.run([sys.executable, "-m", "estpipe", "submit", str(spec_path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("estpipe: error: sbatch refused ") and "invalid partition" in line.lower()
+
+
+@pytest.fixture
+def worker_logs(tmp_path):
+    return tmp_path / "worker-logs"
+
+
+def test_jobqueue_worker_above_node_memory_is_reported_at_once(slurm, worker_logs):
+    from estpipe.execution.jobqueue import start_jobqueue_cluster
+
+    t0 = time.perf_counter()
+    with pytest.raises(UserError, match=r"Slurm refused the dask worker job: .*(Memory|node configuration)"):
+        start_jobqueue_cluster("slurm", 1, memory="100TB", queue="debug", log_dir=worker_logs, wait_timeout=60,
+                               interface="lo", scheduler_host="127.0.0.1")
+    assert time.perf_counter() - t0 < 20
+
+
+def test_jobqueue_worker_that_cannot_start_in_time_is_reported_with_its_reason(slurm, worker_logs):
+    from estpipe.execution.jobqueue import start_jobqueue_cluster
+
+    cpus = int(re.search(r"CPUTot=(\d+)", subprocess.run(["scontrol", "show", "node", "localhost"], capture_output=True, text=True).stdout).group(1))
+    t0 = time.perf_counter()
+    # Two jobs of every CPU each: the second waits for resources that free only when the first ends.
+    with pytest.raises(UserError, match=r"only 1 of 2 dask worker jobs connected within 15 s: .*PENDING \((Resources|Priority)\)"):
+        start_jobqueue_cluster("slurm", 2, cores=cpus, memory="500MB", queue="debug", log_dir=worker_logs,
+                               wait_timeout=15, interface="lo", scheduler_host="127.0.0.1")
+    assert time.perf_counter() - t0 < 40
+    # Nothing is left behind in the queue.
+    deadline = time.monotonic() + 20
+    while subprocess.run(["squeue", "-h", "-n", "dask-worker"], capture_output=True, text=True).stdout.strip():
+        assert time.monotonic() < deadline, "worker jobs left in the queue"
+        time.sleep(0.25)
+
+
+def test_estimate_with_jobqueue_slurm_equals_in_process(slurm, tmp_path, monkeypatch):
+    from estpipe.simulate import simulate_choice_data
+
+    data = tmp_path / "data.h5"
+    simulate_choice_data(data, sets=500, alternatives=(10, 10), params=4, moments=8, seed=3)
+    # Where dask-jobqueue puts the worker logs and which network it uses come from dask's config.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DASK_JOBQUEUE__SLURM__INTERFACE", "lo")
+    import dask.config
+
+    dask.config.refresh()
+    try:
+        remote = estimate(data, EstimateOptions(jobqueue="slurm", workers=2))
+    finally:
+        monkeypatch.delenv("DASK_JOBQUEUE__SLURM__INTERFACE")
+        dask.config.refresh()
+    local = estimate(data, EstimateOptions())
+    assert remote.workers == 2 and "slurm" in remote.backend
+    np.testing.assert_allclose(remote.params, local.params, rtol=1e-8)
+    assert shutil.which("squeue")
