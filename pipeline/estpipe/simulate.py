@@ -11,12 +11,15 @@ Designs
   chosen rows.
 
 Clusters (`cluster_size=C`): sets are grouped into contiguous clusters of C sets (the last one may
-be shorter), ids 0, 1, ... In the logit design every cluster also draws a common shock per
-alternative position, eta_{c,j} ~ N(0, CLUSTER_SHOCK_SD^2), added to the utilities of position j
-of every set of cluster c. Choices of one cluster are then correlated, so the clustered moment
-covariance differs from the plain one. The data then follow a logit with random position
-constants, not the plain logit, so estimates of b are attenuated by a few percent
-(about sqrt((pi^2/6) / (pi^2/6 + CLUSTER_SHOCK_SD^2)) = 0.93 at the default).
+be shorter), ids 0, 1, ... In the logit design every cluster c also draws a shock to the
+coefficients, eta_c ~ N(0, (CLUSTER_SHOCK_SD^2 / K) I_K), so the utilities of its rows are
+u_ij = x_ij' (b + eta_c): a utility shock x_ij' eta_c with standard deviation CLUSTER_SHOCK_SD,
+common to the cluster. The moments h_i of one cluster are then correlated (they all move with
+eta_c), so the clustered moment covariance is larger than the plain one. A shock per
+alternative position would not do that: positions are exchangeable and unrelated to the
+instruments. The data then follow a logit with random coefficients, not the plain logit, so the
+pooled estimates of b differ slightly from truth/params (attenuated by about 1 - sqrt((pi^2/6) /
+(pi^2/6 + CLUSTER_SHOCK_SD^2)), a few percent); the clustered standard errors account for it.
 
 Reproducibility: every random quantity comes from its own generator, spawned from
 SeedSequence(seed) and consumed strictly in set order (one draw per set for sizes and choices,
@@ -180,7 +183,7 @@ def _check_options(design, sets, alternatives, params, moments, seed, cluster_si
 
 # -- cluster shocks ---------------------------------------------------------------------------
 class _ClusterShocks:
-    """eta: one row of `width` shocks per cluster, drawn in cluster order from one generator and
+    """eta: one row of `width` coefficient shocks per cluster, drawn in cluster order from one generator and
     kept for the last cluster, which may continue in the next chunk."""
 
     def __init__(self, rng: np.random.Generator, cluster_size: int, width: int):
@@ -194,7 +197,7 @@ class _ClusterShocks:
         c0, c1 = int(ids[0]), int(ids[-1])
         have = self._first + len(self._table)  # first cluster not drawn yet
         keep = self._table[c0 - self._first :] if c0 < have else self._table[:0]
-        new = self.rng.standard_normal((c1 + 1 - max(have, c0), self.width)) * CLUSTER_SHOCK_SD
+        new = self.rng.standard_normal((c1 + 1 - max(have, c0), self.width)) * (CLUSTER_SHOCK_SD / math.sqrt(self.width))
         self._table = np.concatenate([keep, new]) if len(keep) else new
         self._first = c0
         return ids, self._table[ids - c0]
@@ -233,7 +236,7 @@ def simulate_choice_data(
 
     streams = dict(zip(_STREAMS, (np.random.Generator(np.random.SFC64(s)) for s in np.random.SeedSequence(seed).spawn(len(_STREAMS)))))
     truth = true_params(streams["truth"], K) if logit else None
-    shocks = _ClusterShocks(streams["cluster_shock"], int(cluster_size), hi) if cluster_size else None
+    shocks = _ClusterShocks(streams["cluster_shock"], int(cluster_size), K) if cluster_size else None
 
     options = dict(design=design, sets=sets, alternatives=[lo, hi], params=K, moments=M, seed=seed, cluster_size=cluster_size)
     prov = provenance("estpipe simulate", options=options, seed=seed, design=design)
@@ -321,7 +324,12 @@ class _ChunkSimulator:
         utilities = buf.utilities[:rows]
         # np.dot, not np.matmul: matmul with out= and a vector operand skips BLAS (40x slower here)
         np.dot(X, self.truth, out=utilities)
-        pick = _draw_choices(utilities, sizes, lo, hi, uc, eta)
+        if eta is not None:
+            if lo == hi:
+                utilities += np.einsum("njk,nk->nj", X.reshape(n, lo, self.K), eta).reshape(-1)
+            else:
+                utilities += np.einsum("jk,jk->j", X, np.repeat(eta, sizes, axis=0))
+        pick = _draw_choices(utilities, sizes, lo, hi, uc)
         starts = np.zeros(n, dtype=np.int64)
         np.cumsum(sizes[:-1], out=starts[1:])
         chosen_rows = starts + pick
@@ -372,12 +380,11 @@ def _write_overlapped(writer, chunks: _ChunkSimulator, sets: int, chunk_sets: in
                 f.result()
 
 
-def _draw_choices(utilities, sizes, lo, hi, uniforms, eta) -> np.ndarray:
+def _draw_choices(utilities, sizes, lo, hi, uniforms) -> np.ndarray:
     """Position (0-based, within its set) of the chosen row of each set, drawn by inverting the
     cumulative logit probabilities with one uniform per set.
 
-    utilities: (rows,) for sets of `sizes` (n,); uniforms: (n,) in [0, 1); eta: (n, hi) shocks
-    by position, or None."""
+    utilities: (rows,) for sets of `sizes` (n,); uniforms: (n,) in [0, 1)."""
     n = len(sizes)
     if lo == hi:
         v = utilities.reshape(n, lo)
@@ -385,8 +392,6 @@ def _draw_choices(utilities, sizes, lo, hi, uniforms, eta) -> np.ndarray:
         # Pad to (n, hi): missing positions get -inf and so probability zero.
         v = np.full((n, hi), -np.inf)
         v[np.arange(hi) < sizes[:, None]] = utilities
-    if eta is not None:
-        v = v + eta[:, : v.shape[1]]
     w = v - v.max(axis=1, keepdims=True)
     np.exp(w, out=w)
     np.cumsum(w, axis=1, out=w)
