@@ -109,6 +109,18 @@ def test_pullback_gives_the_gradient_2_G_W_g(model, derivatives):
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
+def test_reverse_mode_reuses_its_residual_only_at_the_same_params(shape):
+    data, b = make_data(SHAPES[shape])
+    kernel = PartitionKernel(data, derivatives="adjoint", tile_rows=4)
+    exact = PartitionKernel(data, derivatives="dual")
+    v = np.arange(6.0)
+    for at, then in [(b, b), (b, 0.5 * b), (0.5 * b, b)]:
+        kernel.sums(at, jacobian=False)
+        kernel.sums(-b, jacobian=True, covariance=True)  # other passes leave the residual alone
+        np.testing.assert_allclose(kernel.pullback(then, v), exact.sums(then).gG[:, 1:].T @ v, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
 def test_fast_path_equals_generic_path(shape):
     data, b = make_data(SHAPES[shape], scale=30.0)
     fast = PartitionKernel(data, tile_rows=9).sums(b, covariance=True)

@@ -17,21 +17,30 @@ import numpy as np
 from estpipe.dual import Segments, Workspace
 
 
-def logit_probabilities(X: np.ndarray, b: np.ndarray, seg: Segments, ws: Workspace, chosen=None):
-    """Choice probabilities s (rows,) of u = X @ b within each set, stable for any |u|.
+SAFE_UTILITY = 600.0
+
+
+def logit_probabilities(X: np.ndarray, b: np.ndarray, seg: Segments, ws: Workspace, chosen=None, out=None):
+    """Choice probabilities s (rows,) of u = X @ b within each set, stable for any |u|; into
+    `out` (rows,) when given, else into a workspace buffer.
 
     chosen: (rows_idx, set_idx) of the chosen rows in the tile, or None. Returns (s, loglik), with
     loglik the sum of log s over the chosen rows (0.0 without chosen)."""
     n, t, J = seg.n_sets, seg.n_rows, seg.equal_size
-    s = ws.take((t,))
+    s = ws.take((t,)) if out is None else out
     np.dot(X, b, out=s)
-    m = seg.max1(s, ws.take((n,)))
-    if J:
-        S = s.reshape(n, J)
-        np.subtract(S, m[:, None], out=S)
-    else:
-        rep = seg.broadcast(m, ws.take((t,)))
-        np.subtract(s, rep, out=s)
+    S = s.reshape(n, J) if J else None
+    rep = None if J else ws.take((t,))
+    # Shifting each set by its maximum keeps exp in range for any utility, but costs two passes.
+    # When every |u| < SAFE_UTILITY, exp(u) cannot overflow and no set's sum can fall below
+    # exp(-SAFE_UTILITY), far above the smallest normal number, so the shift can be skipped.
+    m = ws.take((n,))
+    if not (-SAFE_UTILITY < s.min() and s.max() < SAFE_UTILITY):
+        seg.max1(s, m)
+        if J:
+            np.subtract(S, m[:, None], out=S)
+        else:
+            np.subtract(s, seg.broadcast(m, rep), out=s)
     shifted = s[chosen[0]] if chosen is not None else None
     np.exp(s, out=s)
     total = seg.sum1(s, ws.take((n,)))
@@ -65,11 +74,17 @@ def logit_tile_sums(X, dm, s, seg: Segments, ws: Workspace, acc: np.ndarray, jac
 
 def logit_tile_pullback(X, dm, s, v, seg: Segments, ws: Workspace, acc: np.ndarray) -> None:
     """Add this tile's sum_i (dh_i/db)' v = X' (s (w - wbar_i)), w = dm v, to acc (K,)."""
-    n, t = seg.n_sets, seg.n_rows
+    n, t, J = seg.n_sets, seg.n_rows, seg.equal_size
     w = np.dot(dm, v, out=ws.take((t,)))
-    r = np.multiply(s, w, out=w)
-    wbar = seg.sum1(r, ws.take((n,)))
-    rep = seg.broadcast(wbar, ws.take((t,)))
-    np.multiply(rep, s, out=rep)
-    np.subtract(r, rep, out=r)
+    if J:  # r = s (w - wbar_i) in three passes over the reshaped (n_sets, J) rows
+        S, Wr = s.reshape(n, J), w.reshape(n, J)
+        wbar = np.einsum("ij,ij->i", S, Wr, out=ws.take((n,)))
+        np.subtract(Wr, wbar[:, None], out=Wr)
+        r = np.multiply(w, s, out=w)
+    else:
+        r = np.multiply(s, w, out=w)
+        wbar = seg.sum1(r, ws.take((n,)))
+        rep = seg.broadcast(wbar, ws.take((t,)))
+        np.multiply(rep, s, out=rep)
+        np.subtract(r, rep, out=r)
     acc += np.dot(r, X, out=ws.take((X.shape[1],)))

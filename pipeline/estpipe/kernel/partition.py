@@ -30,10 +30,11 @@ from estpipe.kernel.covariance import UnitSums
 from estpipe.kernel.generic import generic_tile_pullback, generic_tile_sums
 from estpipe.kernel.logit_fast import logit_probabilities, logit_tile_pullback, logit_tile_sums
 from estpipe.kernel.sums import MomentSums
-from estpipe.kernel.tiles import plan_tiles
+from estpipe.kernel.tiles import DEFAULT_TILE_ROWS, plan_tiles
 from estpipe.models import get_model
 
 DERIVATIVES = ("dual", "adjoint", "fd")
+STRIPE_FACTOR = 8
 
 
 class PartitionKernel:
@@ -53,7 +54,15 @@ class PartitionKernel:
         self.fast = fast and self.model.name == "logit"
         self.chunks = chunk_ranges(self.n_params, chunk_size(self.n_params, chunk))
         self.tiles = plan_tiles(data.offsets, tile_rows)
+        # Value-only passes (no Jacobian, no covariance) and the reverse pass hold only a few
+        # (rows,) vectors per tile, so they use longer stripes: fewer numpy calls per evaluation.
+        self.stripes = plan_tiles(data.offsets, STRIPE_FACTOR * (tile_rows or DEFAULT_TILE_ROWS))
         self.ws = Workspace()
+        # Reverse mode keeps its forward residual, the probabilities s of the last value-only
+        # evaluation (8 bytes per row), so the pullback at the same parameters (the optimizer's
+        # next call, as in scipy's MemoizeJac) does not recompute them.
+        self._residual = np.empty(data.n_rows) if (self.fast and derivatives == "adjoint") else None
+        self._residual_params = None
         self._chosen = [self._tile_chosen(t) for t in self.tiles] if data.chosen is not None else None
 
     @property
@@ -88,18 +97,26 @@ class PartitionKernel:
         loglik = 0.0
         fast = self.fast and not complex_step
         chunks = self.chunks if jacobian else [(0, 0)]
-        for i, tile in enumerate(self.tiles):
+        value_only = fast and not jacobian and not covariance
+        tiles = self.stripes if value_only else self.tiles
+        keep = value_only and self._residual is not None
+        if keep:
+            self._residual_params = None
+        for i, tile in enumerate(tiles):
             X, dm = d.X[tile.rows], d.dm[tile.rows]
             chosen = self._chosen[i] if (covariance and self._chosen is not None) else None
             if fast:
                 self.ws.reset()
-                s, ll = logit_probabilities(X, params, tile.seg, self.ws, chosen)
+                residual = self._residual[tile.rows] if keep else None
+                s, ll = logit_probabilities(X, params, tile.seg, self.ws, chosen, out=residual)
                 H = logit_tile_sums(X, dm, s, tile.seg, self.ws, acc, jacobian, need_h=covariance)
             else:
                 H, ll = generic_tile_sums(self.model, params, X, dm, tile.seg, self.ws, acc, chunks, covariance, chosen)
             loglik += ll
             if units is not None:
                 units.add_sets(H, None if cluster is None else cluster[tile.set_start : tile.set_stop])
+        if keep:
+            self._residual_params = params.copy()
         out = MomentSums(n_sets=d.n_sets, gG=acc, loglik=loglik)
         if units is not None:
             units.finish()
@@ -114,11 +131,13 @@ class PartitionKernel:
             return self._fd_sums(params, False, False).gG[:, 1:].T @ v
         d = self.data
         acc = np.zeros(self.n_params)
-        for tile in self.tiles:
+        reverse = self.fast and self.derivatives == "adjoint"
+        kept = reverse and self._residual_params is not None and np.array_equal(self._residual_params, params)
+        for tile in self.stripes if reverse else self.tiles:
             X, dm = d.X[tile.rows], d.dm[tile.rows]
-            if self.fast and self.derivatives == "adjoint":
+            if reverse:
                 self.ws.reset()
-                s, _ = logit_probabilities(X, params, tile.seg, self.ws)
+                s = self._residual[tile.rows] if kept else logit_probabilities(X, params, tile.seg, self.ws)[0]
                 logit_tile_pullback(X, dm, s, v, tile.seg, self.ws, acc)
             else:
                 generic_tile_pullback(self.model, params, X, dm, v, tile.seg, self.ws, acc, self.chunks)
