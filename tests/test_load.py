@@ -360,6 +360,26 @@ def test_good_input_of_the_bad_cases_loads(tmp_path):
         np.testing.assert_array_equal(f.read_cluster(), [0, 1, 1])
 
 
+IN_PROCESS = ["non-numeric", "missing-value", "nan", "infinite", "missing-set-id", "set-not-contiguous", "no-chosen-row",
+              "several-chosen-rows", "choice-not-0-1", "cluster-not-contiguous", "set-in-two-clusters"]
+
+
+@pytest.mark.parametrize("batch_rows", [1, 2, 3], ids=lambda b: f"batch-{b}")
+@pytest.mark.parametrize("case", IN_PROCESS)
+def test_bad_input_found_whatever_the_batches(tmp_path, case, batch_rows):
+    name, content, options, words = BAD[case]
+    path = tmp_path / name
+    path.write_text(content)
+    opts = dict(zip(options[::2], options[1::2]))
+    (tmp_path / "out").mkdir()
+    with pytest.raises(UserError) as caught:
+        load_choice_data(path, tmp_path / "out" / "o.h5", set_col=opts["--set-col"], choice_col=opts["--choice-col"],
+                         x=opts["--x"], cluster_col=opts.get("--cluster-col"), batch_rows=batch_rows)
+    for word in words:
+        assert word in str(caught.value)
+    assert os.listdir(tmp_path / "out") == []
+
+
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_one_line_exit_2_no_file(bad_runs, case):
     root, runs = bad_runs
