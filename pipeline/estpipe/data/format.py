@@ -182,6 +182,28 @@ class ChoiceDataFile:
             raise UserError(f"{p}: dataset chosen has shape {f['chosen'].shape}, expected ({self.n_rows},); rewrite the file")
         if self.has_cluster and f["cluster"].shape != (self.n_sets,):
             raise UserError(f"{p}: dataset cluster has shape {f['cluster'].shape}, expected ({self.n_sets},); rewrite the file")
+        if self.truth is not None and self.truth.shape != (self.K,):
+            raise UserError(f"{p}: dataset truth/params has shape {self.truth.shape}, expected ({self.K},); rewrite the file")
+        if self.has_cluster:
+            self._check_clusters_contiguous()
+
+    def _check_clusters_contiguous(self) -> None:
+        """Every cluster's sets form one block (the estimators split the data at cluster
+        boundaries). The ids cost 8 bytes per set, like the offsets."""
+        try:
+            ids = self._f["cluster"][...].astype(np.int64)
+        except OSError as exc:
+            raise UserError(f"{self.path}: dataset cluster cannot be read ({exc}); the file is truncated or damaged") from None
+        starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if ids.size else ids
+        if len(starts) != len(np.unique(ids)):
+            run_ids = ids[starts]
+            order = np.argsort(run_ids, kind="stable")
+            dup = np.flatnonzero(run_ids[order][1:] == run_ids[order][:-1])[0]
+            first, second = starts[order[dup]], starts[order[dup + 1]]
+            raise UserError(
+                f"{self.path}: cluster {ids[first]} is split into non-contiguous blocks (its sets start at "
+                f"set {first} and again at set {second}); every cluster's sets must be contiguous, rewrite the file"
+            )
 
     # -- reading ------------------------------------------------------------------------------
     def read_sets(self, start: int = 0, stop: int | None = None) -> ChoiceData:
@@ -342,17 +364,21 @@ class ChoiceDataWriter:
         self.n_rows = r1
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        finished = False
         try:
             if exc_type is None:
                 self._finish()
+                self._f.close()
+                self._f = None
+                os.replace(self._tmp, self.path)
+                finished = True
         finally:
+            # Whatever failed (the body, or finishing, closing or renaming), nothing stays behind.
             if self._f is not None:
                 self._f.close()
                 self._f = None
-            if exc_type is not None and self._tmp is not None and self._tmp.exists():
+            if not finished and self._tmp is not None and self._tmp.exists():
                 self._tmp.unlink()
-        if exc_type is None:
-            os.replace(self._tmp, self.path)
 
     def _finish(self) -> None:
         sizes = np.concatenate(self._sizes) if self._sizes else np.zeros(0, np.int64)
