@@ -1,0 +1,103 @@
+"""The command line as a whole: help for every command, exit codes, and simulate -> inspect
+through real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from estpipe.cli.app import main
+
+COMMANDS = ("simulate", "load", "inspect", "estimate", "bench", "run", "submit")
+
+
+def _estpipe(*args, cwd=None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, COLUMNS="200")
+    return subprocess.run([sys.executable, "-m", "estpipe", *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd)
+
+
+def test_help_lists_every_command():
+    proc = _estpipe("--help")
+    assert proc.returncode == 0
+    for name in COMMANDS:
+        assert f" {name} " in proc.stdout, name
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_each_commands_help_exits_0(name, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit) as info:
+        main([name, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"estpipe {name}" in out and "Example:" in out
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        pytest.param("simulate", ["--design", "--sets", "--alternatives", "--params", "--moments", "--seed", "--cluster-size"], id="simulate"),
+        pytest.param("inspect", ["--json"], id="inspect"),
+    ],
+)
+def test_help_shows_the_designed_options(name, options, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit):
+        main([name, "--help"])
+    out = capsys.readouterr().out
+    for option in options:
+        assert option in out
+
+
+def test_unknown_command_exits_2():
+    proc = _estpipe("frobnicate")
+    assert proc.returncode == 2
+    assert "frobnicate" in proc.stderr
+
+
+def test_simulate_then_inspect_json(tmp_path):
+    out = tmp_path / "d.h5"
+    sim = _estpipe("simulate", out, "--sets", "300", "--alternatives", "2:5", "--params", "3", "--moments", "6", "--seed", "9", "--cluster-size", "30")
+    assert sim.returncode == 0, sim.stderr
+    assert sim.stdout == ""  # the summary is not a result: it goes to stderr
+    assert "300 sets" in sim.stderr and "rows/s" in sim.stderr and "MB/s" in sim.stderr
+    ins = _estpipe("inspect", out, "--json")
+    assert ins.returncode == 0, ins.stderr
+    info = json.loads(ins.stdout)
+    assert info["n_sets"] == 300 and info["n_params"] == 3 and info["n_moments"] == 6 and info["n_clusters"] == 10
+    assert 2 <= info["set_sizes"]["min"] <= info["set_sizes"]["max"] <= 5
+    assert info["provenance"]["options"] == {
+        "design": "logit", "sets": 300, "alternatives": [2, 5], "params": 3, "moments": 6, "seed": 9, "cluster_size": 30,
+    }
+    assert len(info["truth"]) == 3
+    assert os.listdir(tmp_path) == ["d.h5"]
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        pytest.param(["--alternatives", "5:2"], "--alternatives 5:2", id="empty-range"),
+        pytest.param(["--alternatives", "1"], "at least 2 alternatives", id="one-alternative"),
+        pytest.param(["--alternatives", "two"], "expected a set size like 30", id="not-a-number"),
+        pytest.param(["--sets", "0"], "--sets 0", id="no-sets"),
+        pytest.param(["--params", "5", "--moments", "3"], "M >= K", id="M-below-K"),
+        pytest.param(["--design", "probit"], "logit, seed", id="unknown-design"),
+    ],
+)
+def test_simulate_bad_values_exit_2_with_one_line_and_no_file(tmp_path, capsys, args, words):
+    with pytest.raises(SystemExit) as info:
+        main(["simulate", str(tmp_path / "out.h5"), *args])
+    assert info.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith("estpipe: error: ") and words in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_simulate_into_a_missing_folder_exits_2(tmp_path):
+    proc = _estpipe("simulate", tmp_path / "no" / "d.h5", "--sets", "5")
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
