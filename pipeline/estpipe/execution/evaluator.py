@@ -20,8 +20,8 @@ from estpipe.kernel import MomentSums
 
 @dataclass
 class EvaluatorStats:
-    """Counters of map/reduces: how many, wall time, kernel time (max over partitions per
-    evaluation, i.e. the critical path), and bytes of results that came back."""
+    """Counters of map/reduces: how many, wall time, kernel time on the critical path (the
+    busiest process: the sum of its partitions' kernel times), and bytes of results that came back."""
 
     evaluations: int = 0
     wall_seconds: float = 0.0
@@ -31,7 +31,10 @@ class EvaluatorStats:
     per_evaluation: list[tuple[float, float]] = field(default_factory=list)
 
     def record(self, wall: float, results: list[TaskResult], nbytes: int) -> None:
-        crit = max(r.seconds for r in results)
+        per_process: dict[int, float] = {}
+        for r in results:
+            per_process[r.pid] = per_process.get(r.pid, 0.0) + r.seconds
+        crit = max(per_process.values())
         self.evaluations += 1
         self.wall_seconds += wall
         self.kernel_seconds += crit

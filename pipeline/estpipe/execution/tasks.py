@@ -8,6 +8,7 @@ never rows.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +38,12 @@ class ResidentPartition:
 
 @dataclass(eq=False)
 class TaskResult:
-    """What leaves a worker per evaluation: the payload and the kernel's own time in seconds."""
+    """What leaves a worker per evaluation: the payload, the kernel's own time in seconds, and the
+    pid of the process that ran it (to find the critical path when a worker runs several)."""
 
     value: MomentSums | np.ndarray
     seconds: float
+    pid: int = 0
 
     def __sizeof__(self) -> int:
         v = self.value
@@ -59,19 +62,17 @@ def partition_sums(part: ResidentPartition, params: np.ndarray, jacobian: bool, 
                    clustered: bool) -> TaskResult:
     t0 = time.perf_counter()
     sums = part.kernel.sums(params, jacobian=jacobian, covariance=covariance, clustered=clustered)
-    return TaskResult(sums, time.perf_counter() - t0)
+    return TaskResult(sums, time.perf_counter() - t0, os.getpid())
 
 
 def partition_pullback(part: ResidentPartition, params: np.ndarray, v: np.ndarray) -> TaskResult:
     t0 = time.perf_counter()
     out = np.asarray(part.kernel.pullback(params, v), dtype=np.float64)
-    return TaskResult(out, time.perf_counter() - t0)
+    return TaskResult(out, time.perf_counter() - t0, os.getpid())
 
 
 def blas_report() -> dict:
     """The BLAS libraries of this process and their thread counts (threadpoolctl), plus the pid."""
-    import os
-
     from threadpoolctl import threadpool_info
 
     libs = [
