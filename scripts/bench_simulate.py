@@ -1,0 +1,163 @@
+"""Benchmark `estpipe simulate` against plain h5py writing arrays of the same shapes from memory.
+
+    python scripts/bench_simulate.py                      # 100,000 sets x 30, K=20, M=40, logit
+    python scripts/bench_simulate.py --sets 20000 --repeats 5 --design seed
+
+Each repeat runs, interleaved (the machines are shared and noisy):
+- A: `estpipe simulate` as a subprocess under `/usr/bin/time -v` (peak RSS, CPU seconds); its own
+  timing (the summary line on stderr) and the whole process's wall time.
+- B: in this process, h5py writing X (rows, K), dm (rows, M), chosen (rows,) and offsets, made
+  in memory beforehand, in 16,384-row chunks, no compression, to a file in the same folder.
+The page cache is flushed (sync) before each timed write and every file is deleted afterwards.
+Prints medians and the ratio A / B; `--json` prints the figures as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+CHUNK_ROWS = 16384
+
+
+def run_simulate(out: Path, args) -> dict:
+    cmd = [
+        sys.executable, "-m", "estpipe", "simulate", str(out), "--design", args.design, "--sets", str(args.sets),
+        "--alternatives", args.alternatives, "--params", str(args.params), "--moments", str(args.moments), "--seed", "0",
+    ]
+    timer = ["/usr/bin/time", "-v"] if Path("/usr/bin/time").exists() else None
+    os.sync()
+    t0 = time.perf_counter()
+    proc = subprocess.run((timer or []) + cmd, capture_output=True, text=True)
+    process_wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"estpipe simulate failed ({proc.returncode}):\n{proc.stderr}")
+    line = next(x for x in proc.stderr.splitlines() if x.startswith("estpipe: wrote"))
+    seconds = float(re.search(r" in ([0-9.]+) s ", line).group(1))
+    mb = float(re.search(r", ([0-9,.]+) MB in", line).group(1).replace(",", ""))
+    result = {"seconds": seconds, "process_wall": process_wall, "MB": mb, "file_bytes": out.stat().st_size}
+    if timer:
+        def field(name):
+            return re.search(rf"{re.escape(name)}: ([0-9.]+)", proc.stderr).group(1)
+
+        result["peak_rss_MB"] = int(field("Maximum resident set size (kbytes)")) / 1024
+        result["cpu_seconds"] = float(field("User time (seconds)")) + float(field("System time (seconds)"))
+    else:
+        result["peak_rss_MB"] = result["cpu_seconds"] = None
+    out.unlink()
+    return result
+
+
+def plain_arrays(rows: int, K: int, M: int, sets: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    offsets = np.linspace(0, rows, sets + 1).astype(np.int64)
+    return {
+        "X": rng.standard_normal((rows, K)),
+        "dm": rng.standard_normal((rows, M)),
+        "chosen": np.zeros(rows, dtype=np.int8),
+        "offsets": offsets,
+    }
+
+
+def run_plain(out: Path, arrays: dict[str, np.ndarray]) -> dict:
+    import h5py
+
+    os.sync()
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    with h5py.File(out, "w") as f:
+        rows = len(arrays["X"])
+        for name in ("X", "dm", "chosen"):
+            a = arrays[name]
+            ds = f.create_dataset(name, a.shape, dtype=a.dtype, chunks=(CHUNK_ROWS,) + a.shape[1:])
+            for r in range(0, rows, CHUNK_ROWS):
+                ds[r : r + CHUNK_ROWS] = a[r : r + CHUNK_ROWS]
+        f.create_dataset("offsets", data=arrays["offsets"])
+    seconds = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    size = out.stat().st_size
+    out.unlink()
+    return {"seconds": seconds, "cpu_seconds": cpu, "file_bytes": size}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sets", type=int, default=100_000)
+    p.add_argument("--alternatives", default="30", help="a fixed size (the plain write needs one); e.g. 30")
+    p.add_argument("--params", type=int, default=20)
+    p.add_argument("--moments", type=int, default=40)
+    p.add_argument("--design", default="logit", choices=["logit", "seed"])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dir", default=None, help="folder for the files (default: a new folder under /tmp)")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+
+    J = int(args.alternatives)
+    rows = args.sets * J
+    folder = Path(tempfile.mkdtemp(prefix="bench_simulate_", dir=args.dir))
+    try:
+        arrays = plain_arrays(rows, args.params, args.moments, args.sets)
+        sim, plain = [], []
+        for _ in range(args.repeats):
+            sim.append(run_simulate(folder / "simulated.h5", args))
+            plain.append(run_plain(folder / "plain.h5", arrays))
+            print(f"  simulate {sim[-1]['seconds']:.2f} s (process {sim[-1]['process_wall']:.2f} s), plain {plain[-1]['seconds']:.2f} s",
+                  file=sys.stderr)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def med(xs, key):
+        vals = [x[key] for x in xs if x.get(key) is not None]
+        return statistics.median(vals) if vals else None
+
+    MB = sim[0]["MB"]
+    figures = {
+        "size": {"sets": args.sets, "alternatives": J, "rows": rows, "K": args.params, "M": args.moments,
+                 "design": args.design, "MB_X_dm": MB, "repeats": args.repeats},
+        "simulate": {
+            "seconds_median": med(sim, "seconds"), "process_wall_median": med(sim, "process_wall"),
+            "MB_per_s": MB / med(sim, "seconds"), "rows_per_s": rows / med(sim, "seconds"),
+            "cpu_seconds_median": med(sim, "cpu_seconds"), "peak_rss_MB_max": max((s["peak_rss_MB"] or 0) for s in sim) or None,
+            "runs": sim,
+        },
+        "plain_h5py": {
+            "seconds_median": med(plain, "seconds"), "MB_per_s": MB / med(plain, "seconds"),
+            "cpu_seconds_median": med(plain, "cpu_seconds"), "runs": plain,
+        },
+    }
+    figures["ratio_simulate_to_plain"] = med(sim, "seconds") / med(plain, "seconds")
+    figures["ratio_process_wall_to_plain"] = med(sim, "process_wall") / med(plain, "seconds")
+    if figures["simulate"]["cpu_seconds_median"] is not None:
+        figures["ratio_cpu_simulate_process_to_plain"] = figures["simulate"]["cpu_seconds_median"] / med(plain, "cpu_seconds")
+    if args.json:
+        print(json.dumps(figures, indent=2))
+        return
+    s, q = figures["simulate"], figures["plain_h5py"]
+    print(f"{args.sets:,} sets x {J} alternatives, K={args.params}, M={args.moments}, {args.design} design: "
+          f"{rows:,} rows, {MB:,.0f} MB of X and dm; medians of {args.repeats} interleaved runs")
+    print(f"{'':24}{'wall s':>9}{'MB/s':>9}{'CPU s':>9}{'peak RSS MB':>13}")
+    print(f"{'estpipe simulate':24}{s['seconds_median']:9.2f}{s['MB_per_s']:9.0f}{'':>9}{'':>13}")
+    cpu = f"{s['cpu_seconds_median']:9.2f}" if s["cpu_seconds_median"] is not None else f"{'n/a':>9}"
+    rss = f"{s['peak_rss_MB_max']:13.0f}" if s["peak_rss_MB_max"] else f"{'n/a':>13}"
+    print(f"{'  whole process':24}{s['process_wall_median']:9.2f}{MB / s['process_wall_median']:9.0f}{cpu}{rss}")
+    print(f"{'plain h5py from memory':24}{q['seconds_median']:9.2f}{q['MB_per_s']:9.0f}{q['cpu_seconds_median']:9.2f}{'':>13}")
+    print(f"ratio simulate / plain: {figures['ratio_simulate_to_plain']:.2f} "
+          f"(whole process {figures['ratio_process_wall_to_plain']:.2f}"
+          + (f", CPU {figures['ratio_cpu_simulate_process_to_plain']:.2f})" if "ratio_cpu_simulate_process_to_plain" in figures else ")"))
+
+
+if __name__ == "__main__":
+    main()
