@@ -148,17 +148,34 @@ def test_logit_moments_api():
     np.testing.assert_allclose(g2, g, rtol=1e-13)
 
 
-def test_buffers_are_reused_and_do_not_grow_with_the_data():
-    small, b = make_data([5] * 40)
-    large, _ = make_data([5] * 400)
-    ks, kl = PartitionKernel(small, tile_rows=50), PartitionKernel(large, tile_rows=50)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_buffers_are_reused_and_do_not_grow_with_the_data(threads):
+    small, b = make_data([5] * 400)
+    large, _ = make_data([5] * 1600)
+    ks, kl = (PartitionKernel(d, derivatives="adjoint", tile_rows=50, threads=threads) for d in (small, large))
     for k in (ks, kl):
         k.sums(b, covariance=True)
-        k.pullback(b, np.ones(6))
+        k.sums(b, jacobian=False)
+        k.pullback(b, np.ones(6))  # at the kept residual
+        k.pullback(-b, np.ones(6))  # recomputing s
+        k.sums(b)
     before = kl.buffer_nbytes
     kl.sums(b)
+    kl.pullback(0.5 * b, np.ones(6))
     assert kl.buffer_nbytes == before == ks.buffer_nbytes
-    assert kl.n_tiles == 10 * ks.n_tiles
+    assert kl.n_tiles == 4 * ks.n_tiles == 160
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "generic"])
+@pytest.mark.parametrize("derivatives", ["dual", "adjoint"])
+def test_threads_give_the_same_sums(fast, derivatives):
+    data, b = make_data(SHAPES["unequal-sets"] * 5)
+    one, two = (PartitionKernel(data, derivatives=derivatives, tile_rows=10, fast=fast, threads=t) for t in (1, 2))
+    np.testing.assert_allclose(two.sums(b).gG, one.sums(b).gG, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(two.sums(b, jacobian=False).gG, one.sums(b, jacobian=False).gG, rtol=1e-12, atol=1e-12)
+    v = np.linspace(-1, 1, 6)
+    np.testing.assert_allclose(two.pullback(b, v), one.pullback(b, v), rtol=1e-12, atol=1e-12)
+    assert len({id(ws) for ws in two._workspaces}) == 2 and two._workspaces[1].nbytes > 0
 
 
 def test_bad_names_are_user_errors():
