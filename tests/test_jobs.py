@@ -191,3 +191,56 @@ def test_dry_run_prints_the_script_and_local_specs_are_refused(tmp_path):
     done = subprocess.run([sys.executable, "-m", "estpipe", "submit", str(JOBS / "seed.toml")], capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr.startswith("estpipe: error: job spec") and "use `estpipe run`" in done.stderr
+
+
+def test_run_after_a_crash_resumes_from_the_checkpoint(tmp_path):
+    """`estpipe run`: makes the data, is killed mid-run (SIGKILL), and the second run resumes."""
+    import json
+    import os
+    import signal
+    import time
+
+    import numpy as np
+
+    from estpipe.gmm import EstimateOptions, estimate
+
+    path = write_spec(tmp_path, """
+[data]
+path = "data.h5"
+sets = 10000
+[output]
+results = "results.json"
+checkpoint = "checkpoint.json"
+""")
+    spec = load_job_spec(path)
+    command = [sys.executable, "-m", "estpipe", "run", str(path)]
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+
+    def evaluations() -> int:
+        try:
+            return json.loads(spec.output.checkpoint.read_text())["evaluations"]
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    while evaluations() < 2:
+        assert first.poll() is None, first.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert not spec.output.results.exists()
+    assert spec.data.path.exists()
+
+    second = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert "data: " + str(spec.data.path) + " (exists)" in second.stderr
+    assert "resuming from " + str(spec.output.checkpoint) in second.stderr
+    assert "two-step GMM" in second.stdout  # the same table as estpipe estimate
+    resumed = json.loads(spec.output.results.read_text())
+    assert resumed["resumed"]["evaluations_before"] >= 2
+
+    fresh = estimate(spec.data.path, EstimateOptions())
+    assert resumed["evaluations"] < fresh.evaluations
+    np.testing.assert_allclose(resumed["params"], fresh.params, rtol=1e-6)
+    assert os.path.getsize(spec.output.results) > 0
