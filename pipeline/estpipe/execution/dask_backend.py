@@ -140,12 +140,6 @@ class DaskEvaluator(Evaluator):
             r["worker"] = a
         return out
 
-    def dashboard(self) -> str | None:
-        try:
-            return self.client.dashboard_link if self.client.scheduler_info().get("services", {}).get("dashboard") else None
-        except Exception:  # the dashboard is informational only
-            return None
-
     def close(self) -> None:
         self.residents = []
         try:
