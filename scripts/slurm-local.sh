@@ -75,7 +75,15 @@ EOF
     fi
 }
 
-pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# A daemon killed earlier can linger as a zombie (nothing reaps it here), and kill -0 still
+# succeeds on a zombie: look at its state instead.
+pid_alive() {
+    local pid state
+    [ -f "$1" ] || return 1
+    pid=$(cat "$1")
+    state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) || return 1
+    [ -n "$state" ] && [ "$state" != Z ] && [ "$state" != X ]
+}
 
 node_state() { timeout 5 sinfo -h -o %T 2>/dev/null | head -1 || true; }
 
