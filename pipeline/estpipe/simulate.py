@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from estpipe.data.format import DEFAULT_CHUNK_ROWS, ChoiceDataWriter, provenance
 from estpipe.errors import UserError
@@ -112,33 +113,51 @@ def _pairs(K: int) -> list[tuple[int, int]]:
     return [(a, b) for a in range(K) for b in range(a + 1, K)]
 
 
-def fill_instruments(X: np.ndarray, out: np.ndarray) -> None:
-    """Write the instruments of `instrument_names(K, M)` into out.
+def fill_instruments(X: np.ndarray, out: np.ndarray, minus: np.ndarray | None = None) -> None:
+    """Write the instruments z of `instrument_names(K, M)` into out, less `minus` when given.
 
-    X: (rows, K); out: (rows, M), M >= K."""
-    K, M = X.shape[1], out.shape[1]
-    out[:, :K] = X
+    X: (..., K); out: (..., M), M >= K; minus: broadcastable to out (for example the chosen
+    rows' instruments as (n, 1, M) against (n, J, M) sets of one size). Subtracting inside
+    each column group saves a separate pass over out."""
+    K, M = X.shape[-1], out.shape[-1]
+
+    def less(block, const, cols):
+        # block -= const + minus[..., cols], in one pass over block
+        if minus is None:
+            if const:
+                block -= const
+        elif const:
+            block -= minus[..., cols] + const
+        else:
+            block -= minus[..., cols]
+
+    if minus is None:
+        out[..., :K] = X
+    else:
+        np.subtract(X, minus[..., :K], out=out[..., :K])
     col = K
     q = min(K, M - col)
     if q > 0:
-        sq = out[:, col : col + q]
-        np.multiply(X[:, :q], X[:, :q], out=sq)
-        sq -= 1.0
+        sq = out[..., col : col + q]
+        np.multiply(X[..., :q], X[..., :q], out=sq)
+        less(sq, 1.0, slice(col, col + q))
         col += q
     pairs = _pairs(K)[: M - col]
     if pairs:
         ia = [a for a, _ in pairs]
         ib = [b for _, b in pairs]
-        np.multiply(X[:, ia], X[:, ib], out=out[:, col : col + len(pairs)])
+        block = out[..., col : col + len(pairs)]
+        np.multiply(X[..., ia], X[..., ib], out=block)
+        less(block, 0.0, slice(col, col + len(pairs)))
         col += len(pairs)
     c = min(K, M - col)
     if c > 0:
-        cube = out[:, col : col + c]
-        x = X[:, :c]
+        cube = out[..., col : col + c]
+        x = X[..., :c]
         np.multiply(x, x, out=cube)
         cube -= 3.0
         cube *= x
-        col += c
+        less(cube, 0.0, slice(col, col + c))
 
 
 def true_params(rng: np.random.Generator, K: int) -> np.ndarray:
@@ -255,7 +274,9 @@ def simulate_choice_data(
         path, param_names, moment_names, provenance=prov, with_chosen=logit,
         with_cluster=cluster_size is not None, truth=truth,
     )
-    with writer, bar:
+    # One BLAS thread: the only BLAS call is a small matrix-vector product per chunk, and idle
+    # OpenBLAS threads spin after each call, doubling the CPU time and slowing the writer.
+    with writer, bar, threadpool_limits(limits=1, user_api="blas"):
         _write_overlapped(writer, chunks, sets, chunk_sets, bar) if OVERLAP_WRITES else _write_in_turn(writer, chunks, sets, chunk_sets, bar)
     seconds = time.perf_counter() - t0
     n_rows = writer.n_rows
@@ -336,12 +357,12 @@ class _ChunkSimulator:
         chosen = buf.chosen[:rows]
         chosen[:] = 0
         chosen[chosen_rows] = 1
-        fill_instruments(X, dm)
+        z_chosen = np.empty((n, M))
+        fill_instruments(X[chosen_rows], z_chosen)
         if lo == hi:
-            dm3 = dm.reshape(n, lo, M)
-            dm3 -= dm3[np.arange(n), pick][:, None, :]
+            fill_instruments(X.reshape(n, lo, self.K), dm.reshape(n, lo, M), minus=z_chosen[:, None, :])
         else:
-            dm -= np.repeat(dm[chosen_rows], sizes, axis=0)
+            fill_instruments(X, dm, minus=np.repeat(z_chosen, sizes, axis=0))
         return _Chunk(X, dm, sizes, chosen, cluster_ids)
 
 
