@@ -214,9 +214,9 @@ def test_jobqueue_worker_that_cannot_start_in_time_is_reported_with_its_reason(s
     cpus = int(re.search(r"CPUTot=(\d+)", subprocess.run(["scontrol", "show", "node", "localhost"], capture_output=True, text=True).stdout).group(1))
     t0 = time.perf_counter()
     # Two jobs of every CPU each: the second waits for resources that free only when the first ends.
-    with pytest.raises(UserError, match=r"only 1 of 2 dask worker jobs connected within 15 s: .*PENDING \((Resources|Priority)\)"):
+    with pytest.raises(UserError, match=r"only [01] of 2 dask worker jobs connected within 10 s: .*PENDING \((Resources|Priority)\)"):
         start_jobqueue_cluster("slurm", 2, cores=cpus, memory="500MB", queue="debug", log_dir=worker_logs,
-                               wait_timeout=15, interface="lo", scheduler_host="127.0.0.1")
+                               wait_timeout=10, interface="lo", scheduler_host="127.0.0.1")
     assert time.perf_counter() - t0 < 40
     # Nothing is left behind in the queue.
     deadline = time.monotonic() + 20
