@@ -61,7 +61,6 @@ def calibration_statistic(data, b, bins: int = 10) -> float:
 
 
 # -- reproducibility ----------------------------------------------------------------------------
-@pytest.mark.parametrize("overlap", [pytest.param(True, id="writer-thread"), pytest.param(False, id="in-turn")])
 @pytest.mark.parametrize(
     "design, alternatives, cluster_size",
     [
@@ -70,8 +69,7 @@ def calibration_statistic(data, b, bins: int = 10) -> float:
         pytest.param("seed", (3, 4), None, id="seed-design"),
     ],
 )
-def test_same_seed_gives_byte_equal_arrays_whatever_the_chunk_size(tmp_path, monkeypatch, overlap, design, alternatives, cluster_size):
-    monkeypatch.setattr(simulate_module, "OVERLAP_WRITES", overlap)
+def test_same_seed_gives_byte_equal_arrays_whatever_the_chunk_size(tmp_path, design, alternatives, cluster_size):
     kw = dict(design=design, sets=600, alternatives=alternatives, params=3, moments=8, seed=5, cluster_size=cluster_size)
     whole = simulate_choice_data(tmp_path / "whole.h5", chunk_sets=600, **kw)
     assert whole.chunks == 1

@@ -50,9 +50,6 @@ CLUSTER_SHOCK_SD = 0.5
 TARGET_CHUNK_ROWS = 4 * DEFAULT_CHUNK_ROWS
 
 # One independent stream per random quantity (the order is part of the file's reproducibility).
-# Draw the next chunk while a thread writes the last one (see _write_overlapped).
-OVERLAP_WRITES = True
-
 _STREAMS = ("truth", "sizes", "X", "choice", "dm", "cluster_shock")
 
 
@@ -277,7 +274,12 @@ def simulate_choice_data(
     # One BLAS thread: the only BLAS call is a small matrix-vector product per chunk, and idle
     # OpenBLAS threads spin after each call, doubling the CPU time and slowing the writer.
     with writer, bar, threadpool_limits(limits=1, user_api="blas"):
-        _write_overlapped(writer, chunks, sets, chunk_sets, bar) if OVERLAP_WRITES else _write_in_turn(writer, chunks, sets, chunk_sets, bar)
+        buf = chunks.buffers()
+        for s0 in range(0, sets, chunk_sets):
+            n = min(chunk_sets, sets - s0)
+            c = chunks.draw(s0, n, buf)
+            writer.append(c.X, c.dm, c.sizes, chosen=c.chosen, cluster=c.cluster)
+            bar.advance(n)
     seconds = time.perf_counter() - t0
     n_rows = writer.n_rows
     return SimulationSummary(
@@ -364,41 +366,6 @@ class _ChunkSimulator:
         else:
             fill_instruments(X, dm, minus=np.repeat(z_chosen, sizes, axis=0))
         return _Chunk(X, dm, sizes, chosen, cluster_ids)
-
-
-def _write_in_turn(writer, chunks: _ChunkSimulator, sets: int, chunk_sets: int, bar) -> None:
-    buf = chunks.buffers()
-    for s0 in range(0, sets, chunk_sets):
-        n = min(chunk_sets, sets - s0)
-        c = chunks.draw(s0, n, buf)
-        writer.append(c.X, c.dm, c.sizes, chosen=c.chosen, cluster=c.cluster)
-        bar.advance(n)
-
-
-def _write_overlapped(writer, chunks: _ChunkSimulator, sets: int, chunk_sets: int, bar) -> None:
-    """Draw chunk i+1 while a writer thread writes chunk i, alternating two buffer sets.
-
-    h5py holds the GIL while it writes, but numpy's generators and ufuncs release it inside
-    their loops, so drawing and writing overlap on two cores. The writer is touched by one thread
-    at a time: every pending write is waited for before the next one and before returning."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    bufs = [chunks.buffers(), chunks.buffers()]
-    pending = [None, None]
-    # Leaving the pool waits for a pending write, also on an exception, so the writer is never
-    # closed under a running write.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="estpipe-writer") as pool:
-        for i, s0 in enumerate(range(0, sets, chunk_sets)):
-            n = min(chunk_sets, sets - s0)
-            k = i % 2
-            if pending[k] is not None:
-                pending[k].result()
-            c = chunks.draw(s0, n, bufs[k])
-            pending[k] = pool.submit(writer.append, c.X, c.dm, c.sizes, chosen=c.chosen, cluster=c.cluster)
-            bar.advance(n)
-        for f in pending:
-            if f is not None:
-                f.result()
 
 
 def _draw_choices(utilities, sizes, lo, hi, uniforms) -> np.ndarray:
