@@ -35,6 +35,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -232,6 +233,7 @@ def simulate_choice_data(
     cluster_size: int | None = None,
     chunk_sets: int | None = None,
     progress: bool = False,
+    should_stop: Callable[[], bool] | None = None,
 ) -> SimulationSummary:
     """Simulate `sets` choice sets and write them to the choice-data file `path`.
 
@@ -239,7 +241,8 @@ def simulate_choice_data(
     params, moments: K and M. cluster_size: contiguous clusters of that many sets (see the module
     docstring). chunk_sets: sets generated and written per step (memory is about
     chunk_sets * hi * (K + M) * 8 bytes times a small factor); the arrays do not depend on it.
-    progress: show a progress bar on stderr when it is a terminal.
+    progress: show a progress bar on stderr when it is a terminal. should_stop: polled after every
+    chunk; when it returns True the run stops with KeyboardInterrupt and leaves no file.
     """
     lo, hi = _check_options(design, sets, alternatives, params, moments, seed, cluster_size, chunk_sets)
     sets, K, M, seed = int(sets), int(params), int(moments), int(seed)
@@ -280,6 +283,8 @@ def simulate_choice_data(
             c = chunks.draw(s0, n, buf)
             writer.append(c.X, c.dm, c.sizes, chosen=c.chosen, cluster=c.cluster)
             bar.advance(n)
+            if should_stop is not None and should_stop():
+                raise KeyboardInterrupt
     seconds = time.perf_counter() - t0
     n_rows = writer.n_rows
     return SimulationSummary(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -50,14 +51,13 @@ def command(
     from estpipe.simulate import simulate_choice_data
 
     lo_hi = parse_alternatives(alternatives)
-    # A plain `kill` should clean up like Ctrl-C: the writer removes its temporary file.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    # A plain `kill` should clean up like Ctrl-C. The handler only sets a flag that the loop polls
+    # after every chunk: an exception raised inside the handler can land in a weakref callback
+    # (h5py has many), where Python prints and ignores it, and the run would go on.
+    terminated = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: terminated.set())
     summary = simulate_choice_data(
         out, design=design, sets=sets, alternatives=lo_hi, params=params, moments=moments,
-        seed=seed, cluster_size=cluster_size, progress=True,
+        seed=seed, cluster_size=cluster_size, progress=True, should_stop=terminated.is_set,
     )
     print(f"estpipe: {summary.line()}", file=sys.stderr)
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
