@@ -6,8 +6,9 @@
 Each repeat runs, interleaved (the machines are shared and noisy):
 - A: `estpipe simulate` as a subprocess under `/usr/bin/time -v` (peak RSS, CPU seconds); its own
   timing (the summary line on stderr) and the whole process's wall time.
-- B: in this process, h5py writing X (rows, K), dm (rows, M), chosen (rows,) and offsets, made
-  in memory beforehand, in 16,384-row chunks, no compression, to a file in the same folder.
+- B: in a subprocess, h5py writing X (rows, K), dm (rows, M), chosen (rows,) and offsets, made
+  in memory beforehand (not timed), in 16,384-row chunks, no compression, to a file in the same
+  folder. Only the write is timed (wall and CPU seconds).
 The page cache is flushed (sync) before each timed write and every file is deleted afterwards.
 Prints medians and the ratio A / B; `--json` prints the figures as JSON.
 """
@@ -46,8 +47,9 @@ def run_simulate(out: Path, args) -> dict:
         sys.exit(f"estpipe simulate failed ({proc.returncode}):\n{proc.stderr}")
     line = next(x for x in proc.stderr.splitlines() if x.startswith("estpipe: wrote"))
     seconds = float(re.search(r" in ([0-9.]+) s ", line).group(1))
+    own_cpu = float(re.search(r"\(CPU ([0-9.]+) s\)", line).group(1))
     mb = float(re.search(r", ([0-9,.]+) MB in", line).group(1).replace(",", ""))
-    result = {"seconds": seconds, "process_wall": process_wall, "MB": mb, "file_bytes": out.stat().st_size}
+    result = {"seconds": seconds, "own_cpu_seconds": own_cpu, "process_wall": process_wall, "MB": mb, "file_bytes": out.stat().st_size}
     if timer:
         def field(name):
             return re.search(rf"{re.escape(name)}: ([0-9.]+)", proc.stderr).group(1)
@@ -71,7 +73,8 @@ def plain_arrays(rows: int, K: int, M: int, sets: int) -> dict[str, np.ndarray]:
     }
 
 
-def run_plain(out: Path, arrays: dict[str, np.ndarray]) -> dict:
+def plain_write(out: Path, arrays: dict[str, np.ndarray]) -> dict:
+    """Time h5py writing the arrays (no compression, 16,384-row chunks); wall and CPU seconds."""
     import h5py
 
     os.sync()
@@ -88,9 +91,18 @@ def run_plain(out: Path, arrays: dict[str, np.ndarray]) -> dict:
     seconds = time.perf_counter() - t0
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-    size = out.stat().st_size
+    return {"seconds": seconds, "cpu_seconds": cpu, "file_bytes": out.stat().st_size}
+
+
+def run_plain(out: Path, args) -> dict:
+    """The plain write in its own process, like simulate's (this process stays small and idle)."""
+    cmd = [sys.executable, __file__, "--plain-worker", str(out), "--sets", str(args.sets), "--alternatives", args.alternatives,
+           "--params", str(args.params), "--moments", str(args.moments)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"plain h5py write failed:\n{proc.stderr}")
     out.unlink()
-    return {"seconds": seconds, "cpu_seconds": cpu, "file_bytes": size}
+    return json.loads(proc.stdout)
 
 
 def main() -> None:
@@ -103,17 +115,21 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dir", default=None, help="folder for the files (default: a new folder under /tmp)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--plain-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
 
     J = int(args.alternatives)
     rows = args.sets * J
+    if args.plain_worker:
+        arrays = plain_arrays(rows, args.params, args.moments, args.sets)
+        print(json.dumps(plain_write(Path(args.plain_worker), arrays)))
+        return
     folder = Path(tempfile.mkdtemp(prefix="bench_simulate_", dir=args.dir))
     try:
-        arrays = plain_arrays(rows, args.params, args.moments, args.sets)
         sim, plain = [], []
         for _ in range(args.repeats):
             sim.append(run_simulate(folder / "simulated.h5", args))
-            plain.append(run_plain(folder / "plain.h5", arrays))
+            plain.append(run_plain(folder / "plain.h5", args))
             print(f"  simulate {sim[-1]['seconds']:.2f} s (process {sim[-1]['process_wall']:.2f} s), plain {plain[-1]['seconds']:.2f} s",
                   file=sys.stderr)
     finally:
@@ -124,39 +140,41 @@ def main() -> None:
         return statistics.median(vals) if vals else None
 
     MB = sim[0]["MB"]
+    rss = [x["peak_rss_MB"] for x in sim if x["peak_rss_MB"] is not None]
     figures = {
         "size": {"sets": args.sets, "alternatives": J, "rows": rows, "K": args.params, "M": args.moments,
                  "design": args.design, "MB_X_dm": MB, "repeats": args.repeats},
+        "load_average_end": os.getloadavg()[0],
+        "cores": os.cpu_count(),
         "simulate": {
-            "seconds_median": med(sim, "seconds"), "process_wall_median": med(sim, "process_wall"),
+            "seconds": med(sim, "seconds"), "cpu_seconds": med(sim, "own_cpu_seconds"),
             "MB_per_s": MB / med(sim, "seconds"), "rows_per_s": rows / med(sim, "seconds"),
-            "cpu_seconds_median": med(sim, "cpu_seconds"), "peak_rss_MB_max": max((s["peak_rss_MB"] or 0) for s in sim) or None,
-            "runs": sim,
+            "process_wall_seconds": med(sim, "process_wall"), "process_cpu_seconds": med(sim, "cpu_seconds"),
+            "peak_rss_MB": max(rss) if rss else None, "runs": sim,
         },
         "plain_h5py": {
-            "seconds_median": med(plain, "seconds"), "MB_per_s": MB / med(plain, "seconds"),
-            "cpu_seconds_median": med(plain, "cpu_seconds"), "runs": plain,
+            "seconds": med(plain, "seconds"), "cpu_seconds": med(plain, "cpu_seconds"),
+            "MB_per_s": MB / med(plain, "seconds"), "runs": plain,
         },
     }
-    figures["ratio_simulate_to_plain"] = med(sim, "seconds") / med(plain, "seconds")
-    figures["ratio_process_wall_to_plain"] = med(sim, "process_wall") / med(plain, "seconds")
-    if figures["simulate"]["cpu_seconds_median"] is not None:
-        figures["ratio_cpu_simulate_process_to_plain"] = figures["simulate"]["cpu_seconds_median"] / med(plain, "cpu_seconds")
+    figures["ratio_wall"] = figures["simulate"]["seconds"] / figures["plain_h5py"]["seconds"]
+    figures["ratio_cpu"] = figures["simulate"]["cpu_seconds"] / figures["plain_h5py"]["cpu_seconds"]
+    figures["ratio_process_wall"] = figures["simulate"]["process_wall_seconds"] / figures["plain_h5py"]["seconds"]
     if args.json:
         print(json.dumps(figures, indent=2))
         return
     s, q = figures["simulate"], figures["plain_h5py"]
     print(f"{args.sets:,} sets x {J} alternatives, K={args.params}, M={args.moments}, {args.design} design: "
-          f"{rows:,} rows, {MB:,.0f} MB of X and dm; medians of {args.repeats} interleaved runs")
-    print(f"{'':24}{'wall s':>9}{'MB/s':>9}{'CPU s':>9}{'peak RSS MB':>13}")
-    print(f"{'estpipe simulate':24}{s['seconds_median']:9.2f}{s['MB_per_s']:9.0f}{'':>9}{'':>13}")
-    cpu = f"{s['cpu_seconds_median']:9.2f}" if s["cpu_seconds_median"] is not None else f"{'n/a':>9}"
-    rss = f"{s['peak_rss_MB_max']:13.0f}" if s["peak_rss_MB_max"] else f"{'n/a':>13}"
-    print(f"{'  whole process':24}{s['process_wall_median']:9.2f}{MB / s['process_wall_median']:9.0f}{cpu}{rss}")
-    print(f"{'plain h5py from memory':24}{q['seconds_median']:9.2f}{q['MB_per_s']:9.0f}{q['cpu_seconds_median']:9.2f}{'':>13}")
-    print(f"ratio simulate / plain: {figures['ratio_simulate_to_plain']:.2f} "
-          f"(whole process {figures['ratio_process_wall_to_plain']:.2f}"
-          + (f", CPU {figures['ratio_cpu_simulate_process_to_plain']:.2f})" if "ratio_cpu_simulate_process_to_plain" in figures else ")"))
+          f"{rows:,} rows, {MB:,.0f} MB of X and dm; medians of {args.repeats} interleaved runs; "
+          f"load average {figures['load_average_end']:.1f} on {figures['cores']} cores at the end")
+    print(f"{'':34}{'wall s':>8}{'MB/s':>8}{'CPU s':>8}{'peak RSS MB':>13}")
+    print(f"{'estpipe simulate (its own timing)':34}{s['seconds']:8.2f}{s['MB_per_s']:8.0f}{s['cpu_seconds']:8.2f}")
+    pcpu = f"{s['process_cpu_seconds']:8.2f}" if s["process_cpu_seconds"] is not None else f"{'n/a':>8}"
+    prss = f"{s['peak_rss_MB']:13.0f}" if s["peak_rss_MB"] is not None else f"{'n/a':>13}"
+    print(f"{'  whole process (time -v)':34}{s['process_wall_seconds']:8.2f}{MB / s['process_wall_seconds']:8.0f}{pcpu}{prss}")
+    print(f"{'plain h5py write from memory':34}{q['seconds']:8.2f}{q['MB_per_s']:8.0f}{q['cpu_seconds']:8.2f}")
+    print(f"ratio simulate / plain: wall {figures['ratio_wall']:.2f}, CPU {figures['ratio_cpu']:.2f} "
+          f"(whole simulate process wall {figures['ratio_process_wall']:.2f})")
 
 
 if __name__ == "__main__":

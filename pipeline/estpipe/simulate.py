@@ -69,6 +69,7 @@ class SimulationSummary:
     chunks: int
     n_clusters: int | None
     seconds: float
+    cpu_seconds: float  # this process's CPU time (all threads) during the run
     bytes: int  # X and dm (the bulk of the file), float64
     file_bytes: int
     truth: list[float] | None
@@ -85,7 +86,7 @@ class SimulationSummary:
         """One line for stderr."""
         return (
             f"wrote {self.path}: {self.n_sets:,} sets, {self.n_rows:,} rows, K={self.K}, M={self.M}, "
-            f"{self.bytes / 1e6:,.1f} MB in {self.seconds:.2f} s "
+            f"{self.bytes / 1e6:,.1f} MB in {self.seconds:.2f} s (CPU {self.cpu_seconds:.2f} s) "
             f"({self.rows_per_second:,.0f} rows/s, {self.mb_per_second:,.0f} MB/s)"
         )
 
@@ -268,7 +269,7 @@ def simulate_choice_data(
         prov["note"] = "seed design: timing only; dm ~ U(0,1) > 0, so the GMM problem has no finite minimizer"
 
     chunks = _ChunkSimulator(streams, truth, shocks, lo, hi, K, M, chunk_sets)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     bar = _Progress(sets, enabled=progress)
     writer = ChoiceDataWriter(
         path, param_names, moment_names, provenance=prov, with_chosen=logit,
@@ -285,13 +286,13 @@ def simulate_choice_data(
             bar.advance(n)
             if should_stop is not None and should_stop():
                 raise KeyboardInterrupt
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     n_rows = writer.n_rows
     return SimulationSummary(
         path=str(path), design=design, n_sets=sets, n_rows=n_rows, K=K, M=M, seed=seed,
         chunk_sets=chunk_sets, chunks=n_chunks,
         n_clusters=-(-sets // int(cluster_size)) if cluster_size else None,
-        seconds=seconds, bytes=n_rows * (K + M) * 8, file_bytes=Path(path).stat().st_size,
+        seconds=seconds, cpu_seconds=cpu_seconds, bytes=n_rows * (K + M) * 8, file_bytes=Path(path).stat().st_size,
         truth=truth.tolist() if truth is not None else None,
     )
 
