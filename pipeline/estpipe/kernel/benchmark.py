@@ -35,7 +35,9 @@ class BenchResult:
     n_tiles: int
     data_bytes: int
     buffer_bytes: int
+    residual_bytes: int
     eval_alloc_peak_bytes: int
+    threads: int
     blas: list[dict]
     rows: list[BenchRow] = field(default_factory=list)
     max_rel_error: dict[str, float] = field(default_factory=dict)
@@ -54,7 +56,8 @@ class BenchResult:
         lines += [
             f"BLAS: {blas or 'none found'}",
             f"data {self.data_bytes / 1e6:.1f} MB; tile buffers {self.buffer_bytes / 1e6:.2f} MB "
-            f"({self.n_tiles} tiles of <= {self.tile_rows} rows); allocated during one dual evaluation "
+            f"({self.n_tiles} tiles of <= {self.tile_rows} rows, {self.threads} threads); adjoint residual "
+            f"{self.residual_bytes / 1e6:.2f} MB (8 bytes per row); allocated during one dual evaluation "
             f"(tracemalloc peak) {self.eval_alloc_peak_bytes / 1e3:.1f} kB",
             "max relative error vs the reference: " + ", ".join(f"{k} {v:.1e}" for k, v in self.max_rel_error.items()),
         ]
@@ -147,6 +150,7 @@ def run_bench(sets=1000, alternatives=30, params=20, moments=40, repeat=30, tile
     return BenchResult(
         sets=sets, alternatives=alternatives, params=params, moments=moments, repeat=repeat,
         tile_rows=max(t.row_stop - t.row_start for t in k.tiles), n_tiles=k.n_tiles,
-        data_bytes=data.nbytes, buffer_bytes=k.buffer_nbytes, eval_alloc_peak_bytes=int(peak),
+        data_bytes=data.nbytes, buffer_bytes=k.buffer_nbytes, residual_bytes=kernels["adjoint"].residual_nbytes,
+        eval_alloc_peak_bytes=int(peak), threads=k.threads,
         blas=_blas_info(), rows=rows, max_rel_error=errors,
     )
