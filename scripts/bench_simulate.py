@@ -46,7 +46,7 @@ def run_simulate(out: Path, args) -> dict:
     if proc.returncode != 0:
         sys.exit(f"estpipe simulate failed ({proc.returncode}):\n{proc.stderr}")
     line = next(x for x in proc.stderr.splitlines() if x.startswith("estpipe: wrote"))
-    seconds = float(re.search(r" in ([0-9.]+) s ", line).group(1))
+    seconds = float(re.search(r" in ([0-9.]+) s\b", line).group(1))
     own_cpu = float(re.search(r"\(CPU ([0-9.]+) s\)", line).group(1))
     mb = float(re.search(r", ([0-9,.]+) MB in", line).group(1).replace(",", ""))
     result = {"seconds": seconds, "own_cpu_seconds": own_cpu, "process_wall": process_wall, "MB": mb, "file_bytes": out.stat().st_size}

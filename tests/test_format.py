@@ -116,6 +116,14 @@ def test_write_choice_data_round_trip_and_describe(tmp_path):
     assert d["truth"] == [0.5, -1.0] and d["n_clusters"] == 2 and len(d["fingerprint"]) == 16
 
 
+def test_written_file_has_the_usual_permissions(tmp_path):
+    data = _random_data(np.random.default_rng(0), [2, 2], 1, 1, False, None)
+    write_choice_data(tmp_path / "d.h5", data, ["a"], ["m"])
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "d.h5").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
 def test_fingerprint_changes_with_the_data(tmp_path):
     rng = np.random.default_rng(1)
     data = _random_data(rng, [3] * 10, 2, 2, False, None)

@@ -86,8 +86,8 @@ class SimulationSummary:
         """One line for stderr."""
         return (
             f"wrote {self.path}: {self.n_sets:,} sets, {self.n_rows:,} rows, K={self.K}, M={self.M}, "
-            f"{self.bytes / 1e6:,.1f} MB in {self.seconds:.2f} s (CPU {self.cpu_seconds:.2f} s) "
-            f"({self.rows_per_second:,.0f} rows/s, {self.mb_per_second:,.0f} MB/s)"
+            f"{self.bytes / 1e6:,.1f} MB in {self.seconds:.2f} s: {self.rows_per_second:,.0f} rows/s, "
+            f"{self.mb_per_second:,.0f} MB/s (CPU {self.cpu_seconds:.2f} s)"
         )
 
 
@@ -274,6 +274,8 @@ def simulate_choice_data(
     writer = ChoiceDataWriter(
         path, param_names, moment_names, provenance=prov, with_chosen=logit,
         with_cluster=cluster_size is not None, truth=truth,
+        # HDF5 allocates whole chunks: a small file gets one small chunk, not 16,384 rows.
+        chunk_rows=min(DEFAULT_CHUNK_ROWS, sets * lo),
     )
     # One BLAS thread: the only BLAS call is a small matrix-vector product per chunk, and idle
     # OpenBLAS threads spin after each call, doubling the CPU time and slowing the writer.

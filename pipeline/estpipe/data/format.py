@@ -331,6 +331,8 @@ class ChoiceDataWriter:
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self._folder)
         os.close(fd)
         self._tmp = Path(tmp)
+        # mkstemp makes the file private (0600); the finished file gets the usual permissions.
+        os.chmod(self._tmp, 0o666 & ~_current_umask())
         self._f = h5py.File(self._tmp, "w")
         c = max(1, self.chunk_rows)
         self._X = self._f.create_dataset("X", (0, self.K), maxshape=(None, self.K), dtype="f8", chunks=(c, self.K))
@@ -399,6 +401,12 @@ class ChoiceDataWriter:
         f.attrs["param_names"] = list(self.param_names)
         f.attrs["moment_names"] = list(self.moment_names)
         f.attrs["provenance"] = json.dumps(self.provenance)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_choice_data(path, data: ChoiceData, param_names, moment_names, provenance=None, truth=None) -> None:
