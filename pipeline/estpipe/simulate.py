@@ -318,6 +318,7 @@ class _Buffers:
         max_rows = max_sets * hi
         self.X = np.empty((max_rows, K))
         self.dm = np.empty((max_rows, M))
+        self.minus = np.empty((max_rows, M))  # used (so its pages touched) only for variable sizes
         self.utilities = np.empty(max_rows)
         self.chosen = np.empty(max_rows, dtype=np.int8)
         self.size_draws = np.empty(max_sets)
@@ -372,7 +373,11 @@ class _ChunkSimulator:
         if lo == hi:
             fill_instruments(X.reshape(n, lo, self.K), dm.reshape(n, lo, M), minus=z_chosen[:, None, :])
         else:
-            fill_instruments(X, dm, minus=np.repeat(z_chosen, sizes, axis=0))
+            # Each row's set's chosen instruments, gathered into a reused buffer (a fresh
+            # (rows, M) array per chunk costs page faults).
+            minus = buf.minus[:rows]
+            np.take(z_chosen, np.repeat(np.arange(n), sizes), axis=0, out=minus)
+            fill_instruments(X, dm, minus=minus)
         return _Chunk(X, dm, sizes, chosen, cluster_ids)
 
 
