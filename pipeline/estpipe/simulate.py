@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,8 +202,8 @@ def _check_options(design, sets, alternatives, params, moments, seed, cluster_si
 
 # -- cluster shocks ---------------------------------------------------------------------------
 class _ClusterShocks:
-    """eta: one row of `width` coefficient shocks per cluster, drawn in cluster order from one generator and
-    kept for the last cluster, which may continue in the next chunk."""
+    """eta: one row of `width` coefficient shocks per cluster, drawn in cluster order from one
+    generator; the last cluster's row is kept, since that cluster may continue in the next chunk."""
 
     def __init__(self, rng: np.random.Generator, cluster_size: int, width: int):
         self.rng, self.C, self.width = rng, cluster_size, width
@@ -405,8 +406,6 @@ class _Progress:
     """A rich progress bar on stderr, shown only when asked and stderr is a terminal."""
 
     def __init__(self, total: int, enabled: bool):
-        import sys
-
         self._bar = None
         if enabled and sys.stderr.isatty():
             from rich.console import Console
