@@ -61,6 +61,7 @@ def calibration_statistic(data, b, bins: int = 10) -> float:
 
 
 # -- reproducibility ----------------------------------------------------------------------------
+@pytest.mark.parametrize("prefetch", [pytest.param(True, id="prefetch"), pytest.param(False, id="in-turn")])
 @pytest.mark.parametrize(
     "design, alternatives, cluster_size",
     [
@@ -69,11 +70,14 @@ def calibration_statistic(data, b, bins: int = 10) -> float:
         pytest.param("seed", (3, 4), None, id="seed-design"),
     ],
 )
-def test_same_seed_gives_byte_equal_arrays_whatever_the_chunk_size(tmp_path, design, alternatives, cluster_size):
+def test_same_seed_gives_byte_equal_arrays_whatever_the_chunk_size(tmp_path, monkeypatch, prefetch, design, alternatives, cluster_size):
     kw = dict(design=design, sets=600, alternatives=alternatives, params=3, moments=8, seed=5, cluster_size=cluster_size)
+    # The reference: one chunk, drawn in turn; the chunked runs draw in turn or in a thread.
+    monkeypatch.setattr(simulate_module, "PREFETCH", False)
     whole = simulate_choice_data(tmp_path / "whole.h5", chunk_sets=600, **kw)
     assert whole.chunks == 1
     reference = _datasets(tmp_path / "whole.h5")
+    monkeypatch.setattr(simulate_module, "PREFETCH", prefetch)
     assert {"X", "dm", "offsets"} <= set(reference)
     for chunk_sets in (64, 37, 1):
         summary = simulate_choice_data(tmp_path / f"c{chunk_sets}.h5", chunk_sets=chunk_sets, **kw)

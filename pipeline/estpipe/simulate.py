@@ -50,6 +50,9 @@ CLUSTER_SHOCK_SD = 0.5
 # Rows per chunk of sets when the caller does not say: four HDF5 row chunks, large enough that
 # per-chunk overhead vanishes, small enough that the buffers stay a few tens of MB.
 TARGET_CHUNK_ROWS = 4 * DEFAULT_CHUNK_ROWS
+# Draw the next chunk's random numbers in a thread while this one is finished and written
+# (measured 25-35% less wall time at 100,000 x 30 on 2 cores; False draws in turn).
+PREFETCH = True
 
 # One independent stream per random quantity (the order is part of the file's reproducibility).
 _STREAMS = ("truth", "sizes", "X", "choice", "dm", "cluster_shock")
@@ -281,12 +284,9 @@ def simulate_choice_data(
     # One BLAS thread: the only BLAS call is a small matrix-vector product per chunk, and idle
     # OpenBLAS threads spin after each call, doubling the CPU time and slowing the writer.
     with writer, bar, threadpool_limits(limits=1, user_api="blas"):
-        buf = chunks.buffers()
-        for s0 in range(0, sets, chunk_sets):
-            n = min(chunk_sets, sets - s0)
-            c = chunks.draw(s0, n, buf)
+        for s0, c in (_chunks_prefetched if PREFETCH else _chunks_in_turn)(chunks, sets, chunk_sets):
             writer.append(c.X, c.dm, c.sizes, chosen=c.chosen, cluster=c.cluster)
-            bar.advance(n)
+            bar.advance(len(c.sizes))
             if should_stop is not None and should_stop():
                 raise KeyboardInterrupt
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
@@ -336,9 +336,10 @@ class _ChunkSimulator:
     def buffers(self) -> _Buffers:
         return _Buffers(self.chunk_sets, self.hi, self.K, self.M)
 
-    def draw(self, s0: int, n: int, buf: _Buffers) -> _Chunk:
-        """Sets s0..s0+n into buf."""
-        streams, lo, hi, M = self.streams, self.lo, self.hi, self.M
+    def draw_random(self, n: int, buf: _Buffers) -> _Chunk:
+        """The next n sets' sizes, X, and (seed design) dm into buf: the bulk of the random draws,
+        which release the GIL and so can run in a thread while the last chunk is written."""
+        streams, lo, hi = self.streams, self.lo, self.hi
         if lo == hi:
             sizes = np.full(n, lo, dtype=np.int64)
         else:
@@ -348,12 +349,21 @@ class _ChunkSimulator:
         rows = int(sizes.sum())
         X, dm = buf.X[:rows], buf.dm[:rows]
         streams["X"].standard_normal(out=X)
-        cluster_ids, eta = self.shocks.for_sets(s0, n) if self.shocks else (None, None)
         if self.truth is None:
             streams["dm"].random(out=dm)
+        return _Chunk(X, dm, sizes, None, None)
+
+    def finish(self, s0: int, chunk: _Chunk, buf: _Buffers) -> _Chunk:
+        """Sets s0.. of `chunk` (from draw_random): cluster ids, and for the logit design the
+        choices and dm."""
+        lo, hi, M = self.lo, self.hi, self.M
+        X, dm, sizes = chunk.X, chunk.dm, chunk.sizes
+        n, rows = len(sizes), len(X)
+        cluster_ids, eta = self.shocks.for_sets(s0, n) if self.shocks else (None, None)
+        if self.truth is None:
             return _Chunk(X, dm, sizes, None, cluster_ids)
         uc = buf.choice_draws[:n]
-        streams["choice"].random(out=uc)
+        self.streams["choice"].random(out=uc)
         utilities = buf.utilities[:rows]
         # np.dot, not np.matmul: matmul with out= and a vector operand skips BLAS (40x slower here)
         np.dot(X, self.truth, out=utilities)
@@ -380,6 +390,31 @@ class _ChunkSimulator:
             np.take(z_chosen, np.repeat(np.arange(n), sizes), axis=0, out=minus)
             fill_instruments(X, dm, minus=minus)
         return _Chunk(X, dm, sizes, chosen, cluster_ids)
+
+
+def _chunks_in_turn(sim: _ChunkSimulator, sets: int, chunk_sets: int):
+    """(s0, chunk) in set order, each drawn when the last has been consumed."""
+    buf = sim.buffers()
+    for s0 in range(0, sets, chunk_sets):
+        yield s0, sim.finish(s0, sim.draw_random(min(chunk_sets, sets - s0), buf), buf)
+
+
+def _chunks_prefetched(sim: _ChunkSimulator, sets: int, chunk_sets: int):
+    """(s0, chunk) in set order; a thread draws the next chunk's random numbers (GIL released)
+    while the caller writes the last one (h5py holds the GIL while it writes). Two buffer sets
+    alternate; each stream is still consumed by one thread in set order, so the arrays are the
+    same as in turn."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    starts = list(range(0, sets, chunk_sets))
+    bufs = [sim.buffers(), sim.buffers()]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="estpipe-draw") as pool:
+        pending = pool.submit(sim.draw_random, min(chunk_sets, sets), bufs[0])
+        for i, s0 in enumerate(starts):
+            drawn = pending.result()
+            if i + 1 < len(starts):
+                pending = pool.submit(sim.draw_random, min(chunk_sets, sets - starts[i + 1]), bufs[(i + 1) % 2])
+            yield s0, sim.finish(s0, drawn, bufs[i % 2])
 
 
 def _draw_choices(utilities, sizes, lo, hi, uniforms) -> np.ndarray:
