@@ -184,3 +184,32 @@ def test_bad_names_are_user_errors():
         PartitionKernel(data, derivatives="backward")
     with pytest.raises(UserError, match="allowed: logit, logit-signed"):
         PartitionKernel(data, model="probit")
+
+
+def _just_identified_logit(n_sets=400, J=4, K=3, seed=5):
+    """Choices drawn from a logit; dm = x - x_chosen, so g(b) = 0 at the conditional logit MLE."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n_sets * J, K))
+    u = X @ np.array([0.8, -0.5, 0.3])[:K] + rng.gumbel(size=n_sets * J)
+    chosen_idx = np.arange(n_sets) * J + u.reshape(n_sets, J).argmax(axis=1)
+    dm = X - np.repeat(X[chosen_idx], J, axis=0)
+    return ChoiceData(X=X, dm=dm, offsets=np.arange(0, n_sets * J + 1, J, dtype=np.int64))
+
+
+def test_single_precision_jacobian_keeps_values_and_gives_the_same_estimate():
+    data = _just_identified_logit()
+    kernel = PartitionKernel(data, tile_rows=64)
+    b0 = np.zeros(3)
+    double, single = kernel.sums(b0), kernel.sums(b0, precision="single")
+    np.testing.assert_array_equal(single.gG[:, 0], double.gG[:, 0])
+    np.testing.assert_allclose(single.G, double.G, rtol=0, atol=1e-5 * np.abs(double.G).max())
+    assert kernel.single_nbytes == data.dm.nbytes // 2
+    estimates = {}
+    for precision in ("double", "single"):
+        b = b0.copy()
+        for _ in range(40):  # Newton on the square system g(b) = 0
+            sums = kernel.sums(b, precision=precision)
+            b = b - np.linalg.solve(sums.G, sums.g)
+        estimates[precision] = b
+    assert np.abs(kernel.sums(estimates["double"], jacobian=False).g).max() < 1e-14
+    np.testing.assert_allclose(estimates["single"], estimates["double"], rtol=0, atol=1e-10)

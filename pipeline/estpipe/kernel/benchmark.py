@@ -113,6 +113,8 @@ def run_bench(sets=1000, alternatives=30, params=20, moments=40, repeat=30, tile
               lambda: plain_objective(b, X, dm, n, alternatives)),
         "value": ("kernel moments g alone (tiled, fast logit)", lambda: kernels["dual"].sums(b, jacobian=False)),
         "dual": ("value + full Jacobian G, dual blocks (fast logit path)", lambda: kernels["dual"].sums(b)),
+        "dual-single": ("the same, Jacobian's GEMM in float32 (search directions only)",
+                        lambda: kernels["dual"].sums(b, precision="single")),
         "dual-generic": ("value + full Jacobian G, generic dual path (any model)", lambda: generic.sums(b)),
         "adjoint": ("value + gradient of Q, reverse mode (sums + pullback)", value_and_gradient),
         "fd": ("value + Jacobian by one-sided finite differences (P + 1 kernel values)", lambda: kernels["fd"].sums(b)),
@@ -142,6 +144,7 @@ def run_bench(sets=1000, alternatives=30, params=20, moments=40, repeat=30, tile
     grad_ref = 2.0 * ref.G.T @ W @ ref.g
     errors = {
         "dual": float(np.abs(kernels["dual"].sums(b).gG - ref.gG).max() / scale),
+        "dual-single": float(np.abs(kernels["dual"].sums(b, precision="single").gG - ref.gG).max() / scale),
         "dual-generic": float(np.abs(generic.sums(b).gG - ref.gG).max() / scale),
         "adjoint": float(np.abs(value_and_gradient()[1] - grad_ref).max() / np.abs(grad_ref).max()),
         "fd": float(np.abs(kernels["fd"].sums(b).gG - ref.gG).max() / scale),

@@ -54,9 +54,13 @@ def logit_probabilities(X: np.ndarray, b: np.ndarray, seg: Segments, ws: Workspa
     return s, loglik
 
 
-def logit_tile_sums(X, dm, s, seg: Segments, ws: Workspace, acc: np.ndarray, jacobian: bool, need_h: bool):
+def logit_tile_sums(X, dm, s, seg: Segments, ws: Workspace, acc: np.ndarray, jacobian: bool, need_h: bool,
+                    dm_single: np.ndarray | None = None):
     """Add this tile's [sum_i h_i | sum_i dh_i/db] to acc (M, 1 + K) (or (M, 1) without the
-    Jacobian). Returns H (n_sets, M), the per-set h_i, when jacobian or need_h, else None."""
+    Jacobian). Returns H (n_sets, M), the per-set h_i, when jacobian or need_h, else None.
+
+    dm_single: the tile's dm in float32; when given, the Jacobian's GEMM runs in float32 (about
+    1.5x the speed) for search directions. The values (column 0) stay float64 either way."""
     n, t, K, M = seg.n_sets, seg.n_rows, X.shape[1], dm.shape[1]
     if not (jacobian or need_h):
         acc[:, 0] += np.dot(s, dm, out=ws.take((M,)))
@@ -64,11 +68,12 @@ def logit_tile_sums(X, dm, s, seg: Segments, ws: Workspace, acc: np.ndarray, jac
     H = seg.weighted_sum(s, dm, ws.take((n, M)), None if seg.equal_size else ws.take((t, M)))
     acc[:, 0] += H.sum(axis=0)
     if jacobian:
-        sX = ws.take((t, K))
-        np.multiply(X, s[:, None], out=sX)
-        acc[:, 1:] += np.dot(dm.T, sX, out=ws.take((M, K)))
-        xbar = seg.sum(sX, ws.take((n, K)))
-        acc[:, 1:] -= np.dot(H.T, xbar, out=ws.take((M, K)))
+        dtype = np.float64 if dm_single is None else np.float32
+        sX = ws.take((t, K), dtype)
+        np.multiply(X, s[:, None], out=sX, casting="same_kind")
+        acc[:, 1:] += np.dot(dm.T if dm_single is None else dm_single.T, sX, out=ws.take((M, K), dtype))
+        xbar = seg.sum(sX, ws.take((n, K), dtype))
+        acc[:, 1:] -= np.dot(H.T, xbar.astype(np.float64, copy=False), out=ws.take((M, K)))
     return H
 
 

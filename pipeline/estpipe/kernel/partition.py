@@ -90,6 +90,7 @@ class PartitionKernel:
         self._residual = np.empty(data.n_rows) if (self.fast and derivatives == "adjoint") else None
         self._residual_params = None
         self._chosen = [self._tile_chosen(t) for t in self.tiles] if data.chosen is not None else None
+        self._dm_single = None
 
     def __getstate__(self):  # a thread pool does not pickle; a copy gets its own
         state = self.__dict__.copy()
@@ -106,6 +107,11 @@ class PartitionKernel:
         """Bytes of the reusable tile buffers of all threads (memory beyond the data; the
         adjoint residual is counted separately in residual_nbytes)."""
         return sum(ws.nbytes for ws in self._workspaces)
+
+    @property
+    def single_nbytes(self) -> int:
+        """Bytes of the float32 copy of dm (made on the first precision="single" call)."""
+        return 0 if self._dm_single is None else self._dm_single.nbytes
 
     @property
     def residual_nbytes(self) -> int:
@@ -128,13 +134,21 @@ class PartitionKernel:
             return [f.result() for f in futures]
 
     # -- evaluations -----------------------------------------------------------------------------
-    def sums(self, params, jacobian: bool = True, covariance: bool = False, clustered: bool = True) -> MomentSums:
+    def sums(self, params, jacobian: bool = True, covariance: bool = False, clustered: bool = True,
+             precision: str = "double") -> MomentSums:
         """MomentSums of this partition at params (P,): gG (M, 1 + P) with the Jacobian, (M, 1)
         without; hh/nh/nn and loglik too when covariance=True (per clusters when clustered and the
-        data have cluster ids). Complex params give complex sums (complex-step derivatives)."""
+        data have cluster ids). Complex params give complex sums (complex-step derivatives).
+
+        precision="single": the Jacobian's GEMM runs in float32 on a float32 copy of dm made on
+        first use (half of dm's bytes, see single_nbytes); for search directions only. The values
+        stay float64; the final Jacobian (standard errors) must use "double", the default. Only
+        the fast logit path has it; other paths ignore it."""
         params = np.asarray(params)
         if params.shape != (self.n_params,):
             raise ValueError(f"params must have shape ({self.n_params},), got {params.shape}")
+        if precision not in ("double", "single"):
+            raise ValueError(f"precision must be 'double' or 'single', got {precision!r}")
         if jacobian and self.derivatives == "fd":
             return self._fd_sums(params, covariance, clustered)
         d = self.data
@@ -142,6 +156,9 @@ class PartitionKernel:
         dtype = np.complex128 if complex_step else np.float64
         fast = self.fast and not complex_step
         chunks = self.chunks if jacobian else [(0, 0)]
+        single = fast and jacobian and not covariance and precision == "single"
+        if single and self._dm_single is None:
+            self._dm_single = d.dm.astype(np.float32)
         value_only = fast and not jacobian and not covariance
         keep = value_only and self._residual is not None
         if keep:
@@ -176,7 +193,8 @@ class PartitionKernel:
                     ws.reset()
                     residual = self._residual[tile.rows] if keep else None
                     s, _ = logit_probabilities(X, params, tile.seg, ws, out=residual)
-                    logit_tile_sums(X, dm, s, tile.seg, ws, acc, jacobian, need_h=False)
+                    logit_tile_sums(X, dm, s, tile.seg, ws, acc, jacobian, need_h=False,
+                                    dm_single=self._dm_single[tile.rows] if single else None)
                 else:
                     generic_tile_sums(self.model, params, X, dm, tile.seg, ws, acc, chunks, False)
             return acc
