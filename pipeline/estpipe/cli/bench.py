@@ -26,6 +26,7 @@ def command(
     moments: Annotated[int, typer.Option(help="Number of moments M.", min=1)] = 40,
     repeat: Annotated[int, typer.Option(help="Interleaved calls per row (the median is reported).", min=1)] = 30,
     tile_rows: Annotated[int | None, typer.Option("--tile-rows", help="Rows per tile (default: the kernel's).", min=1)] = None,
+    threads: Annotated[int | None, typer.Option(help="Threads over tiles (default: the BLAS thread count).", min=1)] = None,
     seed: Annotated[int, typer.Option(help="Seed of the data generator.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
@@ -33,5 +34,5 @@ def command(
 
     if moments < params:
         raise UserError(f"--moments {moments} is smaller than --params {params}: GMM needs M >= K")
-    result = run_bench(sets, alternatives, params, moments, repeat, tile_rows, seed)
+    result = run_bench(sets, alternatives, params, moments, repeat, tile_rows, seed, threads)
     print(json.dumps(result.to_dict(), indent=2) if as_json else result.table())

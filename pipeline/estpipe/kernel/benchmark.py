@@ -89,12 +89,14 @@ def _blas_info() -> list[dict]:
     return [{k: info.get(k) for k in keys} for info in threadpool_info() if info.get("user_api") == "blas"]
 
 
-def run_bench(sets=1000, alternatives=30, params=20, moments=40, repeat=30, tile_rows=None, seed=0) -> BenchResult:
+def run_bench(sets=1000, alternatives=30, params=20, moments=40, repeat=30, tile_rows=None, seed=0,
+              threads=None) -> BenchResult:
     data, b = seed_design(sets, alternatives, params, moments, seed)
     X, dm, n = data.X, data.dm, sets
     W = np.eye(moments)
-    kernels = {mode: PartitionKernel(data, derivatives=mode, tile_rows=tile_rows) for mode in ("dual", "adjoint", "fd")}
-    generic = PartitionKernel(data, derivatives="dual", tile_rows=tile_rows, fast=False)
+    kernels = {mode: PartitionKernel(data, derivatives=mode, tile_rows=tile_rows, threads=threads)
+               for mode in ("dual", "adjoint", "fd")}
+    generic = PartitionKernel(data, derivatives="dual", tile_rows=tile_rows, fast=False, threads=threads)
 
     def value_and_gradient():
         g = kernels["adjoint"].sums(b, jacobian=False).g
