@@ -261,6 +261,11 @@ def test_inspect_of_a_truncated_file_in_a_real_process(tmp_path):
     assert proc.stderr.count("\n") == 1 and "truncated" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_writer_refuses_a_folder_as_output(tmp_path):
+    with pytest.raises(UserError, match="is a folder"):
+        ChoiceDataWriter(tmp_path, ["a"], ["m"])
+
+
 def test_missing_file_and_folder(tmp_path):
     with pytest.raises(UserError, match="no such file"):
         ChoiceDataFile(tmp_path / "none.h5")

@@ -318,6 +318,8 @@ class ChoiceDataWriter:
         folder = self.path.parent if str(self.path.parent) else Path(".")
         if not folder.is_dir():
             raise UserError(f"{self.path}: folder {folder} does not exist; create it or choose another output path")
+        if self.path.is_dir():
+            raise UserError(f"{self.path}: is a folder; give a file name for the output, e.g. {self.path / 'data.h5'}")
         self.K, self.M = len(self.param_names), len(self.moment_names)
         self._folder = folder
         self._sizes: list[np.ndarray] = []
