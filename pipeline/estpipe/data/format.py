@@ -406,6 +406,14 @@ class ChoiceDataWriter:
 
 
 def _current_umask() -> int:
+    # Linux shows the umask in /proc; elsewhere set and restore it (racy only across threads).
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
