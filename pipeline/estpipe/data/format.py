@@ -300,8 +300,9 @@ class ChoiceDataWriter:
         with ChoiceDataWriter(path, param_names, moment_names, provenance=...) as w:
             w.append(X, dm, set_sizes, chosen=..., cluster=...)
 
-    Rows go to a temporary file in the target folder; on a clean exit offsets and attributes are
-    written and the file is renamed to `path`; on an exception the temporary file is removed.
+    Rows, offsets and cluster ids go to a temporary file in the target folder as they come, so
+    memory does not grow with the data; on a clean exit the attributes are written and the file
+    is renamed to `path`; on an exception the temporary file is removed.
     """
 
     path: str | os.PathLike
@@ -322,9 +323,8 @@ class ChoiceDataWriter:
             raise UserError(f"{self.path}: is a folder; give a file name for the output, e.g. {self.path / 'data.h5'}")
         self.K, self.M = len(self.param_names), len(self.moment_names)
         self._folder = folder
-        self._sizes: list[np.ndarray] = []
-        self._clusters: list[np.ndarray] = []
         self.n_rows = 0
+        self.n_sets = 0
         self._f = None
         self._tmp = None
 
@@ -341,31 +341,41 @@ class ChoiceDataWriter:
         self._dm = self._f.create_dataset("dm", (0, self.M), maxshape=(None, self.M), dtype="f8", chunks=(c, self.M))
         if self.with_chosen:
             self._chosen = self._f.create_dataset("chosen", (0,), maxshape=(None,), dtype="i1", chunks=(c,))
+        self._offsets = self._f.create_dataset("offsets", (1,), maxshape=(None,), dtype="i8", chunks=(c,))
+        self._offsets[0] = 0
+        if self.with_cluster:
+            self._cluster = self._f.create_dataset("cluster", (0,), maxshape=(None,), dtype="i8", chunks=(c,))
         return self
 
     def append(self, X, dm, set_sizes, chosen=None, cluster=None) -> None:
-        """Append whole sets: X (rows, K), dm (rows, M), set_sizes (sets,) summing to rows;
-        chosen (rows,) when the file has it; cluster (sets,) when the file has it."""
+        """Append whole sets: X (rows, K), dm (rows, M), set_sizes (sets,) summing to rows, each
+        at least 1; chosen (rows,) when the file has it; cluster (sets,) when the file has it."""
         set_sizes = np.asarray(set_sizes, dtype=np.int64)
         rows = int(set_sizes.sum())
         if X.shape != (rows, self.K) or dm.shape != (rows, self.M):
             raise ValueError(f"append: X {X.shape} and dm {dm.shape} do not match {rows} rows, K={self.K}, M={self.M}")
+        if set_sizes.size and set_sizes.min() < 1:
+            raise ValueError("append: every set needs at least one row")
+        if self.with_chosen and (chosen is None or len(chosen) != rows):
+            raise ValueError("append: this file records chosen rows, pass one chosen flag per row")
+        if self.with_cluster and (cluster is None or len(cluster) != len(set_sizes)):
+            raise ValueError("append: this file records clusters, pass one id per set")
         r0, r1 = self.n_rows, self.n_rows + rows
+        s0, s1 = self.n_sets, self.n_sets + len(set_sizes)
         self._X.resize(r1, axis=0)
         self._X[r0:r1] = X
         self._dm.resize(r1, axis=0)
         self._dm[r0:r1] = dm
         if self.with_chosen:
-            if chosen is None:
-                raise ValueError("append: this file records chosen rows, pass chosen")
             self._chosen.resize(r1, axis=0)
             self._chosen[r0:r1] = chosen
-        if self.with_cluster:
-            if cluster is None or len(cluster) != len(set_sizes):
-                raise ValueError("append: this file records clusters, pass one id per set")
-            self._clusters.append(np.asarray(cluster, dtype=np.int64))
-        self._sizes.append(set_sizes)
-        self.n_rows = r1
+        if s1 > s0:
+            self._offsets.resize(s1 + 1, axis=0)
+            self._offsets[s0 + 1 : s1 + 1] = r0 + np.cumsum(set_sizes)
+            if self.with_cluster:
+                self._cluster.resize(s1, axis=0)
+                self._cluster[s0:s1] = np.asarray(cluster, dtype=np.int64)
+        self.n_rows, self.n_sets = r1, s1
 
     def __exit__(self, exc_type, exc, tb) -> None:
         finished = False
@@ -385,18 +395,12 @@ class ChoiceDataWriter:
                 self._tmp.unlink()
 
     def _finish(self) -> None:
-        sizes = np.concatenate(self._sizes) if self._sizes else np.zeros(0, np.int64)
-        offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
-        np.cumsum(sizes, out=offsets[1:])
         f = self._f
-        f.create_dataset("offsets", data=offsets)
-        if self.with_cluster:
-            f.create_dataset("cluster", data=np.concatenate(self._clusters) if self._clusters else np.zeros(0, np.int64))
         if self.truth is not None:
             f.create_dataset("truth/params", data=np.asarray(self.truth, dtype=np.float64))
         f.attrs["estpipe_format"] = FORMAT_NAME
         f.attrs["estpipe_format_version"] = FORMAT_VERSION
-        f.attrs["n_sets"] = len(sizes)
+        f.attrs["n_sets"] = self.n_sets
         f.attrs["n_rows"] = self.n_rows
         f.attrs["n_params"] = self.K
         f.attrs["n_moments"] = self.M
