@@ -1,6 +1,6 @@
 """Show what a choice-data file holds: sizes, set-size distribution, parameter and moment names,
 provenance, true parameters (simulated data) and the data fingerprint. Reads no arrays but the
-offsets and the first and last rows. A table on stdout, or JSON with `--json`.
+offsets, the cluster ids and the first and last rows. A table on stdout, or JSON with `--json`.
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@
 stored in the file (truth/params); dm = z - z_chosen with instruments z = x, then squares minus
 one, pairwise products and cubes of x, up to M columns. `--design seed` makes the original
 report's timing data (X ~ N(0,1), dm ~ U(0,1)), which has no estimate. `--cluster-size C` groups
-contiguous sets into clusters of C sets with a common utility shock per cluster and alternative
-position. The same seed gives the same arrays. A summary goes to stderr.
+contiguous sets into clusters of C sets; in the logit design each cluster shares a random shock to
+the coefficients (utility shock sd 0.5), so that clustered standard errors matter. The same seed
+gives the same arrays, whatever the chunk size. A summary goes to stderr.
 """
 
 from __future__ import annotations
