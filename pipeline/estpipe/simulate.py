@@ -18,8 +18,9 @@ common to the cluster. The moments h_i of one cluster are then correlated (they 
 eta_c), so the clustered moment covariance is larger than the plain one. A shock per
 alternative position would not do that: positions are exchangeable and unrelated to the
 instruments. The data then follow a logit with random coefficients, not the plain logit, so the
-pooled estimates of b differ slightly from truth/params (attenuated by about 1 - sqrt((pi^2/6) /
-(pi^2/6 + CLUSTER_SHOCK_SD^2)), a few percent); the clustered standard errors account for it.
+pooled estimates of b are attenuated: by about 1 - sqrt((pi^2/6) / (pi^2/6 + CLUSTER_SHOCK_SD^2)),
+7% at the default (measured 6-9% with K = 3, 40,000 sets in clusters of 40). Without
+clusters there is no shock and estimates recover truth/params.
 
 Reproducibility: every random quantity comes from its own generator, spawned from
 SeedSequence(seed) and consumed strictly in set order (one draw per set for sizes and choices,
