@@ -3,8 +3,8 @@
 Rule: carry all P partials in one block when P <= MAX_CHUNK; otherwise split the parameters into
 the fewest chunks of at most MAX_CHUNK and make them as equal as possible (ForwardDiff's
 balanced chunking). Why: every chunk recomputes the values, so fewer chunks is less work, but the
-block is (tile_rows, 1 + chunk) and must stay in cache between the model's operations and the
-GEMM; with tiles of a few thousand rows, 64 partials keep a block near 2 MB. Chunks trade a little
+block is (tile_rows, 1 + chunk) and should stay in cache between the model's operations and
+the GEMM; with 16,384-row tiles, 64 partials make an 8.5 MB block, a quarter of this machine's L3. Chunks trade a little
 recomputation for a bounded buffer, and every chunk size gives the same Jacobian (tested).
 """
 
