@@ -182,13 +182,27 @@ def test_setup_lines_run_after_the_default_python_so_they_can_replace_it(tmp_pat
     assert lines.index(f"PYTHON={sys.executable}") < lines.index("module load python") < lines.index("PYTHON=python3")
 
 
-def test_dry_run_prints_the_script_and_local_specs_are_refused(tmp_path):
+def test_dry_run_prints_the_script_and_dask_specs_are_refused(tmp_path):
     path = slurm_spec(tmp_path)
     done = subprocess.run([sys.executable, "-m", "estpipe", "submit", str(path), "--dry-run"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout == render(load_job_spec(path)).script
     assert not (tmp_path / "logs").exists()
-    done = subprocess.run([sys.executable, "-m", "estpipe", "submit", str(JOBS / "seed.toml")], capture_output=True, text=True)
+    # A local spec is submitted as a Slurm job with its own workers.
+    done = subprocess.run([sys.executable, "-m", "estpipe", "submit", str(JOBS / "seed.toml"), "--dry-run"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "#SBATCH --ntasks=1" in done.stdout and "--scheduler-file" in done.stdout
+    # A spec that names an existing dask cluster has no batch system to submit to.
+    dask_spec = write_spec(tmp_path, """
+[data]
+path = "data.h5"
+sets = 100
+[backend]
+kind = "dask"
+scheduler_file = "scheduler.json"
+""")
+    done = subprocess.run([sys.executable, "-m", "estpipe", "submit", str(dask_spec)], capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr.startswith("estpipe: error: job spec") and "use `estpipe run`" in done.stderr
 

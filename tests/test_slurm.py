@@ -96,21 +96,10 @@ def assert_same_estimate(job: dict, reference: dict, rtol: float) -> None:
     np.testing.assert_allclose(job["objective"], reference["objective"], rtol=rtol * 100)
 
 
-SLURM_1_WORKER = """
-[backend]
-kind = "slurm"
-workers = 1
-memory = "1GB"
-walltime = "00:10:00"
-partition = "debug"
-worker_timeout = 60
-"""
-
-
 @pytest.mark.parametrize(
     ("source", "backend", "data"),
     [
-        pytest.param("seed.toml", SLURM_1_WORKER, None, id="seed-1-worker"),
+        pytest.param("seed.toml", None, None, id="seed-as-shipped"),
         pytest.param("slurm.toml", None, {"sets": 4000}, id="larger-2-workers"),
     ],
 )

@@ -19,7 +19,7 @@ EPILOG = "Example: `estpipe submit jobs/slurm.toml --dry-run`"
 
 
 def command(
-    job: Annotated[Path, typer.Argument(help="Job spec (TOML) with [backend] kind = \"slurm\" or \"pbs\".", dir_okay=False)],
+    job: Annotated[Path, typer.Argument(help="Job spec (TOML); kind = \"local\" is submitted as a Slurm job, \"pbs\" goes to qsub.", dir_okay=False)],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the batch script; submit nothing.")] = False,
 ) -> None:
     from estpipe.jobs import load_job_spec, render, submit_job
@@ -29,7 +29,7 @@ def command(
         typer.echo(render(spec).script, nl=False)
         return
     submission = submit_job(spec)
-    typer.echo(f"submitted {spec.backend.kind} job {submission.job_id} ({spec.name})")
+    typer.echo(f"submitted {submission.kind} job {submission.job_id} ({spec.name})")
     typer.echo(f"  results:    {submission.results}")
     typer.echo(f"  log:        {submission.log}")
     typer.echo(f"  checkpoint: {submission.checkpoint}")

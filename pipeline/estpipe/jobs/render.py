@@ -20,6 +20,8 @@ set PYTHON (they run after the default is set, so `PYTHON=python3` after a `modu
 
 from __future__ import annotations
 
+import dataclasses
+
 import shlex
 import sys
 from dataclasses import dataclass
@@ -229,11 +231,15 @@ def render_pbs(spec: JobSpec, python: str | None = None) -> RenderedJob:
 def render(spec: JobSpec, python: str | None = None) -> RenderedJob:
     from estpipe.errors import UserError
 
+    if spec.backend.kind == "local":
+        # `estpipe submit` means "this job as a batch job": a local spec becomes a Slurm job with
+        # the spec's workers and the default resources of [backend].
+        spec = dataclasses.replace(spec, backend=dataclasses.replace(spec.backend, kind="slurm"))
     if spec.backend.kind == "slurm":
         return render_slurm(spec, python)
     if spec.backend.kind == "pbs":
         return render_pbs(spec, python)
     raise UserError(
-        f"job spec {spec.source}: backend.kind {spec.backend.kind!r} runs on this machine; "
-        "use `estpipe run` for it, or set kind = \"slurm\" or \"pbs\" to submit a batch job"
+        f"job spec {spec.source}: backend.kind {spec.backend.kind!r} names an existing dask cluster, "
+        "not a batch system; use `estpipe run` for it, or set kind = \"slurm\" or \"pbs\" to submit a batch job"
     )

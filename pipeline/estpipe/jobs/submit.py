@@ -20,6 +20,7 @@ class Submission:
     """A submitted batch job and where its outputs will be."""
 
     job_id: str
+    kind: str
     script: Path
     log: Path
     results: Path
@@ -57,5 +58,5 @@ def submit_job(spec: JobSpec, *, python: str | None = None) -> Submission:
     if not job_id:
         raise UserError(f"{command[0]} printed no job id for {script}: {_one_line(done.stderr)}")
     log = rendered.log.replace("%j", job_id).replace("$PBS_JOBID", job_id)
-    return Submission(job_id=job_id, script=script, log=Path(log), results=rendered.results,
+    return Submission(job_id=job_id, kind=rendered.kind, script=script, log=Path(log), results=rendered.results,
                       checkpoint=rendered.checkpoint)
