@@ -8,7 +8,7 @@ Why srun + `dask scheduler`/`dask worker` rather than dask-mpi: it needs nothing
 dask.distributed, which estpipe already depends on (dask-mpi needs mpi4py and an MPI library built
 for the cluster), workers are plain Slurm tasks that srun places and cleans up, and the scheduler
 file on the shared logs folder is the one handshake, the same one `--scheduler-file` uses for any
-existing dask cluster. dask-mpi still works: see docs/clusters.md.
+existing dask cluster. dask-mpi still works: see README.md, "Running on a cluster".
 
 Requeue safety: `--requeue` and `--open-mode=append` (Slurm), `-r y` and an appended log (PBS);
 the data is made under a temporary name and renamed, and the checkpoint is written atomically
