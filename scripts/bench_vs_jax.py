@@ -3,9 +3,11 @@
 The JAX pipeline is the comparison issue 4 names: read the same HDF5 file into memory, moments
 g(b) under jit, their Jacobian by jit(jacfwd), scipy least_squares on L'g for W = I and then for
 W = S(b1)^-1. It assumes equal set sizes (the simulated logit design). Both run as separate
-processes; peak memory is the peak of the summed RSS of the process tree, sampled every 50 ms.
+processes, interleaved (estpipe --workers 1, --workers 2, ..., JAX; repeated); peak memory is the
+peak of the summed PSS of each process tree (RSS and USS too), sampled every 50 ms by
+scripts/bench_common.py. The table gives medians and the ratios to JAX.
 
-    python scripts/bench_vs_jax.py DATA.h5 [--workers 1] [--repeat 1]
+    python scripts/bench_vs_jax.py DATA.h5 [--workers 1 2] [--repeat 3] [--json runs.json]
 
 JAX is not a dependency of estpipe: `pip install jax` first.
 """
@@ -15,48 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
+import statistics
 import sys
 import tempfile
-import threading
-import time
 
-import psutil
-
-
-def run_measured(cmd: list[str], env=None) -> dict:
-    """Run cmd; return wall seconds, peak summed RSS of it and its children (bytes), exit code."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = 0
-    done = threading.Event()
-
-    def sample():
-        nonlocal peak
-        root = psutil.Process(proc.pid)
-        while not done.is_set():
-            try:
-                procs = [root, *root.children(recursive=True)]
-                total = 0
-                for p in procs:
-                    try:
-                        total += p.memory_info().rss
-                    except psutil.Error:
-                        pass
-                peak = max(peak, total)
-            except psutil.Error:
-                pass
-            time.sleep(0.05)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    out, err = proc.communicate()
-    wall = time.perf_counter() - start
-    done.set()
-    t.join()
-    return {"cmd": " ".join(cmd), "wall_seconds": wall, "peak_rss_bytes": peak, "returncode": proc.returncode,
-            "stdout": out, "stderr_tail": err[-2000:]}
-
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import gb, run_measured  # noqa: E402
 
 JAX_PIPELINE = r'''
 import json, sys, time
@@ -114,32 +80,62 @@ print(json.dumps({"params": r2.x.tolist(), "evaluations": evals, "seconds": time
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data")
-    ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--repeat", type=int, default=1, help="alternate the two this many times")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1], help="estpipe --workers values to run (e.g. 1 2)")
+    ap.add_argument("--repeat", type=int, default=1, help="alternate the runs this many times")
+    ap.add_argument("--json", help="also write every run's figures here")
     args = ap.parse_args()
     size = os.path.getsize(args.data)
+    names = [f"estpipe w{w}" for w in args.workers] + ["jax"]
+    runs: dict[str, list[dict]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory() as tmp:
         script = os.path.join(tmp, "jax_pipeline.py")
         with open(script, "w") as fh:
             fh.write(JAX_PIPELINE)
-        rows = []
-        for _ in range(args.repeat):
-            est = run_measured([sys.executable, "-m", "estpipe", "estimate", args.data, "--workers", str(args.workers),
-                                "--out", os.path.join(tmp, "r.json")])
-            res = json.load(open(os.path.join(tmp, "r.json"))) if est["returncode"] in (0, 3) else {}
-            jx = run_measured([sys.executable, script, args.data])
-            jres = json.loads(jx["stdout"].strip().splitlines()[-1]) if jx["returncode"] == 0 else {}
-            rows.append((est, res, jx, jres))
-    print(f"data: {args.data} ({size / 1e9:.2f} GB on disk)")
-    print(f"{'run':>4} {'estpipe s':>10} {'jax s':>8} {'ratio':>6} {'estpipe GB':>11} {'jax GB':>7} {'est evals':>9} {'jax evals':>9} {'max |db|':>9}")
-    for i, (est, res, jx, jres) in enumerate(rows):
-        diff = max(abs(a - b) for a, b in zip(res.get("params", [0]), jres.get("params", [0]))) if res and jres else float("nan")
-        print(f"{i:>4} {est['wall_seconds']:>10.2f} {jx['wall_seconds']:>8.2f} {est['wall_seconds'] / jx['wall_seconds']:>6.2f} "
-              f"{est['peak_rss_bytes'] / 1e9:>11.2f} {jx['peak_rss_bytes'] / 1e9:>7.2f} {res.get('evaluations', '?'):>9} "
-              f"{jres.get('evaluations', '?'):>9} {diff:>9.2e}")
-        for name, r in (("estpipe", est), ("jax", jx)):
-            if r["returncode"] not in (0, 3):
-                print(f"{name} failed ({r['returncode']}): {r['stderr_tail']}", file=sys.stderr)
+        for rep in range(args.repeat):
+            for name in names:
+                if name == "jax":
+                    m = run_measured([sys.executable, script, args.data])
+                    res = json.loads(m.stdout.strip().splitlines()[-1]) if m.returncode == 0 else {}
+                else:
+                    out = os.path.join(tmp, "r.json")
+                    m = run_measured([sys.executable, "-m", "estpipe", "estimate", args.data, "--workers",
+                                      name.split("w")[-1], "--out", out])
+                    res = json.load(open(out)) if m.returncode in (0, 3) else {}
+                    os.path.exists(out) and os.unlink(out)
+                if m.returncode not in (0, 3):
+                    print(f"{name} failed ({m.returncode}): {m.stderr[-2000:]}", file=sys.stderr)
+                row = {"wall": m.wall, "rss": m.memory.rss, "pss": m.memory.pss, "uss": m.memory.uss,
+                       "evaluations": res.get("evaluations"), "params": res.get("params"),
+                       "overhead_ms": 1e3 * res["timing"]["overhead_per_evaluation_seconds"] if "timing" in res else None}
+                runs[name].append(row)
+                print(f"rep {rep} {name}: {m.wall:.2f} s, peak {gb(m.memory.pss)} GB PSS / {gb(m.memory.rss)} RSS / "
+                      f"{gb(m.memory.uss)} USS, {row['evaluations']} evaluations", file=sys.stderr, flush=True)
+
+    def med(name, key):
+        vals = [r[key] for r in runs[name] if r[key] is not None]
+        return statistics.median(vals) if vals else float("nan")
+
+    jax_wall = med("jax", "wall")
+    print(f"data: {args.data} ({gb(size)} GB on disk); medians of {args.repeat} interleaved run(s); memory: peak of the "
+          "sum over all processes (PSS: shared pages split between processes; RSS and USS bracket it)")
+    print(f"{'pipeline':>12} {'wall s':>7} {'/ jax':>6} {'evals':>6} {'PSS GB':>7} {'RSS GB':>7} {'USS GB':>7} "
+          f"{'/ data':>6} {'dask ovh ms':>11} {'max |db| vs jax':>15}")
+    jax_params = runs["jax"][-1]["params"] if runs["jax"] else None
+    for name in names:
+        diff = float("nan")
+        if name != "jax" and jax_params and runs[name][-1]["params"]:
+            diff = max(abs(a - b) for a, b in zip(runs[name][-1]["params"], jax_params))
+        ovh = med(name, "overhead_ms") if name.startswith("estpipe w") and not name.endswith("w1") else float("nan")
+        print(f"{name:>12} {med(name, 'wall'):>7.2f} {med(name, 'wall') / jax_wall:>6.2f} {med(name, 'evaluations'):>6.0f} "
+              f"{gb(med(name, 'pss')):>7} {gb(med(name, 'rss')):>7} {gb(med(name, 'uss')):>7} "
+              f"{med(name, 'pss') / size:>6.2f} {ovh:>11.1f} {diff:>15.2e}")
+    if "estpipe w1" in runs and "estpipe w2" in runs:
+        ratios = [b["wall"] / a["wall"] for a, b in zip(runs["estpipe w1"], runs["estpipe w2"])]
+        print(f"--workers 2 / --workers 1 wall: median {statistics.median(ratios):.2f} (per repetition: "
+              f"{', '.join(f'{r:.2f}' for r in ratios)})")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"data": args.data, "data_bytes": size, "runs": runs}, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -90,7 +90,8 @@ def _check_output_paths(options: EstimateOptions) -> None:
 
 
 def _versions(blas: list[dict], workers: int) -> dict:
-    import dask
+    from importlib.metadata import version
+
     import scipy
 
     from estpipe import __version__
@@ -99,7 +100,7 @@ def _versions(blas: list[dict], workers: int) -> dict:
     threads = [b["threads"] for r in blas for b in r["blas"]]
     return {
         "estpipe": __version__, "python": platform.python_version(), "numpy": np.__version__,
-        "scipy": scipy.__version__, "dask": dask.__version__,
+        "scipy": scipy.__version__, "dask": version("dask"),
         "blas": {"libraries": [{"library": a, "version": v} for a, v in libs],
                  "threads_per_worker": max(threads) if threads else None,
                  "workers": [{"pid": r["pid"], "worker": r.get("worker"), "threads": [b["threads"] for b in r["blas"]]} for r in blas]},
