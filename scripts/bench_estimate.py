@@ -1,9 +1,9 @@
 """Benchmark `estpipe estimate` as a whole process (DESIGN.md's main job).
 
 1. On 100,000 sets x 30 alternatives, K = 20, M = 40 (logit design, 1.44 GB): two-step wall time
-   of `python -m estpipe estimate` as a whole process, its evaluations, and the peak of the RSS
-   summed over the process and all its children (client, scheduler, dask workers), sampled by a
-   psutil thread; `--workers 1` and `--workers 2` interleaved, medians and the ratio; the dask
+   of `python -m estpipe estimate` as a whole process, its evaluations, and the peak of the PSS
+   (also RSS, USS) summed over the process and all its children (client, scheduler, dask
+   workers), sampled by scripts/bench_common.py; `--workers 1` and `--workers 2` interleaved, medians and the ratio; the dask
    overhead per evaluation over the kernel (from the results file's timing).
 2. statsmodels' ConditionalLogit (method="newton") against estpipe on 20,000 sets, just-identified
    (M = K: z = x), once each, in this process: the ratio of fit times.
@@ -15,52 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 
-
-def tree_rss(proc: psutil.Process) -> int:
-    total = 0
-    for p in [proc, *proc.children(recursive=True)]:
-        try:
-            total += p.memory_info().rss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return total
-
-
-def run_measured(cmd: list[str], interval: float = 0.02) -> dict:
-    """Run cmd; wall seconds and the peak of the process tree's summed RSS."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ps = psutil.Process(proc.pid)
-    peak = [0]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            try:
-                peak[0] = max(peak[0], tree_rss(ps))
-            except psutil.NoSuchProcess:
-                break
-            time.sleep(interval)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    out, err = proc.communicate()
-    wall = time.perf_counter() - t0
-    done.set()
-    th.join()
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
-    return {"wall": wall, "peak_rss": peak[0], "stdout": out, "stderr": err}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import run_measured  # noqa: E402
 
 
 def ensure_data(path: Path, sets: int, alternatives: int, K: int, M: int) -> None:
@@ -82,23 +46,25 @@ def bench_main(args) -> dict:
         for workers in (1, 2):
             out = Path(args.dir) / f"bench_results_w{workers}.json"
             cmd = [sys.executable, "-m", "estpipe", "estimate", str(data), "--workers", str(workers), "--out", str(out)]
-            m = run_measured(cmd)
+            r = run_measured(cmd)
+            if r.returncode != 0:
+                raise SystemExit(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-3000:]}")
             res = json.loads(out.read_text())
-            m.update(evaluations=res["evaluations"], converged=res["converged"], timing=res["timing"],
+            m = dict(wall=r.wall, peak_pss=r.memory.pss, peak_rss=r.memory.rss, peak_uss=r.memory.uss,
+                     evaluations=res["evaluations"], converged=res["converged"], timing=res["timing"],
                      inner_wall=res["wall_seconds"], blas=res["versions"]["blas"]["threads_per_worker"])
-            del m["stdout"], m["stderr"]
             runs[workers].append(m)
             print(f"rep {rep} workers {workers}: {m['wall']:.2f} s whole process, {m['evaluations']} evaluations, "
-                  f"peak {m['peak_rss'] / 2**30:.2f} GiB, overhead/eval "
+                  f"peak {m['peak_pss'] / 1e9:.2f} GB PSS ({m['peak_rss'] / 1e9:.2f} RSS, {m['peak_uss'] / 1e9:.2f} USS), overhead/eval "
                   f"{1e3 * m['timing']['overhead_per_evaluation_seconds']:.1f} ms", file=sys.stderr)
-    med = {w: {k: statistics.median(r[k] for r in rs) for k in ("wall", "peak_rss", "evaluations", "inner_wall")}
+    med = {w: {k: statistics.median(r[k] for r in rs) for k in ("wall", "peak_pss", "peak_rss", "peak_uss", "evaluations", "inner_wall")}
            for w, rs in runs.items()}
     return {
         "data": str(data), "data_bytes": data_bytes,
         "workers_1": med[1], "workers_2": med[2],
         "ratio_wall_w2_over_w1": med[2]["wall"] / med[1]["wall"],
-        "peak_over_data_w1": med[1]["peak_rss"] / data_bytes,
-        "peak_over_data_w2": med[2]["peak_rss"] / data_bytes,
+        "peak_over_data_w1": med[1]["peak_pss"] / data_bytes,
+        "peak_over_data_w2": med[2]["peak_pss"] / data_bytes,
         "dask_overhead_per_evaluation_ms": 1e3 * statistics.median(
             r["timing"]["overhead_per_evaluation_seconds"] for r in runs[2]),
         "runs": runs,
@@ -149,11 +115,12 @@ def main() -> None:
         return
     if "estimate" in out:
         e = out["estimate"]
-        gb = e["data_bytes"] / 2**30
+        gb = e["data_bytes"] / 1e9
         for w in (1, 2):
             m = e[f"workers_{w}"]
             print(f"--workers {w}: {m['wall']:.2f} s whole process, {m['evaluations']:.0f} evaluations, "
-                  f"peak RSS (all processes) {m['peak_rss'] / 2**30:.2f} GiB = {m['peak_rss'] / e['data_bytes']:.2f}x data ({gb:.2f} GiB)")
+                  f"peak PSS (all processes) {m['peak_pss'] / 1e9:.2f} GB = {m['peak_pss'] / e['data_bytes']:.2f}x data ({gb:.2f} GB; "
+                  f"RSS {m['peak_rss'] / 1e9:.2f}, USS {m['peak_uss'] / 1e9:.2f})")
         print(f"--workers 2 / --workers 1 wall: {e['ratio_wall_w2_over_w1']:.2f}; dask overhead per evaluation "
               f"{e['dask_overhead_per_evaluation_ms']:.1f} ms")
     if "statsmodels" in out:

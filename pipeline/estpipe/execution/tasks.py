@@ -8,6 +8,7 @@ never rows.
 
 from __future__ import annotations
 
+import mmap
 import os
 import time
 from dataclasses import dataclass
@@ -50,10 +51,34 @@ class TaskResult:
         return 64 + (v.nbytes if isinstance(v, (MomentSums, np.ndarray)) else 0)
 
 
+# Below this, np.empty: the saving is in the many page faults of a large array.
+POPULATE_MIN_BYTES = 64 * 2**20
+
+
+def populated_empty(shape, dtype=np.float64) -> np.ndarray:
+    """An uninitialised array whose pages are already resident: anonymous memory mapped with
+    MAP_POPULATE, so the kernel backs it in one system call.
+
+    Faulting 1.44 GB in page by page while h5py copies into it took 1.7-4.8 s on the target VMs
+    (each first touch of a page is a hypervisor fault) against 0.5-0.9 s populated (measured
+    interleaved). Falls back to np.empty where MAP_POPULATE does not exist (not Linux) and for
+    small arrays. The mapping is released with the last reference to the array."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    flag = getattr(mmap, "MAP_POPULATE", None)
+    if flag is None or nbytes < POPULATE_MIN_BYTES:
+        return np.empty(shape, dtype=dtype)
+    try:
+        buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | flag)
+    except OSError:
+        return np.empty(shape, dtype=dtype)
+    return np.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
 def load_partition(path: str, start: int, stop: int, model: str, derivatives: str) -> ResidentPartition:
     """Read sets start:stop of the file at `path` (once) and build their kernel."""
     with ChoiceDataFile(path) as f:
-        data = f.read_sets(start, stop)
+        data = f.read_sets(start, stop, empty=populated_empty)
     kernel = PartitionKernel(data, model=model, derivatives=derivatives)
     return ResidentPartition(path=str(Path(path)), start=start, stop=stop, kernel=kernel, nbytes=int(data.nbytes))
 

@@ -256,7 +256,8 @@ class _Run:
             x = res.x
             if step == 1 and o.steps == 2:
                 b1 = x
-                s1 = oracle.sums(b1, jacobian=True, covariance=True)
+                # S only: step 2 starts at b1 and reuses the [g | G] step 1 computed there
+                s1 = oracle.sums(b1, jacobian=False, covariance=True)
                 W = WeightMatrix.inverse_of(s1.S, self.moment_names, s1.n_units, "the step-1 estimate b1")
             step += 1
             self._save(step, W, b1, x, steps_done)
