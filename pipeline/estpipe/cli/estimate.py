@@ -29,7 +29,7 @@ def command(
     scheduler: Annotated[Optional[str], typer.Option(help="Address of an existing dask scheduler, e.g. tcp://10.0.0.1:8786.", rich_help_panel=_BACKEND)] = None,
     scheduler_file: Annotated[Optional[str], typer.Option("--scheduler-file", help="Scheduler file of an existing dask cluster (dask scheduler --scheduler-file).", rich_help_panel=_BACKEND)] = None,
     jobqueue: Annotated[Optional[str], typer.Option(help="Start --workers N dask workers as batch jobs: slurm or pbs.", rich_help_panel=_BACKEND)] = None,
-    partitions: Annotated[Optional[int], typer.Option(help="Contiguous partitions of the sets, balanced by rows (default: 2 per worker, 1 in-process).", min=1, rich_help_panel=_BACKEND)] = None,
+    partitions: Annotated[Optional[int], typer.Option(help="Contiguous partitions of the sets, balanced by rows (default: 1 per worker, 1 in-process).", min=1, rich_help_panel=_BACKEND)] = None,
     connect_timeout: Annotated[float, typer.Option("--connect-timeout", help="Seconds to wait for a scheduler or batch-job workers.", rich_help_panel=_BACKEND)] = 30.0,
     model: Annotated[str, typer.Option(help="Model name (see estpipe.models).", rich_help_panel=_GMM)] = "logit",
     optimizer: Annotated[str, typer.Option(help="gauss-newton (scipy least_squares on L'g), bfgs or l-bfgs-b (scipy minimize on Q).", rich_help_panel=_GMM)] = "gauss-newton",

@@ -31,9 +31,12 @@ class Partition:
 
 
 def default_partitions(workers: int) -> int:
-    """Two partitions per worker on a cluster (so a lost worker's share spreads over the others
-    and a slow worker holds up less), one partition in-process (one tile loop, no reduction)."""
-    return 1 if workers <= 1 else 2 * workers
+    """One partition per worker (one in-process): one task per worker per evaluation. Measured on
+    100,000 sets with 2 workers, two per worker added ~4 ms of dask overhead to every evaluation
+    (twice the tasks, run one after the other on a one-thread worker) and no speed. A lost
+    worker's partition is then rebuilt whole on one survivor; ask for more with --partitions
+    when spreading that matters more (many workers, little memory to spare)."""
+    return max(1, workers)
 
 
 def plan_partitions(offsets: np.ndarray, n_partitions: int, cluster: np.ndarray | None = None) -> list[Partition]:
