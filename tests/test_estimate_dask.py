@@ -120,3 +120,39 @@ def test_killed_worker_gives_the_same_estimate(cluster, data):
     np.testing.assert_allclose(r.params, reference.params, rtol=1e-8)
     np.testing.assert_allclose(r.std_errors, reference.std_errors, rtol=1e-6)
     assert r.se_type == "clustered" and r.n_clusters == 300
+
+
+def test_evaluations_run_where_their_partitions_live(cluster, data):
+    """No partition is copied to another worker, however many evaluations run. Unrestricted,
+    a few evaluation tasks over few partitions turn "root-ish" for the scheduler once the
+    evaluations add up, and it sent them to any idle worker, which fetched the partition."""
+    from distributed import Client
+
+    def received(dask_worker):
+        return sum(d.get("total", 0) for d in dask_worker.transfer_incoming_log)
+
+    with _evaluator(data, EstimateOptions(scheduler=cluster.scheduler_address), 2) as ev, \
+            Client(cluster.scheduler_address, set_as_default=False) as c:
+        before = c.run(received)
+        holders = dict(ev.client.who_has(ev.residents))
+        assert len({h for hs in holders.values() for h in hs}) == 2  # one partition per worker
+        for i in range(12):  # the task group grows past 2x the threads after 2 evaluations
+            ev.sums(np.full(K, 0.01 * i), jacobian=True, covariance=(i % 4 == 0))
+        after = c.run(received)
+        assert dict(ev.client.who_has(ev.residents)) == holders
+    assert sum(after.values()) - sum(before.get(w, 0) for w in after) == 0
+
+
+def test_partition_buffers_are_ordinary_arrays():
+    """populated_empty: writable C-contiguous arrays of the asked shape, which pickle (a rebuilt
+    or moved partition travels as plain arrays), large and small."""
+    import pickle
+
+    from estpipe.execution.tasks import POPULATE_MIN_BYTES, populated_empty
+
+    for rows in (10, POPULATE_MIN_BYTES // (8 * 40) + 1):
+        a = populated_empty((rows, 40))
+        assert a.shape == (rows, 40) and a.dtype == np.float64 and a.flags.c_contiguous and a.flags.writeable
+        a[:] = np.arange(40)
+        b = pickle.loads(pickle.dumps(a))
+        np.testing.assert_array_equal(b, a)
