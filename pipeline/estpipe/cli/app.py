@@ -43,9 +43,6 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         print(f"estpipe: error: {exc}", file=sys.stderr)
         sys.exit(EXIT_USER)
-    except KeyboardInterrupt:
-        print("estpipe: interrupted", file=sys.stderr)
-        sys.exit(130)
     except Exception as exc:  # an internal error: say so, keep the traceback behind ESTPIPE_DEBUG
         if debug:
             traceback.print_exc()
