@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-ROWS = {"f", "value", "dual", "dual-single", "dual-generic", "adjoint", "fd", "fd-numpy"}
+ROWS = {"f", "value", "dual", "gemm", "dual-single", "dual-generic", "adjoint", "fd", "fd-numpy"}
 
 
 def _bench(*args):

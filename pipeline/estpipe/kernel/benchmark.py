@@ -110,11 +110,18 @@ def run_bench(sets=1000, alternatives=30, params=20, moments=40, repeat=30, tile
             plain_objective(step, X, dm, n, alternatives)
         return base
 
+    # The dual block's GEMM on its own, over all rows with preallocated block and output: the
+    # floor under any dual-block evaluation, so the table shows how much the rest costs.
+    reference_block = np.column_stack([np.full(len(X), 1.0 / alternatives), X])
+    gemm_out = np.empty((moments, 1 + params))
+
     calls = {
         "f": ("plain numpy Q(b): X @ b, exp, per-set normalization, dm' s / n, g'g",
               lambda: plain_objective(b, X, dm, n, alternatives)),
         "value": ("kernel moments g alone (tiled, fast logit)", lambda: kernels["dual"].sums(b, jacobian=False)),
         "dual": ("value + full Jacobian G, dual blocks (fast logit path)", lambda: kernels["dual"].sums(b)),
+        "gemm": ("dm' @ [s | ds/db] alone: the one BLAS product every dual evaluation needs",
+                 lambda: np.dot(dm.T, reference_block, out=gemm_out)),
         "dual-single": ("the same, Jacobian's GEMM in float32 (search directions only)",
                         lambda: kernels["dual"].sums(b, precision="single")),
         "dual-generic": ("value + full Jacobian G, generic dual path (any model)", lambda: generic.sums(b)),
