@@ -213,3 +213,48 @@ def test_single_precision_jacobian_keeps_values_and_gives_the_same_estimate():
         estimates[precision] = b
     assert np.abs(kernel.sums(estimates["double"], jacobian=False).g).max() < 1e-14
     np.testing.assert_allclose(estimates["single"], estimates["double"], rtol=0, atol=1e-10)
+
+
+IDLE_BLAS_SCRIPT = """
+import os, sys, time
+import estpipe
+import numpy as np
+from threadpoolctl import threadpool_info, threadpool_limits
+if not any(i.get("internal_api") == "openblas" for i in threadpool_info()):
+    print("no-openblas"); sys.exit()
+a = np.random.default_rng(0).uniform(size=(60000, 40))
+with threadpool_limits(2, user_api="blas"):
+    for _ in range(5):
+        a.T @ a
+    time.sleep(0.02)  # let a worker that spins use up a short timeout first
+    t0 = time.process_time()
+    time.sleep(0.3)
+print(os.environ["OPENBLAS_THREAD_TIMEOUT"], time.process_time() - t0)
+"""
+
+
+def _idle_blas(env_timeout=None):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+    if env_timeout is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = env_timeout
+    out = subprocess.run([sys.executable, "-c", IDLE_BLAS_SCRIPT], env=env, capture_output=True, text=True, check=True).stdout.split()
+    if out == ["no-openblas"]:
+        pytest.skip("BLAS is not OpenBLAS")
+    return out[0], float(out[1])
+
+
+@pytest.mark.skipif(len(__import__("os").sched_getaffinity(0)) < 2, reason="needs two cores for a BLAS worker")
+def test_openblas_workers_sleep_soon_after_a_threaded_call_when_estpipe_is_imported_first():
+    # A worker busy-waiting for OpenBLAS's default ~0.1 s takes a core from the kernel's tile
+    # threads (estpipe/__init__.py); with estpipe's default it sleeps within a millisecond.
+    timeout, idle_cpu = _idle_blas()
+    assert timeout == "20"
+    assert idle_cpu < 0.03, f"process used {idle_cpu:.3f} s of CPU while idle: a BLAS worker is spinning"
+
+
+def test_an_explicit_openblas_thread_timeout_is_kept():
+    assert _idle_blas("28")[0] == "28"

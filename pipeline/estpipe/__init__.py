@@ -6,6 +6,18 @@ matrix product per tile (see DESIGN.md).
 
 from __future__ import annotations
 
+import os
+
+# OpenBLAS's idle worker threads busy-wait about 2^28 cycles (~0.1 s) after every multi-threaded
+# BLAS call before they sleep. The kernel runs its tiles on its own threads with BLAS held to one
+# thread, so a worker still spinning from an earlier call (any numpy product outside the kernel)
+# takes one of the cores away from the tile threads: measured on 2 cores, it used a whole core
+# during the dual evaluations and the second tile thread gained nothing. 2^20 cycles (well under
+# a millisecond) still covers back-to-back BLAS calls. Read when OpenBLAS loads, so it works only
+# when estpipe is imported before numpy (the CLI, and the dask workers, which inherit it); an
+# explicit setting wins.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
+
 __version__ = "0.1.0"
 
 from estpipe.errors import UserError  # noqa: E402
