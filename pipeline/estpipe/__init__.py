@@ -1,7 +1,7 @@
 """estpipe: GMM estimation of logit choice models on large data.
 
 The derivatives of the moments come from forward-mode dual blocks whose heavy step is one BLAS
-matrix product per tile (see DESIGN.md).
+matrix product per tile (see docs/DESIGN.md).
 """
 
 from __future__ import annotations
