@@ -131,6 +131,9 @@ def test_evaluations_run_where_their_partitions_live(cluster, data):
     def received(dask_worker):
         return sum(d.get("total", 0) for d in dask_worker.transfer_incoming_log)
 
+    with Client(cluster.scheduler_address, set_as_default=False) as c:
+        # The killed-worker test before this one leaves the nanny restarting that worker.
+        c.wait_for_workers(2, timeout=60)
     with _evaluator(data, EstimateOptions(scheduler=cluster.scheduler_address), 2) as ev, \
             Client(cluster.scheduler_address, set_as_default=False) as c:
         before = c.run(received)
