@@ -7,9 +7,11 @@ tests reach it the way users reach an existing cluster, with --scheduler ADDRESS
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import signal
+import subprocess
 import time
 
 import numpy as np
@@ -23,12 +25,30 @@ from estpipe.simulate import simulate_choice_data
 K, M = 4, 8
 
 
-@pytest.fixture(scope="module")
-def cluster():
+@contextlib.contextmanager
+def local_cluster(n_workers: int):
+    """A LocalCluster of n_workers processes that leaves this process's environment as it found
+    it: its nannies write OMP_NUM_THREADS=1 and more into os.environ, and every later child of
+    the test process (the Slurm tests' `nproc`, sbatch) would inherit them."""
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None) as c:
+    saved = dict(os.environ)
+    try:
+        # port 0: the scheduler's HTTP server takes 8787 even without a dashboard, and a second
+        # cluster warns that it is in use
+        with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                          dashboard_address="127.0.0.1:0") as c:
+            os.environ.clear()
+            os.environ.update(saved)
+            yield c
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with local_cluster(2) as c:
         yield c
 
 
@@ -159,3 +179,28 @@ def test_partition_buffers_are_ordinary_arrays():
         a[:] = np.arange(40)
         b = pickle.loads(pickle.dumps(a))
         np.testing.assert_array_equal(b, a)
+
+
+def test_existing_cluster_gets_one_partition_per_worker(data):
+    """--scheduler / --scheduler-file (every `submit` script): by default one partition per worker
+    present when the run starts, so no worker of a 3-worker job sits idle."""
+    with local_cluster(3) as c:
+        r = estimate(data, EstimateOptions(scheduler=c.scheduler_address, steps=1))
+    assert (r.workers, r.partitions) == (3, 3)
+    assert "3 partitions" in r.backend
+
+
+BLAS_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONHASHSEED", "__DASK_PARENT_PID")
+
+
+def test_an_estimate_with_workers_leaves_the_environment_alone(data, monkeypatch):
+    """--workers 2 starts a LocalCluster, whose nannies set their pre-spawn variables in the calling
+    process; afterwards os.environ is as before and a child process sees every core."""
+    for name in BLAS_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    before = dict(os.environ)
+    r = estimate(data, EstimateOptions(workers=2, steps=1))
+    assert r.workers == 2
+    assert dict(os.environ) == before
+    cores = len(os.sched_getaffinity(0))
+    assert subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip() == str(cores)

@@ -11,19 +11,26 @@ from estpipe.execution.partitions import Partition, default_partitions, plan_par
 def make_evaluator(path, options, partitions, *, K, M, has_chosen, has_cluster, fingerprint, log) -> Evaluator:
     """The back end the options choose (DESIGN.md, "Data flow"), with every partition loaded:
     --scheduler / --scheduler-file: an existing cluster; --jobqueue KIND --workers N: batch-job
-    workers; --workers N > 1: a LocalCluster; otherwise in-process. Memory is checked first."""
+    workers; --workers N > 1: a LocalCluster; otherwise in-process. Memory is checked first.
+
+    partitions: the list, or plan(n_workers) -> the list, called once the number of workers is
+    known (for an existing cluster, only once connected: one partition per worker present)."""
     from estpipe.execution import dask_backend as db
 
-    common = dict(path=path, partitions=partitions, K=K, M=M, has_chosen=has_chosen, has_cluster=has_cluster,
+    plan = partitions if callable(partitions) else (lambda n_workers: partitions)
+    common = dict(path=path, K=K, M=M, has_chosen=has_chosen, has_cluster=has_cluster,
                   model=options.model, derivatives=options.derivatives, fingerprint=fingerprint, log=log)
     if options.scheduler or options.scheduler_file:
-        return db.connect_existing(options.scheduler, options.scheduler_file, options.connect_timeout, **common)
+        return db.connect_existing(options.scheduler, options.scheduler_file, options.connect_timeout, plan=plan,
+                                   **common)
     if options.jobqueue:
-        return db.start_jobqueue(options.jobqueue, options.workers, options.connect_timeout, **common)
+        return db.start_jobqueue(options.jobqueue, options.workers, options.connect_timeout,
+                                 partitions=plan(options.workers), **common)
     if options.workers > 1:
-        return db.start_local_cluster(options.workers, **common)
-    plan = plan_memory(partitions, [0] * len(partitions), 1, K, M, has_chosen, has_cluster, new_processes=False)
-    check_fits_machine(plan, available_memory(), "this process",
+        return db.start_local_cluster(options.workers, partitions=plan(options.workers), **common)
+    partitions = plan(1)
+    memory = plan_memory(partitions, [0] * len(partitions), 1, K, M, has_chosen, has_cluster, new_processes=False)
+    check_fits_machine(memory, available_memory(), "this process",
                        "run on a cluster (--scheduler, --jobqueue) whose workers together have enough memory")
     return InProcessEvaluator(str(path), partitions, options.model, options.derivatives)
 

@@ -88,9 +88,12 @@ class DaskEvaluator(Evaluator):
     """Partitions resident on the workers of a dask cluster reached through `client`."""
 
     def __init__(self, client, path: str, partitions: list[Partition], model: str, derivatives: str,
-                 fingerprint: str, description: str, cluster=None, check_memory=None, direct: bool = False):
+                 fingerprint: str, description: str, cluster=None, check_memory=None, direct: bool = False,
+                 environ: dict[str, str] | None = None):
         super().__init__()
         self.client = client
+        # the caller's environment before the cluster started, put back after it closes
+        self.environ = environ
         # direct: gather results straight from the workers, not relayed by the scheduler (one hop
         # less per evaluation); only where the client surely reaches the workers (a LocalCluster)
         self.direct = direct
@@ -168,8 +171,24 @@ class DaskEvaluator(Evaluator):
         try:
             self.client.close()
         finally:
-            if self.cluster is not None:
-                self.cluster.close()
+            try:
+                if self.cluster is not None:
+                    self.cluster.close()
+            finally:
+                if self.environ is not None:
+                    restore_environ(self.environ)
+
+
+def restore_environ(saved: dict[str, str]) -> None:
+    """Make os.environ equal to `saved` again. A LocalCluster's nannies write their pre-spawn
+    variables (OMP_NUM_THREADS=1, PYTHONHASHSEED, ...) into the calling process's os.environ before
+    spawning each worker (and again when they restart one), so every later child of the caller
+    (a `nproc`, an sbatch) would inherit one BLAS thread."""
+    for key in [k for k in os.environ if k not in saved]:
+        del os.environ[key]
+    for key, value in saved.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
 
 
 def worker_addresses(client) -> list[str]:
@@ -219,20 +238,29 @@ def start_local_cluster(workers: int, path, partitions, K, M, has_chosen, has_cl
                if k != "MALLOC_TRIM_THRESHOLD_"}
     config = {"distributed.worker.memory.target": False, "distributed.worker.memory.spill": False,
               "distributed.scheduler.work-stealing": False, "distributed.nanny.pre-spawn-environ": environ}
-    with dask.config.set(config):
-        cluster = LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-            dashboard_address=dashboard, env=env,
-        )
+    environ_before = dict(os.environ)
+    try:
+        with dask.config.set(config):
+            cluster = LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                dashboard_address=dashboard, env=env,
+            )
+    finally:
+        # the workers have their variables now; the caller gets its own back (a worker restarted
+        # later sets them again until close() restores them)
+        restore_environ(environ_before)
     try:
         client = Client(cluster, set_as_default=False)
         client.register_plugin(_worker_plugin(threads), name=BlasThreads.name)
         where = f"LocalCluster of {workers} worker processes at {cluster.scheduler_address}, {threads} BLAS thread{'s' if threads > 1 else ''} per worker"
         log(f"dask: {where}; dashboard: {cluster.dashboard_link if dashboard else 'off (install bokeh for it)'}")
         return DaskEvaluator(client, path, partitions, model, derivatives, fingerprint, where, cluster=cluster,
-                             direct=True)
+                             direct=True, environ=environ_before)
     except BaseException:
-        cluster.close()
+        try:
+            cluster.close()
+        finally:
+            restore_environ(environ_before)
         raise
 
 
@@ -244,10 +272,12 @@ def _dashboard_address() -> str | None:
     return "127.0.0.1:0"
 
 
-def connect_existing(address: str | None, scheduler_file: str | None, timeout: float, path, partitions, K, M,
+def connect_existing(address: str | None, scheduler_file: str | None, timeout: float, path, plan, K, M,
                      has_chosen, has_cluster, model, derivatives, fingerprint, log) -> DaskEvaluator:
     """`--scheduler ADDRESS` or `--scheduler-file FILE`: an existing cluster. An unreachable
-    scheduler gives one line naming the address tried, after at most `timeout` seconds."""
+    scheduler gives one line naming the address tried, after at most `timeout` seconds.
+
+    plan(n_workers) -> the partitions, called with the number of workers present once connected."""
     from distributed import Client
 
     if scheduler_file is not None:
@@ -272,6 +302,7 @@ def connect_existing(address: str | None, scheduler_file: str | None, timeout: f
         except TimeoutError:
             raise UserError(f"the dask scheduler at {address} has no workers (waited {min(timeout, WORKER_WAIT_SECONDS):g} s); start some with `dask worker {address}`") from None
         n = len(worker_addresses(client))
+        partitions = plan(n)
         where = f"dask cluster at {address}, {n} worker{'s' if n != 1 else ''}"
         log(f"dask: {where}; dashboard: {client.dashboard_link}")
         check = _memory_checker(partitions, K, M, has_chosen, has_cluster, client, new_processes=False)

@@ -147,10 +147,13 @@ def estimate(path: str | os.PathLike, options: EstimateOptions | None = None, *,
                      if ckpt else f"no checkpoint at {options.checkpoint} yet: starting fresh")
     checkpoint_existed = bool(options.checkpoint) and Path(options.checkpoint).exists()
 
-    requested = options.partitions or default_partitions(options.workers if not (options.scheduler or options.scheduler_file) else 2)
-    partitions = plan_partitions(offsets, requested, cluster if has_cluster else None)
-    evaluator = make_evaluator(path, options, partitions, K=K, M=M, has_chosen=has_chosen, has_cluster=has_cluster,
+    def plan(n_workers: int):
+        # the back end calls this once it knows its workers (an existing cluster's, once connected)
+        return plan_partitions(offsets, options.partitions or default_partitions(n_workers), cluster if has_cluster else None)
+
+    evaluator = make_evaluator(path, options, plan, K=K, M=M, has_chosen=has_chosen, has_cluster=has_cluster,
                                fingerprint=fingerprint, log=reporter.log)
+    partitions = evaluator.partitions
     try:
         reporter.log(f"{n_sets} sets, {n_rows} rows, K = {K}, M = {M}; {evaluator.description}; "
                      f"{len(partitions)} partition{'s' if len(partitions) != 1 else ''}")
