@@ -6,7 +6,9 @@
 #   scripts/slurm-local.sh status   print the node state (exit 1 when Slurm is not answering)
 #
 # Runs as root, with no systemd: the daemons are started directly. Idempotent: `start` on a running
-# Slurm only waits for the node to be idle. Loopback only; one partition `debug` on node `localhost`.
+# Slurm only waits for the node to be idle (after restarting slurmctld and slurmd when the
+# configuration it writes has changed). Loopback only: slurmctld and slurmd listen on 127.0.0.1
+# (what `localhost` resolves to), munged on a unix socket; one partition `debug` on node `localhost`.
 set -euo pipefail
 
 CONF=/etc/slurm/slurm.conf
@@ -32,9 +34,12 @@ install_packages() {
     apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
 }
 
+# Prints "changed" when the configuration differs from the one in place.
 write_conf() {
     local cpus mem
-    cpus=$(nproc)
+    # nproc honours OMP_NUM_THREADS and OMP_THREAD_LIMIT: the node has every core whatever the
+    # caller's OpenMP setting (a dask nanny leaves OMP_NUM_THREADS=1 behind in its parent).
+    cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
     # `slurmd -C` prints the node's real memory; Slurm refuses a node that claims more than it has.
     mem=$(slurmd -C 2>/dev/null | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' | head -1)
     mem=${mem:-1000}
@@ -43,6 +48,9 @@ write_conf() {
 # Written by estpipe scripts/slurm-local.sh: a single-node Slurm for tests.
 ClusterName=ci
 SlurmctldHost=localhost
+# Bind to the address the node name resolves to (localhost: 127.0.0.1), not to every address:
+# NoCtldInAddrAny for slurmctld, NoInAddrAny for slurmd, slurmstepd and srun.
+CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
 SlurmUser=slurm
 AuthType=auth/munge
 StateSaveLocation=/var/spool/slurmctld
@@ -65,13 +73,14 @@ SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=1000
 ReturnToService=2
 MpiDefault=none
-NodeName=localhost CPUs=$cpus RealMemory=$mem State=UNKNOWN
+NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 EOF
     if [ -f "$CONF" ] && cmp -s "$CONF" "$CONF.new"; then
         rm -f "$CONF.new"
     else
         mv "$CONF.new" "$CONF"
+        echo changed
     fi
 }
 
@@ -85,6 +94,20 @@ pid_alive() {
     [ -n "$state" ] && [ "$state" != Z ] && [ "$state" != X ]
 }
 
+# The daemons live on after this script: they must not keep the caller's open files. munged keeps
+# every descriptor it inherits, so one started under `flock LOCK bash slurm-local.sh start` held
+# LOCK for its whole life. Keep stdin/out/err and bash's own script descriptor (255).
+close_inherited_fds() {
+    local fd
+    for fd in /proc/$$/fd/*; do
+        fd=${fd##*/}
+        case $fd in
+            0 | 1 | 2 | 255) ;;
+            *) eval "exec $fd>&-" 2>/dev/null || true ;;
+        esac
+    done
+}
+
 node_state() { timeout 5 sinfo -h -o %T 2>/dev/null | head -1 || true; }
 
 start() {
@@ -93,8 +116,13 @@ start() {
     install -d -o munge -g munge -m 755 /run/munge
     install -d -o slurm -g slurm /var/spool/slurmctld /var/log/slurm
     install -d /var/spool/slurmd
-    write_conf
+    if [ "$(write_conf)" = changed ] && { pid_alive /run/slurmctld.pid || pid_alive /run/slurmd.pid; }; then
+        # the daemons read the configuration (and bind their ports) only when they start
+        log "configuration changed: restarting slurmctld and slurmd"
+        stop_daemons /run/slurmd.pid /run/slurmctld.pid
+    fi
     [ -f /etc/munge/munge.key ] || { log "creating /etc/munge/munge.key"; mungekey -c 2>/dev/null || create-munge-key -f; }
+    close_inherited_fds
     pid_alive /run/munge/munged.pid || runuser -u munge -- /usr/sbin/munged
     pid_alive /run/slurmctld.pid || /usr/sbin/slurmctld
     pid_alive /run/slurmd.pid || /usr/sbin/slurmd -N localhost
@@ -116,19 +144,23 @@ start() {
     log "up: node localhost is $state (partition debug)"
 }
 
-stop() {
-    local f
-    for f in /run/slurmd.pid /run/slurmctld.pid /run/munge/munged.pid; do
+# Stop the daemons of the given pid files, waiting (bounded) for each to end.
+stop_daemons() {
+    local f i
+    for f in "$@"; do
         if pid_alive "$f"; then
             kill -TERM "$(cat "$f")" 2>/dev/null || true
         fi
     done
-    for f in /run/slurmd.pid /run/slurmctld.pid /run/munge/munged.pid; do
-        local i
+    for f in "$@"; do
         for i in $(seq 50); do pid_alive "$f" || break; sleep 0.1; done
     done
     # A stale pid file breaks a later start and package removal.
     rm -f /run/slurmd.pid /run/slurmctld.pid
+}
+
+stop() {
+    stop_daemons /run/slurmd.pid /run/slurmctld.pid /run/munge/munged.pid
     log "stopped"
 }
 

@@ -40,6 +40,27 @@ def slurm():
     return {"start_seconds": time.perf_counter() - t0}
 
 
+def test_slurm_daemons_listen_on_loopback_only(slurm):
+    """scripts/slurm-local.sh says loopback only: slurmctld and slurmd listen on 127.0.0.1 (not
+    on every address, Slurm's default), munged on a unix socket alone."""
+    import ipaddress
+
+    import psutil
+
+    listening: dict[str, list[str]] = {}
+    for proc in psutil.process_iter(["name"]):
+        if proc.info["name"] in ("slurmctld", "slurmd", "munged"):
+            try:
+                sockets = proc.net_connections(kind="inet")
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            listening.setdefault(proc.info["name"], []).extend(
+                c.laddr.ip for c in sockets if c.status == psutil.CONN_LISTEN)
+    assert listening.get("slurmctld") and listening.get("slurmd"), listening
+    assert not listening.get("munged"), listening
+    assert all(ipaddress.ip_address(ip).is_loopback for ips in listening.values() for ip in ips), listening
+
+
 def job_state(job_id: str) -> str:
     out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
     match = re.search(r"JobState=(\S+)", out)
