@@ -101,3 +101,61 @@ def test_simulate_into_a_missing_folder_exits_2(tmp_path):
     proc = _estpipe("simulate", tmp_path / "no" / "d.h5", "--sets", "5")
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+USAGE_ERRORS = [
+    pytest.param(["estimate", "d.h5", "--workers", "0"], "estimate", "'--workers'", id="estimate-workers-0"),
+    pytest.param(["estimate", "d.h5", "--partitions", "0"], "estimate", "'--partitions'", id="estimate-partitions-0"),
+    pytest.param(["estimate", "d.h5", "--workers"], "estimate", "'--workers' requires an argument", id="estimate-option-without-value"),
+    pytest.param(["estimate", "d.h5", "--max-iter", "many"], "estimate", "'--max-iter'", id="estimate-bad-type"),
+    pytest.param(["estimate"], "estimate", "Missing argument", id="estimate-missing-data"),
+    pytest.param(["simulate", "{folder}"], "simulate", "is a directory", id="simulate-into-a-folder"),
+    pytest.param(["simulate", "d.h5", "--sets", "abc"], "simulate", "'--sets'", id="simulate-bad-type"),
+    pytest.param(["load", "in.csv", "o.h5", "--x", "a"], "load", "Missing option '--set-col'", id="load-missing-option"),
+    pytest.param(["load", "in.csv", "o.h5", "--set-col", "s", "--choice-col", "c", "--x", "a", "--frob"], "load",
+                 "No such option: --frob", id="load-unknown-option"),
+    pytest.param(["inspect", "d.h5", "--jsn"], "inspect", "No such option: --jsn", id="inspect-unknown-option"),
+    pytest.param(["submit", "job.toml", "--dry"], "submit", "--dry-run", id="submit-unknown-option-suggests"),
+    pytest.param(["run"], "run", "Missing argument", id="run-missing-spec"),
+    pytest.param(["bench", "--sets", "-"], "bench", "'--sets'", id="bench-bad-type"),
+]
+
+
+@pytest.mark.parametrize("argv, command, words", USAGE_ERRORS)
+def test_usage_errors_are_one_line_exit_2(tmp_path, capsys, monkeypatch, argv, command, words):
+    """click's usage errors, which Typer draws as a box under the usage, are one line like every
+    other user error, with where to look: `estpipe <command> --help`."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(SystemExit) as info:
+        main([a.format(folder=tmp_path / "folder") for a in argv])
+    assert info.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1, err
+    assert err.startswith("estpipe: error: ") and words in err, err
+    assert err.rstrip().endswith(f"see `estpipe {command} --help`"), err
+    assert sorted(os.listdir(tmp_path)) == ["folder"] and os.listdir(tmp_path / "folder") == []
+
+
+def test_usage_error_through_the_real_command():
+    proc = _estpipe("estimate", "d.h5", "--workers", "0")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("estpipe: error: Invalid value for '--workers'") and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_version(capsys):
+    from estpipe import __version__
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"estpipe {__version__}\n"
+
+
+def test_no_arguments_prints_the_help(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2  # click's no_args_is_help code, as before
+    out, err = capsys.readouterr()
+    assert "Usage: estpipe" in out and " estimate " in out and err == ""
