@@ -117,6 +117,13 @@ def _bad_files(tmp_path):
                          n_params=2, n_moments=2, param_names=["a", "b"], moment_names=["a", "b"], provenance="{}").items():
             f.attrs[k] = v
     files["huge"] = huge
+    # bad values in the file's arrays: a NaN in X, an inf in dm, |x| beyond 1e154 in X
+    for name, dataset, (row, col), value in [("nan-in-X", "X", (437, 2), np.nan), ("inf-in-dm", "dm", (5, 3), -np.inf),
+                                             ("too-large-in-X", "X", (599, 0), 2e154)]:
+        files[name] = tmp_path / f"{name}.h5"
+        Xv, dmv = X.copy(), dm.copy()
+        (Xv if dataset == "X" else dmv)[row, col] = value
+        _write(files[name], Xv, dmv, sizes, x_names=["price", "income", "time"], m_names=["z_price", "z_income", "z_time", "z_sq"])
     return files
 
 
@@ -141,6 +148,11 @@ BAD = [
     pytest.param("huge", ["--workers", "2"], "will not fit in memory", id="will-not-fit-local-cluster"),
     pytest.param("small", ["--resume"], "--resume needs --checkpoint", id="resume-without-checkpoint"),
     pytest.param("small", ["--steps", "3"], "--steps must be 1 or 2", id="bad-steps"),
+    pytest.param("nan-in-X", [], "nan-in-X.h5: dataset X, column time, row 437 (0-based, in set 145) is NaN", id="nan-in-X"),
+    pytest.param("inf-in-dm", [], "dataset dm, column z_sq, row 5 (0-based, in set 1) is -inf", id="inf-in-dm"),
+    pytest.param("too-large-in-X", [], "dataset X, column price, row 599 (0-based, in set 199) is 2e+154, beyond +-1e+154",
+                 id="too-large-in-X"),
+    pytest.param("too-large-in-X", [], "rescale column price (e.g. to thousands)", id="too-large-says-rescale"),
 ]
 
 
@@ -211,3 +223,29 @@ def test_killed_run_resumes_to_the_same_estimate_with_fewer_evaluations(tmp_path
     np.testing.assert_allclose(d["std_errors"], fresh.std_errors, rtol=1e-5)
     assert d["resumed"]["evaluations_before"] >= 1
     assert d["evaluations"] < fresh.evaluations
+
+
+def test_bad_value_found_by_a_dask_worker_is_one_line(bad_files, tmp_path):
+    """The check runs where partitions are read: on a worker, the UserError comes back as the
+    same one line, without the worker's "Compute Failed" log or the scheduler's close warnings."""
+    proc = subprocess.run([sys.executable, "-m", "estpipe", "estimate", str(bad_files["nan-in-X"]), "--workers", "2",
+                           "--partitions", "3", "--out", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith("estpipe: dask: ")]
+    assert lines == [lines[0]] and lines[0].startswith("estpipe: error: ") and "column time, row 437" in lines[0], proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_values_up_to_1e154_pass_the_check():
+    """|value| <= 1e154 passes, also when the sum of squares overflows (many large values); just
+    above it is refused."""
+    from estpipe.errors import UserError
+    from estpipe.execution.tasks import check_values
+
+    offsets = np.array([0, 2, 4])
+    big = np.full((4, 2), 1e154)
+    big[1, 1] = -1e154
+    check_values("f.h5", "X", big, ["a", "b"], 0, offsets, 0)
+    big[3, 1] = 1.0000001e154
+    with pytest.raises(UserError, match=r"f.h5: dataset X, column b, row 13 \(0-based, in set 6\)"):
+        check_values("f.h5", "X", big, ["a", "b"], 10, offsets, 5)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -61,13 +62,36 @@ class BlasThreads:
         pass
 
 
-def _worker_plugin(threads: int):
-    from distributed.diagnostics.plugin import WorkerPlugin
+def _drop_user_error_records(record: logging.LogRecord) -> bool:
+    """A logging filter: False for the worker's "Compute Failed" record (with its traceback) of a
+    task that raised a UserError. That error travels to the client, which prints its one line."""
+    args = record.args if isinstance(record.args, tuple) else ()
+    return not (str(record.msg).startswith("Compute Failed") and len(args) > 3
+                and str(args[3]).startswith(f"{UserError.__name__}("))
 
-    class _Plugin(BlasThreads, WorkerPlugin):
+
+class QuietUserErrors:
+    """A dask WorkerPlugin that installs `_drop_user_error_records` on a worker's logger."""
+
+    name = "estpipe-quiet-user-errors"
+
+    def setup(self, worker=None):
+        logging.getLogger("distributed.worker").addFilter(_drop_user_error_records)
+
+    def teardown(self, worker=None):
         pass
 
-    return _Plugin(threads)
+    def transition(self, key, start, finish, **kwargs):
+        pass
+
+
+def _worker_plugin(plugin_class, *args):
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class _Plugin(plugin_class, WorkerPlugin):
+        pass
+
+    return _Plugin(*args)
 
 
 def _worker_available_bytes(dask_worker=None) -> int:
@@ -124,9 +148,12 @@ class DaskEvaluator(Evaluator):
         # wait, not gather: the partitions must stay on the workers
         with client.as_current():
             wait(self.residents)
-        for f in self.residents:
-            if f.status == "error":
-                raise f.exception()  # the worker's exception, UserError included
+        failed = [f.exception() for f in self.residents if f.status == "error"]
+        if failed:
+            # let go of the partitions before the caller closes the cluster: a worker closed while
+            # the client still wants its results makes the scheduler warn it is losing them
+            self.residents = []
+            raise failed[0]  # the worker's exception, UserError included
         self.holders = [addresses[w] for w in assignment]
 
     def _holders(self) -> list[str]:
@@ -249,15 +276,19 @@ def start_local_cluster(workers: int, path, partitions, K, M, has_chosen, has_cl
         # the workers have their variables now; the caller gets its own back (a worker restarted
         # later sets them again until close() restores them)
         restore_environ(environ_before)
+    client = None
     try:
         client = Client(cluster, set_as_default=False)
-        client.register_plugin(_worker_plugin(threads), name=BlasThreads.name)
+        client.register_plugin(_worker_plugin(BlasThreads, threads), name=BlasThreads.name)
+        client.register_plugin(_worker_plugin(QuietUserErrors), name=QuietUserErrors.name)
         where = f"LocalCluster of {workers} worker processes at {cluster.scheduler_address}, {threads} BLAS thread{'s' if threads > 1 else ''} per worker"
         log(f"dask: {where}; dashboard: {cluster.dashboard_link if dashboard else 'off (install bokeh for it)'}")
         return DaskEvaluator(client, path, partitions, model, derivatives, fingerprint, where, cluster=cluster,
                              direct=True, environ=environ_before)
     except BaseException:
         try:
+            if client is not None:
+                client.close()  # before the cluster, so the scheduler sees no wanted results lost
             cluster.close()
         finally:
             restore_environ(environ_before)
