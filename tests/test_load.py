@@ -316,6 +316,14 @@ BAD = {
                              ["--asc-base 7", "alt", "levels are: 1, 2"]),
     "output-folder-missing": ("in.csv", GOOD, BASE, ["nofolder", "does not exist"]),
     "parquet-nan": ("in.parquet", edit(6, "x0", "NaN"), BASE, ["in.parquet", "row 4 (0-based)", "x0", "NaN"]),
+    "too-large": ("in.csv", edit(5, "x1", "2e154"), BASE, ["line 5", "column x1", "2e+154", "beyond +-1e+154",
+                                                          "rescale the column (e.g. to thousands)"]),
+    "too-large-negative": ("in.csv", edit(3, "x0", "-1e200"), BASE, ["line 3", "column x0", "-1e+200", "rescale"]),
+    "parquet-too-large": ("in.parquet", edit(4, "x1", "1e155"), BASE, ["row 2 (0-based)", "column x1", "1e+155"]),
+    "duplicate-header-name": ("in.csv", GOOD.replace("x1,cl", "x0,cl", 1), BASE,
+                              ["column 'x0' 2 times", "columns 4, 5", "unique"]),
+    "decimal-comma": ("in.csv", edit(3, "x0", '"0,7"').replace(",", ";").replace('"0;7"', "0,7"), BASE,
+                      ["line 3", "column x0", "'0,7'", "decimal comma"]),
 }
 
 
@@ -360,7 +368,7 @@ def test_good_input_of_the_bad_cases_loads(tmp_path):
         np.testing.assert_array_equal(f.read_cluster(), [0, 1, 1])
 
 
-IN_PROCESS = ["non-numeric", "missing-value", "nan", "infinite", "missing-set-id", "set-not-contiguous", "no-chosen-row",
+IN_PROCESS = ["non-numeric", "missing-value", "nan", "infinite", "too-large", "missing-set-id", "set-not-contiguous", "no-chosen-row",
               "several-chosen-rows", "choice-not-0-1", "cluster-not-contiguous", "set-in-two-clusters"]
 
 
@@ -391,3 +399,81 @@ def test_bad_input_one_line_exit_2_no_file(bad_runs, case):
         assert word in lines[0], f"{word!r} not in {lines[0]!r}"
     assert os.listdir(root / case / "out") == []
     assert run.stdout == ""
+
+
+@pytest.mark.parametrize("value", ["1e154", "-1e154", "9.99e153"])
+def test_values_up_to_1e154_load(tmp_path, value):
+    path = tmp_path / "in.csv"
+    path.write_text(edit(5, "x1", value))
+    load_choice_data(path, tmp_path / "o.h5", set_col="sid", choice_col="choice", x="x0,x1")
+    with ChoiceDataFile(tmp_path / "o.h5") as f:
+        assert f.read_sets().X[3, 1] == float(value)
+
+
+# -- other delimiters -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("delimiter, name", [pytest.param(";", "semicolon", id="semicolon"),
+                                             pytest.param("\t", "tab", id="tab")])
+def test_semicolon_or_tab_separated_file_loads_with_a_note(tmp_path, delimiter, name):
+    """A header with no comma but semicolons (or tabs) is read with that delimiter, to the same
+    arrays as the comma-separated file, and a note says so."""
+    (tmp_path / "comma.csv").write_text(GOOD)
+    (tmp_path / "other.csv").write_text(GOOD.replace(",", delimiter))
+    runs = {}
+    for stem in ("comma", "other"):
+        runs[stem] = subprocess.run([*ESTPIPE, "load", str(tmp_path / f"{stem}.csv"), str(tmp_path / f"{stem}.h5"), *BASE,
+                                     "--cluster-col", "sid"], capture_output=True, text=True)
+        assert runs[stem].returncode == 0, runs[stem].stderr
+    assert runs["comma"].stderr == ""
+    assert runs["other"].stderr == (f"estpipe: note: {tmp_path / 'other.csv'}: the header is {name}-separated, "
+                                    "not comma-separated; read it as such\n")
+    with ChoiceDataFile(tmp_path / "comma.h5") as a, ChoiceDataFile(tmp_path / "other.h5") as b:
+        np.testing.assert_array_equal(a.read_sets().X, b.read_sets().X)
+        np.testing.assert_array_equal(a.read_sets().dm, b.read_sets().dm)
+        assert b.provenance["input_delimiter"] == delimiter
+
+
+# -- notes on x columns whose parameters are not identified ---------------------------------------
+
+
+def _frame_with_unidentified_columns(rng, n_sets=40):
+    frame = long_frame(rng, n_sets, n_x=1)
+    sizes = frame.groupby("sid", sort=False).size().to_numpy()
+    frame["income"] = np.repeat(rng.normal(size=n_sets).round(3), sizes)  # the same within each set
+    frame["one"] = 1.0
+    frame["x0_again"] = frame["x0"]
+    return frame
+
+
+@pytest.mark.parametrize("batch_rows", [1, 5, 1000], ids=lambda b: f"batch-{b}")
+def test_unidentified_x_columns_get_notes_whatever_the_batches(tmp_path, batch_rows):
+    frame = _frame_with_unidentified_columns(np.random.default_rng(7))
+    path = write(frame, tmp_path / "in.csv")
+    summary = load_choice_data(path, tmp_path / "o.h5", set_col="sid", choice_col="choice",
+                               x="x0,income,one,w,x0_again", alt_col="alt", asc=True, batch_rows=batch_rows)
+    assert len(summary.notes) == 3, summary.notes
+    income, one, twins = summary.notes  # in --x order, pairs last
+    assert one.startswith("column one (--x) is 1 in every row") and "drop one from --x" in one
+    assert income.startswith("column income (--x) never varies within a set") and "drop income from --x" in income
+    assert twins.startswith("columns x0 and x0_again (--x) are equal in every row") and "drop one of them" in twins
+    assert (tmp_path / "o.h5").exists()
+
+
+def test_notes_on_stderr_and_the_file_is_written(tmp_path):
+    frame = _frame_with_unidentified_columns(np.random.default_rng(8))
+    path = write(frame, tmp_path / "in.csv")
+    run = subprocess.run([*ESTPIPE, "load", str(path), str(tmp_path / "o.h5"), "--set-col", "sid", "--choice-col",
+                          "choice", "--x", "x0,income,w"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    lines = run.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("estpipe: note: column income (--x) never varies within a set"), run.stderr
+    assert "wrote" in run.stdout and (tmp_path / "o.h5").exists()
+
+
+def test_x_columns_that_vary_get_no_notes(tmp_path):
+    frame = long_frame(np.random.default_rng(9), 30)
+    path = write(frame, tmp_path / "in.csv")
+    summary = load_choice_data(path, tmp_path / "o.h5", set_col="sid", choice_col="choice", x="x0,x1,x2,w",
+                               alt_col="alt", asc=True, batch_rows=3)
+    assert summary.notes == []

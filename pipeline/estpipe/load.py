@@ -21,6 +21,7 @@ checked like any other, then the set is dropped; `LoadSummary` and the provenanc
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from estpipe.data.format import ChoiceDataWriter, provenance
+from estpipe.data.format import MAX_ABS_VALUE, ChoiceDataWriter, provenance
 from estpipe.errors import UserError
 
 DEFAULT_BATCH_ROWS = 65_536
@@ -58,6 +59,7 @@ class LoadSummary:
     first_dropped_set_id: str | None = None
     n_clusters: int | None = None
     asc_levels: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # for stderr: what the user may want to change
 
     @property
     def rows_per_second(self) -> float:
@@ -85,8 +87,44 @@ class _Table:
                 f"{path}: unsupported file type; estpipe load reads long-format CSV "
                 f"({', '.join(CSV_SUFFIXES)}) or Parquet ({', '.join(PARQUET_SUFFIXES)}): rename or convert the file"
             )
+        self.delimiter = self._delimiter() if self.kind == "csv" else ","
         self.names = self._column_names()
+        self._check_unique_names()
         self.n_batches = 0
+
+    def _delimiter(self) -> str:
+        """',' unless the header line has no comma but semicolons or tabs (a ;-separated export of
+        a spreadsheet in a decimal-comma locale, or a TSV named .csv): then that one."""
+        try:
+            with pa.input_stream(str(self.path), compression="detect") as f:
+                header = f.read(1 << 16).split(b"\n", 1)[0]
+        except (pa.ArrowInvalid, OSError):
+            return ","  # reported by the reader, with its reason
+        if b"," in header:
+            return ","
+        counts = {";": header.count(b";"), "\t": header.count(b"\t")}
+        best = max(counts, key=counts.get)
+        return best if counts[best] else ","
+
+    @property
+    def delimiter_name(self) -> str:
+        return {",": "comma", ";": "semicolon", "\t": "tab"}[self.delimiter]
+
+    def _check_unique_names(self) -> None:
+        positions: dict[str, list[int]] = {}
+        for i, name in enumerate(self.names, start=1):
+            positions.setdefault(name, []).append(i)
+        for name, where in positions.items():
+            if len(where) > 1:
+                raise UserError(
+                    f"{self.path}: the header names column {name!r} {len(where)} times (columns "
+                    f"{', '.join(map(str, where))}, counting from 1); rename them so that every column name is unique"
+                )
+
+    def _parse_options(self):
+        import pyarrow.csv as pacsv
+
+        return pacsv.ParseOptions(delimiter=self.delimiter)
 
     def where(self, row: int) -> str:
         """A row's place in the file, for messages: `row` is the 0-based data row."""
@@ -97,7 +135,8 @@ class _Table:
             if self.kind == "csv":
                 import pyarrow.csv as pacsv
 
-                return list(pacsv.open_csv(self.path, read_options=pacsv.ReadOptions(block_size=1 << 16)).schema.names)
+                return list(pacsv.open_csv(self.path, read_options=pacsv.ReadOptions(block_size=1 << 16),
+                                           parse_options=self._parse_options()).schema.names)
             import pyarrow.parquet as pq
 
             return list(pq.ParquetFile(self.path).schema_arrow.names)
@@ -128,6 +167,7 @@ class _Table:
                 reader = pacsv.open_csv(
                     self.path,
                     read_options=pacsv.ReadOptions(block_size=self._csv_block_bytes()),
+                    parse_options=self._parse_options(),
                     convert_options=pacsv.ConvertOptions(
                         include_columns=columns,
                         column_types={c: pa.string() for c in columns},
@@ -331,9 +371,11 @@ def _float_column(table: _Table, arr: pa.Array, row0: int, column: str) -> np.nd
             arr = pc.cast(arr, pa.float64())
         except pa.ArrowInvalid:
             i = _first_unparsable(arr)
+            text = arr[i].as_py()
+            hint = " (a decimal comma? write numbers with a decimal point)" if _DECIMAL_COMMA.match(text) else ""
             raise UserError(
-                f"{table.path}: {table.where(row0 + i)}: column {column} holds {arr[i].as_py()!r}, which is not a "
-                "number; every used column must be numeric"
+                f"{table.path}: {table.where(row0 + i)}: column {column} holds {text!r}, which is not a "
+                f"number{hint}; every used column must be numeric"
             ) from None
     elif pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type) or pa.types.is_boolean(arr.type) or pa.types.is_decimal(arr.type):
         arr = pc.cast(arr, pa.float64())
@@ -342,14 +384,21 @@ def _float_column(table: _Table, arr: pa.Array, row0: int, column: str) -> np.nd
             f"{table.path}: column {column} has type {arr.type}, not a number; every used column must be numeric"
         )
     values = arr.to_numpy(zero_copy_only=False)
-    finite = np.isfinite(values)
-    if not finite.all():
-        i = int(np.argmin(finite))
+    ok = np.abs(values) <= MAX_ABS_VALUE  # False for NaN too
+    if not ok.all():
+        i = int(np.argmin(ok))
+        where = f"{table.path}: {table.where(row0 + i)}: column {column} holds"
+        if np.isfinite(values[i]):
+            raise UserError(
+                f"{where} {values[i]:g}, beyond +-{MAX_ABS_VALUE:g} (its square overflows float64); rescale the "
+                f"column (e.g. to thousands) and load again"
+            )
         kind = "NaN" if np.isnan(values[i]) else "an infinite value"
-        raise UserError(
-            f"{table.path}: {table.where(row0 + i)}: column {column} holds {kind}; every used value must be a finite number"
-        )
+        raise UserError(f"{where} {kind}; every used value must be a finite number")
     return values
+
+
+_DECIMAL_COMMA = re.compile(r"^\s*[-+]?\d*,\d+\s*$")
 
 
 def _first_unparsable(arr: pa.Array) -> int:
@@ -385,6 +434,58 @@ class _Spec:
         return list(dict.fromkeys(self.numeric_columns + ([self.alt_col] if self.alt_col is not None else [])))
 
 
+class _XColumnFacts:
+    """What the values pass learns about the --x columns (not the constants --asc adds), batch by
+    batch of whole sets: whether each is the same in every row, the same within every set, or
+    equal to another x column in every row. Such a column's parameter is not identified (estimate
+    refuses the model); load writes the file and says so. Once a fact is settled for a column
+    (it varies; a pair differs) it is not looked at again, so after the first batches this costs
+    one comparison with the first row per value."""
+
+    def __init__(self, names: list[str]):
+        k = len(names)
+        self.names = names
+        self.first: np.ndarray | None = None  # (k,) the first row
+        self.varies = np.zeros(k, dtype=bool)
+        self.varies_within = np.zeros(k, dtype=bool)
+        self.equal = np.triu(np.ones((k, k), dtype=bool), 1)  # equal[a, b], a < b: equal so far
+
+    def update(self, X: np.ndarray, sizes: np.ndarray) -> None:
+        """X: (rows, k) the x columns of whole sets of `sizes` (n_sets,) rows."""
+        if X.shape[0] == 0:
+            return
+        if self.first is None:
+            self.first = X[0].copy()
+        open_ = np.flatnonzero(~self.varies)
+        if open_.size:
+            self.varies[open_] = (X[:, open_] != self.first[open_]).any(axis=0)
+        open_ = np.flatnonzero(~self.varies_within)
+        if open_.size:
+            Xo = X[:, open_]
+            starts = np.cumsum(sizes) - sizes
+            self.varies_within[open_] = (Xo != np.repeat(Xo[starts], sizes, axis=0)).any(axis=0)
+        for a, b in zip(*np.nonzero(self.equal)):
+            self.equal[a, b] = np.array_equal(X[:, a], X[:, b])
+
+    def notes(self) -> list[str]:
+        out = []
+        for j, name in enumerate(self.names):
+            if self.first is not None and not self.varies[j]:
+                out.append(f"column {name} (--x) is {self.first[j]:g} in every row, so it never varies within a set and "
+                           f"its parameter is not identified; estimate refuses such a model: drop {name} from --x")
+            elif not self.varies_within[j]:
+                out.append(f"column {name} (--x) never varies within a set (it describes the set, not the "
+                           f"alternative), so its parameter is not identified; estimate refuses such a model: drop {name} "
+                           "from --x, or enter it multiplied by an attribute of the alternatives")
+        for b in range(len(self.names)):
+            twins = [a for a in np.flatnonzero(self.equal[:, b]) if self.varies_within[a] and self.varies_within[b]]
+            if twins:
+                a = int(twins[0])
+                out.append(f"columns {self.names[a]} and {self.names[b]} (--x) are equal in every row, so their "
+                           f"parameters are not identified apart; estimate refuses such a model: drop one of them from --x")
+        return out
+
+
 class _SetBuilder:
     """Turns rows of whole sets into X (rows, K), dm (rows, M), chosen and set sizes, checks that
     each set has exactly one chosen row, and drops sets with a single alternative."""
@@ -399,6 +500,7 @@ class _SetBuilder:
             self.asc_index = np.array([i for i, v in enumerate(structure.levels) if v != base], dtype=np.int64)
         self.n_dropped = 0
         self.first_dropped: str | None = None
+        self.x_facts = _XColumnFacts(spec.x)
 
     def asc(self, alts: pa.Array) -> np.ndarray:
         """alts: (rows,) alternative levels -> (rows, n_levels - 1) 0/1 constants."""
@@ -448,6 +550,7 @@ class _SetBuilder:
             X, dm, choice = X[keep_rows], dm[keep_rows], choice[keep_rows]
             sizes = sizes[keep_sets]
             cluster = cluster[keep_sets] if cluster is not None else None
+        self.x_facts.update(X[:, : len(self.spec.x)], sizes)
         return X, dm, sizes, choice.astype(np.int8), cluster
 
 
@@ -557,6 +660,7 @@ def load_choice_data(
     details = {
         "input": str(input),
         "input_format": table.kind,
+        "input_delimiter": table.delimiter if table.kind == "csv" else None,
         "options": {
             "set_col": set_col, "choice_col": choice_col, "x": x_cols, "z": z_cols, "dm": dm_cols,
             "alt_col": alt_col, "asc": asc, "asc_base": asc_base, "cluster_col": cluster_col,
@@ -607,6 +711,13 @@ def load_choice_data(
         details["first_dropped_set_id"] = builder.first_dropped
         details["n_batches"] = table.n_batches
         writer.provenance = provenance(command, **details)
+    notes = []
+    if table.delimiter != ",":
+        notes.append(f"{input}: the header is {table.delimiter_name}-separated, not comma-separated; read it as such")
+    if builder.n_dropped:
+        notes.append(f"dropped {builder.n_dropped} set(s) with a single alternative (first: set {builder.first_dropped}); "
+                     "they carry no information")
+    notes += builder.x_facts.notes()
     n_kept = structure.n_sets - builder.n_dropped
     n_clusters = None
     if structure.cluster_codes is not None:
@@ -627,6 +738,7 @@ def load_choice_data(
         first_dropped_set_id=builder.first_dropped,
         n_clusters=n_clusters,
         asc_levels=[_text(v) for v in asc_levels or []],
+        notes=notes,
     )
 
 

@@ -53,12 +53,8 @@ def command(
         asc_base=asc_base,
         cluster_col=cluster_col,
     )
-    if summary.n_dropped_single_sets:
-        print(
-            f"estpipe: note: dropped {summary.n_dropped_single_sets} set(s) with a single alternative "
-            f"(first: set {summary.first_dropped_set_id}); they carry no information",
-            file=sys.stderr,
-        )
+    for note in summary.notes:
+        print(f"estpipe: note: {note}", file=sys.stderr)
     clusters = f", {summary.n_clusters} clusters" if summary.n_clusters is not None else ""
     print(
         f"wrote {summary.output}: {summary.n_sets} sets, {summary.n_rows} rows{clusters}, "

@@ -26,6 +26,9 @@ FORMAT_VERSION = 1
 DEFAULT_CHUNK_ROWS = 16384
 REQUIRED_DATASETS = ("offsets", "X", "dm")
 REQUIRED_ATTRS = ("n_sets", "n_rows", "n_params", "n_moments", "param_names", "moment_names")
+# The largest |value| X and dm may hold: its square (in the h h' sums of S and the Gauss-Newton
+# products) must fit in float64 (1.8e308). `estpipe load` and every partition read refuse more.
+MAX_ABS_VALUE = 1e154
 
 
 def _h5py():

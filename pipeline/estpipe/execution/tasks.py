@@ -16,13 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from estpipe.data.format import ChoiceDataFile
+from estpipe.data.format import MAX_ABS_VALUE, ChoiceDataFile
 from estpipe.errors import UserError
 from estpipe.kernel import MomentSums, PartitionKernel
-
-# The largest |value| of X and dm accepted: its square (in S = h h' sums and Gauss-Newton products)
-# must fit in float64 (max 1.8e308). Anything up to it estimates like any other unit.
-MAX_ABS_VALUE = 1e154
 
 
 @dataclass(eq=False)

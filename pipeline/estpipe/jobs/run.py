@@ -34,11 +34,13 @@ def prepare_data(spec: JobSpec) -> Path:
         if not data.input.exists():
             raise UserError(f"job spec {spec.source}: data.input {str(data.input)!r} does not exist; give the CSV or Parquet file to load")
         _log(f"data: loading {data.input} -> {data.path}")
-        load_choice_data(
+        summary = load_choice_data(
             data.input, data.path, set_col=data.set_col, choice_col=data.choice_col, x=list(data.x),
             z=list(data.z) if data.z else None, dm=list(data.dm) if data.dm else None,
             alt_col=data.alt_col, asc=data.asc, asc_base=data.asc_base, cluster_col=data.cluster_col,
         )
+        for note in summary.notes:
+            _log(f"note: {note}")
     else:
         from estpipe.simulate import simulate_choice_data
 
