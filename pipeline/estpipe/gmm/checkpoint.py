@@ -4,7 +4,8 @@ accepted iteration, so `--resume` can continue a killed run from its last accept
 A checkpoint holds the data fingerprint and the options that change the estimate (a checkpoint of
 other data or options is refused), the step in progress, its weight matrix (for step 2 the
 covariance S(b1) it inverts, and b1 itself), the last accepted parameters, the evaluation count,
-the finished steps and the history of accepted iterations.
+the finished steps, the history of accepted iterations, and the run's scaling (the units the
+optimizer works in, fixed at the start of the run, so a resumed run takes the same path).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from estpipe.errors import UserError
 
 KIND = "estpipe-checkpoint"
-VERSION = 1
+VERSION = 2
 
 
 def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
@@ -49,11 +50,13 @@ class Checkpoint:
     evaluations: int
     steps_done: list[dict] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
+    scaling: dict | None = None
 
     def to_dict(self) -> dict:
         return {"kind": KIND, "version": VERSION, "fingerprint": self.fingerprint, "options": self.options,
                 "step": self.step, "weight": self.weight, "b1": self.b1, "params": self.params,
-                "evaluations": self.evaluations, "steps_done": self.steps_done, "history": self.history}
+                "evaluations": self.evaluations, "steps_done": self.steps_done, "history": self.history,
+                "scaling": self.scaling}
 
     def save(self, path: str | os.PathLike) -> None:
         write_json_atomic(path, self.to_dict())
@@ -86,4 +89,5 @@ def load_checkpoint(path: str | os.PathLike, fingerprint: str, options: dict, da
                         "rerun with the same options, or remove it to start fresh")
     return Checkpoint(fingerprint=d["fingerprint"], options=d["options"], step=int(d["step"]), weight=d["weight"],
                       b1=d["b1"], params=[float(v) for v in d["params"]], evaluations=int(d["evaluations"]),
-                      steps_done=list(d.get("steps_done", [])), history=list(d.get("history", [])))
+                      steps_done=list(d.get("steps_done", [])), history=list(d.get("history", [])),
+                      scaling=d.get("scaling"))
