@@ -23,7 +23,7 @@ from estpipe.execution import make_evaluator
 from estpipe.execution.partitions import default_partitions, plan_partitions
 from estpipe.gmm.checkpoint import Checkpoint, load_checkpoint
 from estpipe.gmm.inference import check_identification, covariance_of_estimates, default_explanation, j_test
-from estpipe.gmm.linalg import combinations_text
+from estpipe.gmm.linalg import combinations_text, minimal_dependent_principal
 from estpipe.gmm.optimize import GmmObjective, IterationRecord, MomentOracle, run_optimizer
 from estpipe.gmm.options import EstimateOptions
 from estpipe.gmm.results import Results, StepRecord
@@ -277,6 +277,26 @@ class _Run:
                 f"instruments do not vary separately with them); add instruments that move with each of them "
                 "(estpipe load --z), or drop one")
 
+    def _check_collinear_x(self, where: str) -> None:
+        """Columns of X that parameters multiply and that are collinear within sets (a data fact,
+        whatever the instruments): the smallest such set, with the relation between them."""
+        columns = self.model.param_columns(self.K)
+        mapped = [k for k, col in enumerate(columns) if col is not None]
+        if len(mapped) < 2:
+            return
+        xcols = [columns[k] for k in mapped]
+        Cw = self.within[np.ix_(xcols, xcols)]
+        found = minimal_dependent_principal(Cw)
+        if found is None:
+            return
+        sub = Cw[np.ix_(found, found)]
+        d = np.sqrt(np.diag(sub))
+        _, vectors = np.linalg.eigh(sub / np.outer(d, d))
+        in_x = vectors[:, 0] / d / self.scaling.seed_x[[xcols[i] for i in found]]
+        names = [self.names[mapped[i]] for i in found]
+        raise UserError(f"the parameters are not identified at {where}: {', '.join(names)} are collinear within sets: "
+                        f"in every set {combinations_text(names, in_x)} plus a constant per set; drop one of them")
+
     def _check_identified(self, sums, where: str) -> None:
         """Identification at a point, whatever the step's W: the columns of X that never vary
         within sets first (a data fact), then the moment covariance S, then the singular values
@@ -289,6 +309,7 @@ class _Run:
                 f"the parameters are not identified at {where}: {', '.join(flat)} never var{'y' if many else 'ies'} "
                 "within sets (only differences within a set identify a logit; a constant per decision maker drops "
                 f"out): drop {'them' if many else 'it'} or interact {'them' if many else 'it'} with alternative attributes")
+        self._check_collinear_x(where)
         Ws = WeightMatrix.inverse_of(sums.S_scaled, self.scaling.moments, sums.n_sets, self.moment_names,
                                      sums.n_units, where)
         B = Ws.whiten(self.scaling.moments[:, None] * sums.G, normalized=False) * self._rank_columns()[None, :]
@@ -314,10 +335,13 @@ class _Run:
         self._check_identified(s0, where)
         if W is None:
             self.scaling.standardize(s0.G)
-            W = WeightMatrix.identity(self.scaling.moments, s0.S_scaled, s0.n_sets)
+            # With M = P the weight cannot change the estimate, only the path: a unit-free one.
+            first = WeightMatrix.standardized if len(self.moment_names) == len(x) else WeightMatrix.identity
+            W = first(self.scaling.moments, s0.S_scaled, s0.n_sets)
 
         while step <= o.steps:
-            label = "W = I" if W.kind == "identity" else "W = S(b1)^-1"
+            label = {"identity": "W = I", "standardized": "W = diag(S(b0))^-1 (M = K: the weight does not change "
+                     "the estimate)", "inverse-covariance": "W = S(b1)^-1"}[W.kind]
             self.reporter.log(f"step {step}: {label}, {o.optimizer}, derivatives {o.derivatives}")
 
             def on_iteration(rec: IterationRecord, step=step, W=W, b1=b1) -> None:

@@ -16,6 +16,10 @@ import numpy as np
 # dependence in float64 data lands near 1e-15; a direction conditioned beyond 1e9 has fewer
 # than 7 of the 16 significant digits left, so its estimate and standard error are noise.
 RANK_TOL = 1e-9
+# The same for a Gram matrix (a covariance S = H'H / n, or X'X within sets), judged by the square
+# roots of its eigenvalues: it holds squares, so its own rounding (eps of the largest eigenvalue)
+# hides singular values of H below sqrt(eps) ~ 1.5e-8 of the largest; 1e-7 leaves a margin.
+GRAM_TOL = 1e-7
 _RUIZ_ITERATIONS = 20
 
 
@@ -119,7 +123,7 @@ def minimal_dependent_columns(A: np.ndarray, tol: float = RANK_TOL,
     return None
 
 
-def minimal_dependent_principal(S: np.ndarray, tol: float = RANK_TOL) -> list[int] | None:
+def minimal_dependent_principal(S: np.ndarray, tol: float = GRAM_TOL) -> list[int] | None:
     """For a symmetric positive semidefinite S: a smallest-by-inclusion set of indices whose
     principal submatrix is singular (those moments are linearly dependent), or None."""
     S = np.asarray(S, dtype=np.float64)
@@ -179,5 +183,5 @@ def combinations_text(names: list[str], coefficients: np.ndarray, digits: int = 
     return f"{names[a]} = {text}"
 
 
-__all__ = ["RANK_TOL", "combinations_text", "equilibrate", "minimal_dependent_columns", "minimal_dependent_principal",
+__all__ = ["GRAM_TOL", "RANK_TOL", "combinations_text", "equilibrate", "minimal_dependent_columns", "minimal_dependent_principal",
            "numerical_rank", "pinv_columns", "pow2", "relative_singular_values"]

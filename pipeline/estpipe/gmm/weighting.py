@@ -9,6 +9,10 @@ A weight matrix is held as the whitening that turns g~ into the optimizer's resi
 so the optimizer sees Q in units of its own sampling variance (O(1) whatever the data's units):
 - "identity" (step 1, W = I in the data's units): A = diag(1 / (R sqrt(q))), q = tr(S0) / n with
   S0 the moment covariance at the start of the run;
+- "standardized" (step 1 when M = P): W = diag(S0)^-1, each moment in units of its own standard
+  deviation at the start. With as many moments as parameters the weight does not change the
+  estimate (g = 0 at the solution), only the optimizer's path, which this makes independent of
+  the moments' units: A = sqrt(n / M) diag(S~0)^-1/2, q = M / n;
 - "inverse-covariance" (W = S^-1 with S = S(b1)): S~ = R S R = E C C' E with E = sqrt(diag S~)
   and C the Cholesky factor of the correlation matrix, A = sqrt(n / M) C^-1 E^-1, q = M / n.
 W itself is never formed or inverted.
@@ -23,14 +27,14 @@ import numpy as np
 from scipy.linalg import LinAlgError, cholesky, solve_triangular
 
 from estpipe.errors import UserError
-from estpipe.gmm.linalg import RANK_TOL, minimal_dependent_principal
+from estpipe.gmm.linalg import GRAM_TOL, minimal_dependent_principal
 
 
 @dataclass
 class WeightMatrix:
     """The whitening of one GMM step (see the module docstring).
 
-    kind: "identity" or "inverse-covariance"; R: (M,) moment scale; log_q: log of the objective's
+    kind: "identity", "standardized" or "inverse-covariance"; R: (M,) moment scale; log_q: log of the objective's
     normalization q; diag: (M,) A's diagonal (identity); S: (M, M) the scaled covariance
     R S R it inverts, with E (M,) and chol (M, M) lower (inverse-covariance)."""
 
@@ -60,6 +64,15 @@ class WeightMatrix:
         return cls(kind="identity", R=R, log_q=2 * math.log(top) + math.log(mass), diag=diag)
 
     @classmethod
+    def standardized(cls, R: np.ndarray, S_start: np.ndarray, n: int) -> "WeightMatrix":
+        """W = diag(S0)^-1 (see the module docstring); S_start: R S0 R (M, M)."""
+        R = np.asarray(R, dtype=np.float64)
+        M = len(R)
+        sd = np.sqrt(np.clip(np.diag(S_start), 0.0, None))
+        sd = np.where(sd > 0, sd, 1.0)
+        return cls(kind="standardized", R=R, log_q=math.log(M / n), diag=math.sqrt(n / M) / sd)
+
+    @classmethod
     def inverse_of(cls, S: np.ndarray, R: np.ndarray, n: int, moment_names: list[str], n_units: int,
                    where: str) -> "WeightMatrix":
         """W = S^-1 for S~ = R S R (M, M); a singular S is a UserError naming the moments involved."""
@@ -74,7 +87,7 @@ class WeightMatrix:
         """A a for scaled moments a (M,) or (M, P): the residual r = A g~, or its Jacobian.
         normalized=False drops the factor 1 / sqrt(q) (then ||A g~||^2 = g'Wg itself)."""
         a = np.asarray(a)
-        if self.kind == "identity":
+        if self.diag is not None:
             d = self.diag if normalized else self.diag * math.exp(self.log_q / 2)
             return a * (d if a.ndim == 1 else d[:, None])
         E = self.E if a.ndim == 1 else self.E[:, None]
@@ -83,7 +96,7 @@ class WeightMatrix:
 
     def whiten_transpose(self, r: np.ndarray) -> np.ndarray:
         """A' r (M,): pulls a residual-space vector back to the scaled moments."""
-        if self.kind == "identity":
+        if self.diag is not None:
             return r * self.diag
         return solve_triangular(self.chol, r, lower=True, trans="T") / self.E * math.exp(-self.log_q / 2)
 
@@ -108,7 +121,7 @@ class WeightMatrix:
     # -- checkpoints ------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         d = {"kind": self.kind, "M": self.M, "R": self.R.tolist(), "log_q": self.log_q}
-        if self.kind == "identity":
+        if self.diag is not None:
             d["diag"] = self.diag.tolist()
         else:
             d["S"] = self.S.tolist()
@@ -118,8 +131,8 @@ class WeightMatrix:
     def from_dict(cls, d: dict) -> "WeightMatrix":
         """The inverse of to_dict (S was checked when the weight was first built)."""
         R = np.array(d["R"], dtype=np.float64)
-        if d["kind"] == "identity":
-            return cls(kind="identity", R=R, log_q=float(d["log_q"]), diag=np.array(d["diag"], dtype=np.float64))
+        if d["kind"] in ("identity", "standardized"):
+            return cls(kind=d["kind"], R=R, log_q=float(d["log_q"]), diag=np.array(d["diag"], dtype=np.float64))
         S = np.array(d["S"], dtype=np.float64)
         E = np.sqrt(np.diag(S))
         chol = cholesky(S / np.outer(E, E), lower=True)
@@ -139,18 +152,18 @@ def _factor(S: np.ndarray, moment_names: list[str], n_units: int, where: str) ->
 
 
 def check_covariance(S: np.ndarray, moment_names: list[str], n_units: int, where: str) -> None:
-    """S (M, M), in any units: singular when the correlation matrix's smallest singular value
-    (the square root of its smallest eigenvalue) is below RANK_TOL of the largest."""
+    """S (M, M), in any units: singular when the square root of the correlation matrix's smallest
+    eigenvalue (a singular value of the moments' data matrix) is below GRAM_TOL of the largest."""
     if not np.all(np.isfinite(S)):
         raise UserError(f"the moment covariance S at {where} has non-finite entries; the moments overflow there: "
                         "check the data for huge values or give another --start")
     d = np.sqrt(np.clip(np.diag(S), 0.0, None))
-    flat = d <= RANK_TOL * max(float(d.max(initial=0.0)), np.finfo(float).tiny)
+    flat = d <= GRAM_TOL * max(float(d.max(initial=0.0)), np.finfo(float).tiny)
     if flat.any():
         raise UserError(f"the moment covariance S at {where} is singular; {diagnose_covariance(S, moment_names, n_units)}")
     w = np.linalg.eigvalsh(S / np.outer(d, d))
-    if not np.sqrt(max(w[0], 0.0)) > RANK_TOL * np.sqrt(w[-1]):
-        rank = int(np.sum(np.sqrt(np.clip(w, 0.0, None)) > RANK_TOL * np.sqrt(w[-1])))
+    if not np.sqrt(max(w[0], 0.0)) > GRAM_TOL * np.sqrt(w[-1]):
+        rank = int(np.sum(np.sqrt(np.clip(w, 0.0, None)) > GRAM_TOL * np.sqrt(w[-1])))
         raise UserError(f"the moment covariance S at {where} is singular (rank {rank} of {S.shape[0]}); "
                         f"{diagnose_covariance(S, moment_names, n_units)}")
 
@@ -159,7 +172,7 @@ def diagnose_covariance(S: np.ndarray, moment_names: list[str], n_units: int) ->
     """Why S is singular, in terms of the data, and what to do."""
     M = S.shape[0]
     d = np.sqrt(np.clip(np.diag(S), 0.0, None))
-    flat = [moment_names[m] for m in range(M) if d[m] <= RANK_TOL * max(float(d.max(initial=0.0)), np.finfo(float).tiny)]
+    flat = [moment_names[m] for m in range(M) if d[m] <= GRAM_TOL * max(float(d.max(initial=0.0)), np.finfo(float).tiny)]
     if flat:
         return (f"moment{'s' if len(flat) > 1 else ''} {', '.join(flat)} {'are' if len(flat) > 1 else 'is'} the same "
                 "in every set (e.g. a dm column that is identically zero, or an instrument that never varies within "
