@@ -22,9 +22,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 from typing import Literal
 
+from estpipe import interrupts
 from estpipe.errors import UserError
 
 KINDS = ("slurm", "pbs")
@@ -109,7 +111,31 @@ def _mark_failed(cluster) -> None:
 def close_jobqueue_cluster(cluster) -> None:
     """Close a cluster from `start_jobqueue_cluster`, cancelling its worker jobs."""
     _mark_failed(cluster)
-    cluster.close()
+    try:
+        cluster.close()
+    finally:
+        interrupts.unregister(getattr(cluster, "_estpipe_cancel_action", None))
+
+
+def _job_canceller(cluster):
+    """An estpipe.interrupts action: cancel the cluster's worker jobs (scancel / qdel, bounded),
+    since a signal ends this process before dask-jobqueue could. Holds the cluster weakly."""
+    ref = weakref.ref(cluster)
+    cancel = cluster.job_cls.cancel_command
+
+    def action() -> None:
+        live = ref()
+        if live is None:
+            return
+        jobs = list(getattr(live, "workers", {}).values()) + list(getattr(live, "_created", ()))
+        ids = sorted({str(job.job_id) for job in jobs if getattr(job, "job_id", None)})
+        if ids:
+            try:
+                subprocess.run(shlex.split(cancel) + ids, capture_output=True, timeout=interrupts.ACTION_WAIT_SECONDS)
+            except (OSError, subprocess.SubprocessError):
+                pass
+
+    return action
 
 
 def start_jobqueue_cluster(
@@ -186,6 +212,7 @@ def start_jobqueue_cluster(
     for logger in watched:
         logger.addHandler(errors)
     cluster = cls(**options)
+    cluster._estpipe_cancel_action = interrupts.register(_job_canceller(cluster), f"{kind} dask worker jobs")
     try:
         if kind == "slurm":
             _preflight_slurm(cluster.job_script())
