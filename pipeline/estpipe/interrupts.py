@@ -170,8 +170,12 @@ def say(message: str) -> None:
 
 # -- actions used by more than one back end --------------------------------------------------
 def kill_child_processes() -> None:
-    """Kill every descendant process of this one (dask nannies' workers, their helpers) and wait
-    for them, bounded; twice, for a worker that was being spawned during the first round."""
+    """Kill every descendant process of this one (dask nannies' workers, the multiprocessing
+    resource tracker): stopped first, all of them, so that none sees another die before it is
+    killed itself, then SIGKILL. Not waited for: reaping them here would take their exit status
+    from the dask nanny still running in another thread, which logs it; killed processes cannot
+    outlive the signal, and this process dies right after. A second look catches a worker the
+    nanny was starting meanwhile."""
     import psutil
 
     me = psutil.Process()
@@ -182,13 +186,12 @@ def kill_child_processes() -> None:
             return
         if not children:
             return
-        for child in children:
-            try:
-                child.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(children, timeout=ACTION_WAIT_SECONDS / 2)
-
+        for signum in (signal.SIGSTOP, signal.SIGKILL):
+            for child in children:
+                try:
+                    child.send_signal(signum)
+                except psutil.Error:
+                    pass
 
 def registered() -> list[str]:
     """What the registered actions clean up, oldest first (for tests and debugging)."""
