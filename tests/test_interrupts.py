@@ -375,3 +375,45 @@ def test_submit_stopped_while_sbatch_runs_prints_the_accepted_job(tmp_path):
         assert f"JobId={job_id}" in queued.stdout
     finally:
         subprocess.run(["scancel", job_id], capture_output=True)
+
+
+@pytest.mark.slurm
+def test_signal_with_jobqueue_workers_cancels_their_batch_jobs(tmp_path, long_data):
+    """dask-jobqueue workers are Slurm jobs: a signal cancels them (scancel), rather than leaving
+    them to notice that their scheduler is gone."""
+    import shutil
+
+    if shutil.which("sbatch") is None:
+        pytest.skip("no sbatch (scripts/slurm-local.sh start)")
+    subprocess.run(["bash", str(Path(__file__).resolve().parents[1] / "scripts" / "slurm-local.sh"), "start"],
+                   capture_output=True, timeout=600, check=True)
+    def worker_jobs() -> set[str]:
+        out = subprocess.run(["squeue", "-h", "-n", "dask-worker", "-o", "%i"], capture_output=True, text=True).stdout
+        return set(out.split())
+
+    before = worker_jobs()
+    ckpt = tmp_path / "run.ckpt"
+    env = dict(os.environ, DASK_JOBQUEUE__SLURM__INTERFACE="lo")
+    proc = subprocess.Popen([sys.executable, "-m", "estpipe", "estimate", str(long_data), "--jobqueue", "slurm",
+                             "--workers", "1", "--connect-timeout", "120", "--checkpoint", str(ckpt)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+
+    def our_jobs() -> list[str]:
+        return sorted(worker_jobs() - before)
+
+    _wait_for(lambda: our_jobs() and _accepted_iterations(ckpt)(), proc, "a worker job and an accepted iteration",
+              timeout=180)
+    jobs = our_jobs()
+    _, err, seconds = _stop(proc, signal.SIGTERM)
+    try:
+        _assert_died_by(proc, signal.SIGTERM, seconds, err)
+        deadline = time.monotonic() + 15
+        while our_jobs() and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert our_jobs() == [], "the worker jobs outlived the run"
+        # cancelled, not ended on their own once the scheduler was gone (which takes seconds)
+        for job in jobs:
+            shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+            assert "JobState=CANCELLED" in shown, shown
+    finally:
+        subprocess.run(["scancel", *jobs], capture_output=True)
