@@ -193,6 +193,7 @@ def kill_child_processes() -> None:
                 except psutil.Error:
                     pass
 
+
 def registered() -> list[str]:
     """What the registered actions clean up, oldest first (for tests and debugging)."""
     with _lock:
