@@ -28,6 +28,7 @@ from typing import Literal
 
 from estpipe import interrupts
 from estpipe.errors import UserError
+from estpipe.outputs import check_writable_folder
 
 KINDS = ("slurm", "pbs")
 DEFAULT_WAIT = 120.0
@@ -61,12 +62,16 @@ def _run(cmd: list[str], timeout: float = 30) -> subprocess.CompletedProcess:
 
 def _preflight_slurm(job_script: str) -> None:
     """Ask sbatch whether the worker job could run (`--test-only` submits nothing)."""
-    with tempfile.NamedTemporaryFile("w", suffix=".sh", delete=False) as handle:
-        handle.write(job_script)
+    with interrupts.deferred():
+        handle = tempfile.NamedTemporaryFile("w", suffix=".sh", delete=False)
+        cleanup = interrupts.register(interrupts.remove_file(handle.name), handle.name)
     try:
+        with handle:
+            handle.write(job_script)
         done = _run(["sbatch", "--test-only", handle.name])
     finally:
         Path(handle.name).unlink(missing_ok=True)
+        interrupts.unregister(cleanup)
     if done.returncode != 0:
         reason = " ".join(line.strip() for line in done.stderr.strip().splitlines() if line.strip())
         raise UserError(f"Slurm refused the dask worker job: {reason}; ask for less (--memory, --cores) or another partition")
@@ -179,7 +184,7 @@ def start_jobqueue_cluster(
     from dask_jobqueue import PBSCluster, SLURMCluster
 
     log_dir = Path(log_dir or "dask-worker-logs").resolve()
-    log_dir.mkdir(parents=True, exist_ok=True)
+    check_writable_folder(log_dir, "the dask worker logs")
     out_name = "%j" if kind == "slurm" else "$PBS_JOBID"
     directives = (
         [f"-o {log_dir}/{out_name}.out", f"-e {log_dir}/{out_name}.err"]
