@@ -4,7 +4,7 @@ dask-jobqueue), all behind one Evaluator interface."""
 from __future__ import annotations
 
 from estpipe.execution.evaluator import Evaluator, EvaluatorStats, InProcessEvaluator
-from estpipe.execution.memory import available_memory, check_fits_machine, plan_memory
+from estpipe.execution.memory import available_memory, check_fits_machine, cpu_count, plan_memory
 from estpipe.execution.partitions import Partition, default_partitions, plan_partitions
 
 
@@ -22,7 +22,8 @@ def make_evaluator(path, options, partitions, *, K, M, has_chosen, has_cluster, 
         return db.start_jobqueue(options.jobqueue, options.workers, options.connect_timeout, **common)
     if options.workers > 1:
         return db.start_local_cluster(options.workers, **common)
-    plan = plan_memory(partitions, [0] * len(partitions), 1, K, M, has_chosen, has_cluster, new_processes=False)
+    plan = plan_memory(partitions, [0] * len(partitions), 1, K, M, has_chosen, has_cluster, new_processes=False,
+                       model=options.model, derivatives=options.derivatives, threads=cpu_count())
     check_fits_machine(plan, available_memory(), "this process",
                        "run on a cluster (--scheduler, --jobqueue) whose workers together have enough memory")
     return InProcessEvaluator(str(path), partitions, options.model, options.derivatives)

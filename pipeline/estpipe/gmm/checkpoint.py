@@ -16,17 +16,26 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from estpipe import interrupts
 from estpipe.errors import UserError
+from estpipe.outputs import file_mode
 
 KIND = "estpipe-checkpoint"
 VERSION = 2
 
 
 def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
-    """Write JSON to a temporary file in the same folder, flush it to disk, rename over `path`."""
+    """Write JSON to a temporary file in the same folder, flush it to disk, rename over `path`.
+
+    The file gets the usual permissions (0666 less the umask). The temporary file is registered
+    with estpipe.interrupts while it exists, so a signal removes it; `path` is always either the
+    old file or the new one. OSError propagates (the callers decide what a failed write means)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+    with interrupts.deferred():
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+        cleanup = interrupts.register(interrupts.remove_file(tmp), tmp)
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "w") as f:
             json.dump(payload, f, indent=1, allow_nan=True)
             f.write("\n")
@@ -37,6 +46,8 @@ def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    finally:
+        interrupts.unregister(cleanup)
 
 
 @dataclass

@@ -12,13 +12,13 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from estpipe.data.format import ChoiceDataFile
-from estpipe.errors import EXIT_NOT_CONVERGED, EXIT_OK, UserError
+from estpipe.errors import EXIT_NOT_CONVERGED, EXIT_OK, EXIT_USER, UserError
 from estpipe.execution import make_evaluator
 from estpipe.execution.partitions import default_partitions, plan_partitions
 from estpipe.gmm.checkpoint import Checkpoint, load_checkpoint
@@ -29,6 +29,7 @@ from estpipe.gmm.options import EstimateOptions
 from estpipe.gmm.results import Results, StepRecord
 from estpipe.gmm.scaling import Scaling
 from estpipe.gmm.weighting import WeightMatrix
+from estpipe.outputs import check_writable, write_error
 
 
 class Reporter:
@@ -82,13 +83,36 @@ def resolve_model(name: str):
 
 
 def _check_output_paths(options: EstimateOptions) -> None:
+    """Each output file can be written (a probe file in its folder), before any work."""
     for flag, p in (("--out", options.out), ("--checkpoint", options.checkpoint)):
         if p is not None:
-            folder = Path(p).parent
-            if not folder.is_dir():
-                raise UserError(f"{flag} {p}: folder {folder} does not exist; create it or choose another path")
-            if Path(p).is_dir():
-                raise UserError(f"{flag} {p}: is a folder; give a file name")
+            check_writable(p, flag)
+
+
+class ResultsNotWritten(UserError):
+    """The estimation finished but its results file could not be written. `results` holds them
+    (the CLI prints them before the error line); the exit code is 3 when the run did not
+    converge, else 2."""
+
+    def __init__(self, message: str, results: Results):
+        super().__init__(message)
+        self.results = results
+        self.exit_code = EXIT_NOT_CONVERGED if not results.converged else EXIT_USER
+
+
+def _cap_workers(options: EstimateOptions, n_sets: int, cluster, log) -> EstimateOptions:
+    """At most one worker per partition the file can have (a partition is at least one set, or
+    one cluster when the file has clusters): surplus workers would hold nothing but still cost a
+    process each. Capped with a note rather than refused: the run is the same with fewer."""
+    if options.scheduler or options.scheduler_file or options.workers <= 1:
+        return options
+    most = int(len(np.unique(cluster))) if cluster is not None else n_sets
+    if options.workers <= most:
+        return options
+    unit = "cluster" if cluster is not None else "set"
+    log(f"note: --workers {options.workers} is more than the {most} partition{'s' if most != 1 else ''} this file can "
+        f"have (one {unit} each); starting {most} worker{'s' if most != 1 else ''}")
+    return replace(options, workers=most)
 
 
 def _versions(blas: list[dict], workers: int) -> dict:
@@ -114,7 +138,9 @@ def estimate(path: str | os.PathLike, options: EstimateOptions | None = None, *,
 
     Raises UserError for every user mistake before anything is written. Writes options.out and
     options.checkpoint when given. A run that does not converge returns Results with
-    converged=False (the CLI's exit code 3)."""
+    converged=False (the CLI's exit code 3). When options.out cannot be written at the end, raises
+    ResultsNotWritten, which carries the results; a checkpoint that cannot be written is reported
+    through `reporter` and the run goes on."""
     options = options or EstimateOptions()
     reporter = reporter or Reporter()
     options.validate()
@@ -148,6 +174,7 @@ def estimate(path: str | os.PathLike, options: EstimateOptions | None = None, *,
         reporter.log(f"resuming from {options.checkpoint}: step {ckpt.step}, {ckpt.evaluations} evaluations so far"
                      if ckpt else f"no checkpoint at {options.checkpoint} yet: starting fresh")
     checkpoint_existed = bool(options.checkpoint) and Path(options.checkpoint).exists()
+    options = _cap_workers(options, n_sets, cluster if has_cluster else None, reporter.log)
 
     requested = options.partitions or default_partitions(options.workers if not (options.scheduler or options.scheduler_file) else 2)
     partitions = plan_partitions(offsets, requested, cluster if has_cluster else None)
@@ -186,7 +213,10 @@ def estimate(path: str | os.PathLike, options: EstimateOptions | None = None, *,
     finally:
         evaluator.close()
     if options.out:
-        results.write(options.out)
+        try:
+            results.write(options.out)
+        except OSError as exc:
+            raise ResultsNotWritten(str(write_error(options.out, exc)), results) from None
     return results
 
 
@@ -201,16 +231,26 @@ class _Run:
         self.history: list[dict] = list(ckpt.history) if ckpt else []
         self.evaluations_before = ckpt.evaluations if ckpt else 0
         self.scaling: Scaling | None = None
+        self.checkpoint_failed = False
 
     def _save(self, step: int, W: WeightMatrix | None, b1, params, steps_done: list[StepRecord]) -> None:
         if not self.o.checkpoint:
             return
-        Checkpoint(
-            fingerprint=self.fingerprint, options=self.o.result_options(), step=step,
-            weight=None if W is None else W.to_dict(), b1=None if b1 is None else list(map(float, b1)),
-            params=list(map(float, params)), evaluations=self.evaluations_before + self.oracle.evaluations,
-            steps_done=[s.to_dict() for s in steps_done], history=self.history, scaling=self.scaling.to_dict(),
-        ).save(self.o.checkpoint)
+        try:
+            Checkpoint(
+                fingerprint=self.fingerprint, options=self.o.result_options(), step=step,
+                weight=None if W is None else W.to_dict(), b1=None if b1 is None else list(map(float, b1)),
+                params=list(map(float, params)), evaluations=self.evaluations_before + self.oracle.evaluations,
+                steps_done=[s.to_dict() for s in steps_done], history=self.history,
+                scaling=self.scaling.to_dict(),
+            ).save(self.o.checkpoint)
+        except OSError as exc:
+            # The estimate matters more than the checkpoint: go on (the last one written, if any,
+            # stays valid) and say so once; later iterations try again.
+            if not self.checkpoint_failed:
+                self.reporter.log(f"warning: {write_error(self.o.checkpoint, exc)}; going on without a new "
+                                  "checkpoint, so a resumed run would start from the last one written")
+            self.checkpoint_failed = True
 
     def _start_sums(self, x: np.ndarray, where: str):
         """g, G and S at x (the start or the checkpoint's parameters), checked to be finite and
@@ -397,6 +437,11 @@ def run_estimate(path: str | os.PathLike, options: EstimateOptions, stdout=None,
     stdout, progress on stderr; returns the exit code (0 converged, 3 not converged).
     UserError propagates (the CLI prints it, exit code 2)."""
     stdout = stdout or sys.stdout
-    results = estimate(path, options, reporter=StderrReporter(stderr or sys.stderr))
+    try:
+        results = estimate(path, options, reporter=StderrReporter(stderr or sys.stderr))
+    except ResultsNotWritten as exc:
+        # the results first, where they cannot be lost; then the CLI prints the error line
+        print(exc.results.to_json() if options.json else exc.results.table(), file=stdout, flush=True)
+        raise
     print(results.to_json() if options.json else results.table(), file=stdout, flush=True)
     return EXIT_OK if results.converged else EXIT_NOT_CONVERGED
