@@ -1,5 +1,5 @@
 """`python -m estpipe`: the same as the `estpipe` command (batch scripts use the interpreter that submitted them)."""
 
-from estpipe.cli.app import main
+from estpipe.entry import main
 
 main()

@@ -30,7 +30,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from estpipe.data.format import MAX_ABS_VALUE, ChoiceDataWriter, provenance
+from estpipe import outputs
+from estpipe.data.format import MAX_ABS_VALUE, ChoiceDataWriter, estimated_file_bytes, provenance
 from estpipe.errors import UserError
 
 DEFAULT_BATCH_ROWS = 65_536
@@ -618,6 +619,7 @@ def load_choice_data(
     folder = out.parent if str(out.parent) else Path(".")
     if not folder.is_dir():
         raise UserError(f"{out}: folder {folder} does not exist; create it or choose another output path")
+    outputs.check_writable(out, "")
 
     table = _Table(input, batch_rows)
     spec = _Spec(set_col, choice_col, x_cols, z_cols, dm_cols, alt_col if asc else None, cluster_col)
@@ -655,6 +657,9 @@ def load_choice_data(
             f"({','.join(param_names)}); GMM needs M >= K: add columns to {source} or use fewer in --x"
         )
 
+    outputs.check_free_space(
+        out, estimated_file_bytes(structure.n_rows, structure.n_sets, K, M, True, cluster_col is not None),
+        "free some space there or write the output to another folder")
     builder = _SetBuilder(table, spec, structure, asc_levels, base)
     value_columns = spec.value_columns
     details = {

@@ -31,6 +31,7 @@ seed gives byte-equal arrays whatever the chunk size.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import sys
@@ -42,7 +43,8 @@ from typing import Callable
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from estpipe.data.format import DEFAULT_CHUNK_ROWS, ChoiceDataWriter, provenance
+from estpipe import outputs
+from estpipe.data.format import DEFAULT_CHUNK_ROWS, MAX_COLUMNS, ChoiceDataWriter, estimated_file_bytes, provenance
 from estpipe.errors import UserError
 
 DESIGNS = ("logit", "seed")
@@ -51,6 +53,11 @@ CLUSTER_SHOCK_SD = 0.5
 # Rows per chunk of sets when the caller does not say: four HDF5 row chunks, large enough that
 # per-chunk overhead vanishes, small enough that the buffers stay a few tens of MB.
 TARGET_CHUNK_ROWS = 4 * DEFAULT_CHUNK_ROWS
+# ... and fewer rows for very wide data: one buffer set (X, dm and the gathered chosen instruments)
+# stays within this many bytes (the default sizes are well below it).
+TARGET_CHUNK_BYTES = 64 * 2**20
+# Rows are counted in int64 (offsets): more than this many cannot be written.
+MAX_ROWS = 2**62
 # Draw the next chunk's random numbers in a thread while this one is finished and written
 # (measured 25-35% less wall time at 100,000 x 30 on 2 cores; False draws in turn).
 PREFETCH = True
@@ -101,20 +108,26 @@ def instrument_names(K: int, M: int) -> list[str]:
     """Names of the M instrument columns built from K covariates, in order: x1..xK, then squares
     minus one ("x1^2-1"), then pairwise products ("x1*x2", "x1*x3", ..., "x2*x3", ...), then
     cubes minus three times x ("x1^3-3*x1"). All have mean zero when x ~ N(0,1)."""
-    names = [f"x{k + 1}" for k in range(K)]
-    names += [f"x{k + 1}^2-1" for k in range(K)]
-    names += [f"x{a + 1}*x{b + 1}" for a, b in _pairs(K)]
-    names += [f"x{k + 1}^3-3*x{k + 1}" for k in range(K)]
-    if M > len(names):
+    available = 3 * K + K * (K - 1) // 2
+    if M > available:
         raise UserError(
             f"--moments {M} is too many for --params {K}: the logit design builds at most "
-            f"{len(names)} instruments (x, squares, pairwise products, cubes); use --moments {len(names)} or fewer"
+            f"{available} instruments (x, squares, pairwise products, cubes); use --moments {available} or fewer"
         )
-    return names[:M]
+    names = itertools.chain(
+        (f"x{k + 1}" for k in range(K)),
+        (f"x{k + 1}^2-1" for k in range(K)),
+        (f"x{a + 1}*x{b + 1}" for a, b in _pairs(K, M)),
+        (f"x{k + 1}^3-3*x{k + 1}" for k in range(K)),
+    )
+    return list(itertools.islice(names, M))
 
 
-def _pairs(K: int) -> list[tuple[int, int]]:
-    return [(a, b) for a in range(K) for b in range(a + 1, K)]
+def _pairs(K: int, limit: int) -> list[tuple[int, int]]:
+    """The first `limit` pairs (a, b), a < b, in order (all K (K - 1) / 2 would not fit in memory
+    for large K)."""
+    pairs = ((a, b) for a in range(K) for b in range(a + 1, K))
+    return list(itertools.islice(pairs, max(0, limit)))
 
 
 def fill_instruments(X: np.ndarray, out: np.ndarray, minus: np.ndarray | None = None) -> None:
@@ -146,7 +159,7 @@ def fill_instruments(X: np.ndarray, out: np.ndarray, minus: np.ndarray | None = 
         np.multiply(X[..., :q], X[..., :q], out=sq)
         less(sq, 1.0, slice(col, col + q))
         col += q
-    pairs = _pairs(K)[: M - col]
+    pairs = _pairs(K, M - col)
     if pairs:
         ia = [a for a, _ in pairs]
         ib = [b for _, b in pairs]
@@ -190,6 +203,10 @@ def _check_options(design, sets, alternatives, params, moments, seed, cluster_si
         raise UserError(f"--alternatives {lo}:{hi}: the range is empty (the upper end is below the lower); use e.g. {hi}:{lo}")
     if int(params) < 1:
         raise UserError(f"--params {params}: need at least 1 covariate")
+    for flag, n in (("--params", int(params)), ("--moments", int(moments))):
+        if n > MAX_COLUMNS:
+            raise UserError(f"{flag} {n:,}: a choice-data file holds at most {MAX_COLUMNS:,} columns in X and in dm "
+                            f"(their names are one HDF5 attribute); use {flag} {MAX_COLUMNS} or fewer")
     if int(moments) < int(params):
         raise UserError(
             f"--moments {moments} is below --params {params}: GMM needs at least as many moments as "
@@ -201,7 +218,33 @@ def _check_options(design, sets, alternatives, params, moments, seed, cluster_si
         raise UserError(f"--cluster-size {cluster_size}: a cluster needs at least 1 set")
     if chunk_sets is not None and int(chunk_sets) < 1:
         raise UserError(f"chunk_sets {chunk_sets}: need at least 1 set per chunk")
+    # Python integers have no limit, but offsets are int64: refuse before numpy overflows.
+    if int(sets) * hi > MAX_ROWS:
+        raise UserError(f"--sets {int(sets):,} with up to {hi:,} alternatives is more rows than a choice-data file can "
+                        f"count ({MAX_ROWS:,}); simulate fewer sets")
     return lo, hi
+
+
+def _buffer_bytes(chunk_sets: int, hi: int, K: int, M: int) -> int:
+    """Memory of the simulation beyond the interpreter: two _Buffers sets (one filled while the
+    other is written) plus the transients of a chunk (chosen rows' instruments, padded
+    utilities for variable sizes, cluster shocks per row)."""
+    rows = chunk_sets * hi
+    buffers = rows * (8 * (K + 2 * M + 1) + 1) + 16 * chunk_sets
+    transients = rows * 8 * (K + 4) + chunk_sets * 8 * (M + K + 2 * hi)
+    return 2 * buffers + transients
+
+
+def _check_memory(chunk_sets: int, hi: int, K: int, M: int) -> None:
+    from estpipe.execution.memory import available_memory, gib
+
+    need, have = _buffer_bytes(chunk_sets, hi, K, M), available_memory()
+    if need > have:
+        raise UserError(
+            f"simulating needs about {gib(need)} of memory for its buffers ({chunk_sets:,} set(s) of up to {hi:,} "
+            f"alternatives at a time, K = {K}, M = {M}), but only {gib(have)} is available; use fewer alternatives "
+            "(--alternatives) or fewer columns (--params, --moments)"
+        )
 
 
 # -- cluster shocks ---------------------------------------------------------------------------
@@ -255,9 +298,11 @@ def simulate_choice_data(
     logit = design == "logit"
     moment_names = instrument_names(K, M) if logit else [f"u{m + 1}" for m in range(M)]
     param_names = [f"x{k + 1}" for k in range(K)]
-    chunk_sets = int(chunk_sets) if chunk_sets is not None else max(1, TARGET_CHUNK_ROWS // hi)
+    target_rows = min(TARGET_CHUNK_ROWS, TARGET_CHUNK_BYTES // (8 * (K + 2 * M + 1)))
+    chunk_sets = int(chunk_sets) if chunk_sets is not None else max(1, target_rows // hi)
     chunk_sets = min(chunk_sets, sets)
     n_chunks = -(-sets // chunk_sets)
+    _check_memory(chunk_sets, hi, K, M)
 
     streams = dict(zip(_STREAMS, (np.random.Generator(np.random.SFC64(s)) for s in np.random.SeedSequence(seed).spawn(len(_STREAMS)))))
     truth = true_params(streams["truth"], K) if logit else None
@@ -282,6 +327,12 @@ def simulate_choice_data(
         # HDF5 allocates whole chunks: a small file gets one small chunk, not 16,384 rows.
         chunk_rows=min(DEFAULT_CHUNK_ROWS, sets * lo),
     )
+    outputs.check_writable(path, "")
+    # the expected rows (set sizes are uniform in lo..hi)
+    need = estimated_file_bytes(sets * (lo + hi) // 2, sets, K, M, logit, cluster_size is not None)
+    outputs.check_free_space(
+        path, need,
+        "simulate fewer sets (--sets), alternatives or columns (--params, --moments), or write to another folder")
     # One BLAS thread: the only BLAS call is a small matrix-vector product per chunk, and idle
     # OpenBLAS threads spin after each call, doubling the CPU time and slowing the writer.
     with writer, bar, threadpool_limits(limits=1, user_api="blas"):

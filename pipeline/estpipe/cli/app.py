@@ -1,21 +1,23 @@
 """The `estpipe` command line: one Typer app, one module per command.
 
-`main()` turns a `UserError`, and click's own usage errors (a bad option value, a missing or
-unknown option), into one line on stderr and exit code 2 (ESTPIPE_DEBUG=1 shows the traceback),
-and any other exception into exit code 1.
+`main()` turns a `UserError` into one line on stderr and its exit code (2; 3 for results that
+could not be written after a run that did not converge; ESTPIPE_DEBUG=1 shows the traceback),
+click's own usage errors (a bad option value, a missing or unknown option) into one such line with
+exit code 2, and any other exception into exit code 1. While it runs, SIGINT, SIGTERM and SIGHUP
+are handled by estpipe.interrupts (the previous handlers come back when it returns).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import traceback
 
-import importlib
-
 import typer
 import typer.core
 
+from estpipe import interrupts
 from estpipe.errors import EXIT_INTERNAL, EXIT_USER, UserError
 
 app = typer.Typer(
@@ -80,6 +82,11 @@ def usage_error_line(exc, args: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    with interrupts.handled():
+        _main(argv)
+
+
+def _main(argv: list[str] | None) -> None:
     debug = os.environ.get("ESTPIPE_DEBUG") == "1"
     try:
         # standalone_mode=False: click's usage errors come back here instead of being printed
@@ -99,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             traceback.print_exc()
         print(f"estpipe: error: {exc}", file=sys.stderr)
-        sys.exit(EXIT_USER)
+        sys.exit(exc.exit_code)
     except Exception as exc:  # an internal error: say so, keep the traceback behind ESTPIPE_DEBUG
         if debug:
             traceback.print_exc()

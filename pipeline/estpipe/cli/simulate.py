@@ -11,9 +11,7 @@ gives the same arrays, whatever the chunk size. A summary goes to stderr.
 
 from __future__ import annotations
 
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -52,13 +50,9 @@ def command(
     from estpipe.simulate import simulate_choice_data
 
     lo_hi = parse_alternatives(alternatives)
-    # A plain `kill` should clean up like Ctrl-C. The handler only sets a flag that the loop polls
-    # after every chunk: an exception raised inside the handler can land in a weakref callback
-    # (h5py has many), where Python prints and ignores it, and the run would go on.
-    terminated = threading.Event()
-    signal.signal(signal.SIGTERM, lambda signum, frame: terminated.set())
+    # SIGINT, SIGTERM and SIGHUP are estpipe.interrupts' (the temporary file is registered there).
     summary = simulate_choice_data(
         out, design=design, sets=sets, alternatives=lo_hi, params=params, moments=moments,
-        seed=seed, cluster_size=cluster_size, progress=True, should_stop=terminated.is_set,
+        seed=seed, cluster_size=cluster_size, progress=True,
     )
     print(f"estpipe: {summary.line()}", file=sys.stderr)

@@ -28,9 +28,13 @@ def command(
     if dry_run:
         typer.echo(render(spec).script, nl=False)
         return
-    submission = submit_job(spec)
-    typer.echo(f"submitted {submission.kind} job {submission.job_id} ({spec.name})")
-    typer.echo(f"  results:    {submission.results}")
-    typer.echo(f"  log:        {submission.log}")
-    typer.echo(f"  checkpoint: {submission.checkpoint}")
-    typer.echo(f"  script:     {submission.script}")
+
+    def show(submission) -> None:
+        typer.echo(f"submitted {submission.kind} job {submission.job_id} ({spec.name})")
+        typer.echo(f"  results:    {submission.results}")
+        typer.echo(f"  log:        {submission.log}")
+        typer.echo(f"  checkpoint: {submission.checkpoint}")
+        typer.echo(f"  script:     {submission.script}")
+
+    # printed as soon as the job is accepted, before a signal can end the process
+    submit_job(spec, on_submitted=show)

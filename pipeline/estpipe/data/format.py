@@ -19,12 +19,18 @@ from pathlib import Path
 
 import numpy as np
 
+from estpipe import interrupts, outputs
 from estpipe.errors import UserError
 
 FORMAT_NAME = "choice-data"
 FORMAT_VERSION = 1
 DEFAULT_CHUNK_ROWS = 16384
 REQUIRED_DATASETS = ("offsets", "X", "dm")
+# Column names are stored as one HDF5 attribute each for X and dm, and an attribute (in the
+# default, compact storage) holds at most 64 KiB: 16 bytes per name reference, so about 4,000.
+MAX_COLUMNS = 4000
+# Bytes of one HDF5 chunk of X or dm at most (16,384 rows of up to 128 columns).
+MAX_CHUNK_BYTES = 16 * 2**20
 REQUIRED_ATTRS = ("n_sets", "n_rows", "n_params", "n_moments", "param_names", "moment_names")
 # The largest |value| X and dm may hold: its square (in the h h' sums of S and the Gauss-Newton
 # products) must fit in float64 (1.8e308). `estpipe load` and every partition read refuse more.
@@ -308,7 +314,9 @@ class ChoiceDataWriter:
 
     Rows, offsets and cluster ids go to a temporary file in the target folder as they come, so
     memory does not grow with the data; on a clean exit the attributes are written and the file
-    is renamed to `path`; on an exception the temporary file is removed.
+    is renamed to `path`; on an exception the temporary file is removed. The temporary file is
+    registered with estpipe.interrupts while it exists, so a signal removes it too. A write that
+    fails (a full disk, a quota) raises UserError naming the file and the device.
     """
 
     path: str | os.PathLike
@@ -328,29 +336,48 @@ class ChoiceDataWriter:
         if self.path.is_dir():
             raise UserError(f"{self.path}: is a folder; give a file name for the output, e.g. {self.path / 'data.h5'}")
         self.K, self.M = len(self.param_names), len(self.moment_names)
+        for what, n in (("parameters (K)", self.K), ("moments (M)", self.M)):
+            if n > MAX_COLUMNS:
+                raise UserError(f"{self.path}: {n:,} {what}, but a choice-data file holds at most {MAX_COLUMNS:,} "
+                                "(their names are one HDF5 attribute, limited to 64 KiB); use fewer columns")
         self._folder = folder
         self.n_rows = 0
         self.n_sets = 0
         self._f = None
         self._tmp = None
+        self._cleanup = None
 
     def __enter__(self) -> "ChoiceDataWriter":
         h5py = _h5py()
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self._folder)
-        os.close(fd)
+        try:
+            with interrupts.deferred():
+                fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self._folder)
+                self._cleanup = interrupts.register(interrupts.remove_file(tmp), tmp)
+            os.close(fd)
+        except OSError as exc:
+            raise outputs.write_error(self.path, exc) from None
         self._tmp = Path(tmp)
-        # mkstemp makes the file private (0600); the finished file gets the usual permissions.
-        os.chmod(self._tmp, 0o666 & ~_current_umask())
-        self._f = h5py.File(self._tmp, "w")
-        c = max(1, self.chunk_rows)
-        self._X = self._f.create_dataset("X", (0, self.K), maxshape=(None, self.K), dtype="f8", chunks=(c, self.K))
-        self._dm = self._f.create_dataset("dm", (0, self.M), maxshape=(None, self.M), dtype="f8", chunks=(c, self.M))
-        if self.with_chosen:
-            self._chosen = self._f.create_dataset("chosen", (0,), maxshape=(None,), dtype="i1", chunks=(c,))
-        self._offsets = self._f.create_dataset("offsets", (1,), maxshape=(None,), dtype="i8", chunks=(c,))
-        self._offsets[0] = 0
-        if self.with_cluster:
-            self._cluster = self._f.create_dataset("cluster", (0,), maxshape=(None,), dtype="i8", chunks=(c,))
+        try:
+            # mkstemp makes the file private (0600); the finished file gets the usual permissions.
+            os.chmod(self._tmp, outputs.file_mode())
+            self._f = h5py.File(self._tmp, "w")
+            # HDF5 chunks must stay below 4 GiB, and each is one read/write buffer: rows per chunk
+            # shrink for very wide X or dm.
+            c = max(1, min(self.chunk_rows, MAX_CHUNK_BYTES // (8 * max(self.K, self.M, 1))))
+            self._X = self._f.create_dataset("X", (0, self.K), maxshape=(None, self.K), dtype="f8", chunks=(c, self.K))
+            self._dm = self._f.create_dataset("dm", (0, self.M), maxshape=(None, self.M), dtype="f8", chunks=(c, self.M))
+            if self.with_chosen:
+                self._chosen = self._f.create_dataset("chosen", (0,), maxshape=(None,), dtype="i1", chunks=(c,))
+            self._offsets = self._f.create_dataset("offsets", (1,), maxshape=(None,), dtype="i8", chunks=(c,))
+            self._offsets[0] = 0
+            if self.with_cluster:
+                self._cluster = self._f.create_dataset("cluster", (0,), maxshape=(None,), dtype="i8", chunks=(c,))
+        except (OSError, RuntimeError) as exc:
+            self._discard()
+            raise outputs.write_error(self.path, exc) from None
+        except BaseException:
+            self._discard()
+            raise
         return self
 
     def append(self, X, dm, set_sizes, chosen=None, cluster=None) -> None:
@@ -368,37 +395,75 @@ class ChoiceDataWriter:
             raise ValueError("append: this file records clusters, pass one id per set")
         r0, r1 = self.n_rows, self.n_rows + rows
         s0, s1 = self.n_sets, self.n_sets + len(set_sizes)
-        self._X.resize(r1, axis=0)
-        self._X[r0:r1] = X
-        self._dm.resize(r1, axis=0)
-        self._dm[r0:r1] = dm
-        if self.with_chosen:
-            self._chosen.resize(r1, axis=0)
-            self._chosen[r0:r1] = chosen
-        if s1 > s0:
-            self._offsets.resize(s1 + 1, axis=0)
-            self._offsets[s0 + 1 : s1 + 1] = r0 + np.cumsum(set_sizes)
-            if self.with_cluster:
-                self._cluster.resize(s1, axis=0)
-                self._cluster[s0:s1] = np.asarray(cluster, dtype=np.int64)
+        try:
+            self._X.resize(r1, axis=0)
+            self._X[r0:r1] = X
+            self._dm.resize(r1, axis=0)
+            self._dm[r0:r1] = dm
+            if self.with_chosen:
+                self._chosen.resize(r1, axis=0)
+                self._chosen[r0:r1] = chosen
+            if s1 > s0:
+                self._offsets.resize(s1 + 1, axis=0)
+                self._offsets[s0 + 1 : s1 + 1] = r0 + np.cumsum(set_sizes)
+                if self.with_cluster:
+                    self._cluster.resize(s1, axis=0)
+                    self._cluster[s0:s1] = np.asarray(cluster, dtype=np.int64)
+        except (OSError, RuntimeError) as exc:  # h5py's errors: a full disk, a quota, an I/O error
+            raise outputs.write_error(self.path, exc) from None
         self.n_rows, self.n_sets = r1, s1
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        finished = False
+        if exc_type is not None:
+            self._discard()
+            return
         try:
-            if exc_type is None:
-                self._finish()
+            self._finish()
+            # Everything reaches the disk here, so that the close below has nothing left to write
+            # (a close that fails leaves h5py unable to close the file, see _discard).
+            self._f.flush()
+        except (OSError, RuntimeError) as err:
+            self._discard()
+            raise outputs.write_error(self.path, err) from None
+        except BaseException:
+            self._discard()
+            raise
+        try:
+            self._f.close()
+            self._f = None
+            os.replace(self._tmp, self.path)
+        except OSError as err:
+            self._discard()
+            raise outputs.write_error(self.path, err) from None
+        interrupts.unregister(self._cleanup)
+
+    def _discard(self) -> None:
+        """Close and remove the temporary file of a failed or interrupted write.
+
+        The file is given up, so its disk space is released first and HDF5's last flush goes to
+        an anonymous memory file instead: on a full disk that flush would fail, and an h5py file
+        whose close failed cannot be closed again: HDF5 crashes (segfault) at interpreter exit
+        when it tries."""
+        if self._f is not None:
+            try:
+                fd = self._f.id.get_vfd_handle()
+                os.ftruncate(fd, 0)
+                blank = os.memfd_create("estpipe-discarded")
+                os.dup2(blank, fd)
+                os.close(blank)
+            except (OSError, AttributeError, ValueError, TypeError):
+                pass
+            try:
                 self._f.close()
-                self._f = None
-                os.replace(self._tmp, self.path)
-                finished = True
-        finally:
-            # Whatever failed (the body, or finishing, closing or renaming), nothing stays behind.
-            if self._f is not None:
-                self._f.close()
-                self._f = None
-            if not finished and self._tmp is not None and self._tmp.exists():
+            except Exception:  # noqa: BLE001 - the file is being given up; the first error is the one to report
+                pass
+            self._f = None
+        if self._tmp is not None:
+            try:
                 self._tmp.unlink()
+            except FileNotFoundError:
+                pass
+        interrupts.unregister(self._cleanup)
 
     def _finish(self) -> None:
         f = self._f
@@ -415,18 +480,16 @@ class ChoiceDataWriter:
         f.attrs["provenance"] = json.dumps(self.provenance)
 
 
-def _current_umask() -> int:
-    # Linux shows the umask in /proc; elsewhere set and restore it (racy only across threads).
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+_current_umask = outputs.current_umask
+
+
+def estimated_file_bytes(n_rows: int, n_sets: int, K: int, M: int, with_chosen: bool, with_cluster: bool) -> int:
+    """Bytes a ChoiceDataWriter file of these sizes takes on disk, a little more rather than less:
+    X and dm float64, chosen int8, offsets and cluster ids int64, the last HDF5 chunk of each
+    dataset allocated whole, and 1 MiB for the metadata."""
+    per_row = 8 * (K + M) + (1 if with_chosen else 0)
+    last_chunks = DEFAULT_CHUNK_ROWS * (per_row + 16)
+    return n_rows * per_row + 8 * (n_sets + 1) + (8 * n_sets if with_cluster else 0) + last_chunks + 2**20
 
 
 def write_choice_data(path, data: ChoiceData, param_names, moment_names, provenance=None, truth=None) -> None:

@@ -76,16 +76,19 @@ def _dtype(x: Dual, c) -> np.dtype:
 
 
 # -- seeds ------------------------------------------------------------------------------------
-def seed(params: np.ndarray, ws: Workspace, k0: int = 0, k1: int | None = None) -> Dual:
-    """Parameters (P,) as a dual block (P, 1 + (k1 - k0)): d params_k / d params_j = 1 if k == j,
-    for j in the chunk [k0, k1)."""
+def seed(params: np.ndarray, ws: Workspace, k0: int = 0, k1: int | None = None,
+         scale: np.ndarray | None = None) -> Dual:
+    """Parameters (P,) as a dual block (P, 1 + (k1 - k0)): d params_k / d beta_j = 1 / scale_j
+    if k == j, for j in the chunk [k0, k1), with beta = scale * params (scale (P,) positive,
+    default ones). Every partial downstream is then with respect to beta: seeding 1 / scale
+    costs nothing and keeps partials of data in large units (x ~ 1e150) from overflowing."""
     params = np.asarray(params)
     P = len(params)
     k1 = P if k1 is None else k1
     out = Dual(ws.take((P, 1 + k1 - k0), np.result_type(params.dtype, np.float64)), ws)
     out.a[...] = 0
     out.a[:, 0] = params
-    out.a[np.arange(k0, k1), 1 + np.arange(k1 - k0)] = 1
+    out.a[np.arange(k0, k1), 1 + np.arange(k1 - k0)] = 1 if scale is None else 1.0 / np.asarray(scale)[k0:k1]
     return out
 
 

@@ -4,7 +4,7 @@ dask-jobqueue), all behind one Evaluator interface."""
 from __future__ import annotations
 
 from estpipe.execution.evaluator import Evaluator, EvaluatorStats, InProcessEvaluator
-from estpipe.execution.memory import available_memory, check_fits_machine, plan_memory
+from estpipe.execution.memory import available_memory, check_fits_machine, cpu_count, plan_memory
 from estpipe.execution.partitions import Partition, default_partitions, plan_partitions
 
 
@@ -29,7 +29,8 @@ def make_evaluator(path, options, partitions, *, K, M, has_chosen, has_cluster, 
     if options.workers > 1:
         return db.start_local_cluster(options.workers, partitions=plan(options.workers), **common)
     partitions = plan(1)
-    memory = plan_memory(partitions, [0] * len(partitions), 1, K, M, has_chosen, has_cluster, new_processes=False)
+    memory = plan_memory(partitions, [0] * len(partitions), 1, K, M, has_chosen, has_cluster, new_processes=False,
+                         model=options.model, derivatives=options.derivatives, threads=cpu_count())
     check_fits_machine(memory, available_memory(), "this process",
                        "run on a cluster (--scheduler, --jobqueue) whose workers together have enough memory")
     return InProcessEvaluator(str(path), partitions, options.model, options.derivatives)

@@ -18,6 +18,7 @@ import os
 import uuid
 from pathlib import Path
 
+from estpipe import interrupts
 from estpipe.errors import UserError
 from estpipe.execution.evaluator import Evaluator
 from estpipe.execution.memory import available_memory, check_fits_machine, check_fits_workers, plan_memory
@@ -118,6 +119,7 @@ class DaskEvaluator(Evaluator):
         self.client = client
         # the caller's environment before the cluster started, put back after it closes
         self.environ = environ
+        self.interrupt_action = None  # estpipe.interrupts token of the cluster's cleanup, if any
         # direct: gather results straight from the workers, not relayed by the scheduler (one hop
         # less per evaluation); only where the client surely reaches the workers (a LocalCluster)
         self.direct = direct
@@ -202,6 +204,7 @@ class DaskEvaluator(Evaluator):
                 if self.cluster is not None:
                     self.cluster.close()
             finally:
+                interrupts.unregister(self.interrupt_action)
                 if self.environ is not None:
                     restore_environ(self.environ)
 
@@ -227,11 +230,14 @@ def worker_addresses(client) -> list[str]:
     return sorted(client.scheduler_info()["workers"])
 
 
-def _memory_checker(partitions, K, M, has_chosen, has_cluster, client, new_processes: bool):
-    """A check run once the workers are known: per worker against what that worker has."""
+def _memory_checker(partitions, K, M, has_chosen, has_cluster, client, new_processes: bool, model: str = "logit",
+                    derivatives: str = "dual"):
+    """A check run once the workers are known: per worker against what that worker has (kernel
+    buffers for one thread each: their BLAS threads are not known before they load)."""
 
     def check(assignment, addresses):
-        plan = plan_memory(partitions, assignment, len(addresses), K, M, has_chosen, has_cluster, new_processes)
+        plan = plan_memory(partitions, assignment, len(addresses), K, M, has_chosen, has_cluster, new_processes,
+                           model=model, derivatives=derivatives)
         avail = client.run(_worker_available_bytes)
         check_fits_workers(plan, [avail[a] for a in addresses], addresses)
 
@@ -244,13 +250,14 @@ def start_local_cluster(workers: int, path, partitions, K, M, has_chosen, has_cl
 
     Memory is checked against this machine before any process starts."""
     assignment = [i % workers for i in range(len(partitions))]
-    plan = plan_memory(partitions, assignment, workers, K, M, has_chosen, has_cluster, new_processes=True)
+    threads = blas_threads_per_worker(workers)
+    plan = plan_memory(partitions, assignment, workers, K, M, has_chosen, has_cluster, new_processes=True,
+                       model=model, derivatives=derivatives, threads=threads)
     check_fits_machine(plan, available_memory(), f"--workers {workers}",
                        "use machines with more memory (--scheduler or --jobqueue with more workers)")
     import dask
     from distributed import Client, LocalCluster
 
-    threads = blas_threads_per_worker(workers)
     env = {v: str(threads) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
     dashboard = _dashboard_address()
     # Resident partitions must never be spilled to disk: they are the working set. Work stealing
@@ -266,12 +273,18 @@ def start_local_cluster(workers: int, path, partitions, K, M, has_chosen, has_cl
     config = {"distributed.worker.memory.target": False, "distributed.worker.memory.spill": False,
               "distributed.scheduler.work-stealing": False, "distributed.nanny.pre-spawn-environ": environ}
     environ_before = dict(os.environ)
+    # A signal kills the worker processes (children of this one) before this process dies:
+    # registered before they start, so that none is left behind whenever the signal comes.
+    stop_workers = interrupts.register(interrupts.kill_child_processes, "dask LocalCluster worker processes")
     try:
         with dask.config.set(config):
             cluster = LocalCluster(
                 n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                 dashboard_address=dashboard, env=env,
             )
+    except BaseException:
+        interrupts.unregister(stop_workers)
+        raise
     finally:
         # the workers have their variables now; the caller gets its own back (a worker restarted
         # later sets them again until close() restores them)
@@ -283,14 +296,17 @@ def start_local_cluster(workers: int, path, partitions, K, M, has_chosen, has_cl
         client.register_plugin(_worker_plugin(QuietUserErrors), name=QuietUserErrors.name)
         where = f"LocalCluster of {workers} worker processes at {cluster.scheduler_address}, {threads} BLAS thread{'s' if threads > 1 else ''} per worker"
         log(f"dask: {where}; dashboard: {cluster.dashboard_link if dashboard else 'off (install bokeh for it)'}")
-        return DaskEvaluator(client, path, partitions, model, derivatives, fingerprint, where, cluster=cluster,
-                             direct=True, environ=environ_before)
+        evaluator = DaskEvaluator(client, path, partitions, model, derivatives, fingerprint, where, cluster=cluster,
+                                  direct=True, environ=environ_before)
+        evaluator.interrupt_action = stop_workers
+        return evaluator
     except BaseException:
         try:
             if client is not None:
                 client.close()  # before the cluster, so the scheduler sees no wanted results lost
             cluster.close()
         finally:
+            interrupts.unregister(stop_workers)
             restore_environ(environ_before)
         raise
 
@@ -336,7 +352,8 @@ def connect_existing(address: str | None, scheduler_file: str | None, timeout: f
         partitions = plan(n)
         where = f"dask cluster at {address}, {n} worker{'s' if n != 1 else ''}"
         log(f"dask: {where}; dashboard: {client.dashboard_link}")
-        check = _memory_checker(partitions, K, M, has_chosen, has_cluster, client, new_processes=False)
+        check = _memory_checker(partitions, K, M, has_chosen, has_cluster, client, new_processes=False,
+                                model=model, derivatives=derivatives)
         return DaskEvaluator(client, path, partitions, model, derivatives, fingerprint, where, check_memory=check)
     except BaseException:
         client.close()
@@ -366,8 +383,13 @@ def start_jobqueue(kind: str, workers: int, timeout: float, path, partitions, K,
             ) from None
         where = f"{kind} jobqueue cluster at {cluster.scheduler_address}, {workers} workers"
         log(f"dask: {where}; dashboard: {client.dashboard_link}")
-        check = _memory_checker(partitions, K, M, has_chosen, has_cluster, client, new_processes=False)
-        return DaskEvaluator(client, path, partitions, model, derivatives, fingerprint, where, cluster=cluster, check_memory=check)
+        check = _memory_checker(partitions, K, M, has_chosen, has_cluster, client, new_processes=False,
+                                model=model, derivatives=derivatives)
+        evaluator = DaskEvaluator(client, path, partitions, model, derivatives, fingerprint, where, cluster=cluster,
+                                  check_memory=check)
+        evaluator.interrupt_action = getattr(cluster, "_estpipe_cancel_action", None)
+        return evaluator
     except BaseException:
         cluster.close()
+        interrupts.unregister(getattr(cluster, "_estpipe_cancel_action", None))
         raise

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from estpipe.execution.partitions import Partition
-from estpipe.execution.tasks import TaskResult, blas_report, load_partition, partition_pullback, partition_sums
+from estpipe.execution.tasks import (TaskResult, blas_report, load_partition, partition_absmax, partition_pullback,
+                                     partition_sums, partition_within_covariance)
 from estpipe.kernel import MomentSums
 
 
@@ -63,26 +64,41 @@ class Evaluator(ABC):
     def _map(self, fn, *args) -> list[TaskResult]:
         """Run fn(resident, *args) on every partition where it lives; results in partition order."""
 
-    def sums(self, params, jacobian: bool = True, covariance: bool = False, clustered: bool = True) -> MomentSums:
-        """MomentSums of all the data at params (P,): n [g | G] and, with covariance, hh, nh, nn."""
+    def sums(self, params, jacobian: bool = True, covariance: bool = False, clustered: bool = True,
+             seed_scale=None, moment_scale=None, fd_steps=None) -> MomentSums:
+        """MomentSums of all the data at params (P,): n [g | G] and, with covariance, hh, nh, nn
+        (see PartitionKernel.sums for the scales and steps)."""
         params = np.ascontiguousarray(params, dtype=np.float64)
         t0 = time.perf_counter()
-        results = self._map(partition_sums, params, bool(jacobian), bool(covariance), bool(clustered))
+        results = self._map(partition_sums, params, bool(jacobian), bool(covariance), bool(clustered),
+                            seed_scale, moment_scale, fd_steps)
         total = results[0].value
         for r in results[1:]:
             total = total + r.value
         self.stats.record(time.perf_counter() - t0, results, sum(_result_bytes(r) for r in results))
         return total
 
-    def pullback(self, params, v) -> np.ndarray:
+    def pullback(self, params, v, seed_scale=None, fd_steps=None) -> np.ndarray:
         """n G' v (P,) for v (M,): the reverse-mode product, summed over partitions."""
         params = np.ascontiguousarray(params, dtype=np.float64)
         v = np.ascontiguousarray(v, dtype=np.float64)
         t0 = time.perf_counter()
-        results = self._map(partition_pullback, params, v)
+        results = self._map(partition_pullback, params, v, seed_scale, fd_steps)
         total = np.sum([r.value for r in results], axis=0)
         self.stats.record(time.perf_counter() - t0, results, sum(_result_bytes(r) for r in results))
         return total
+
+    def column_absmax(self) -> tuple[np.ndarray, np.ndarray]:
+        """max |X| (K,) and max |dm| (M,) per column over all partitions (not an evaluation)."""
+        results = self._map(partition_absmax)
+        x = np.max([r.value[0] for r in results], axis=0)
+        m = np.max([r.value[1] for r in results], axis=0)
+        return x, m
+
+    def within_set_covariance(self, inv_scale: np.ndarray) -> np.ndarray:
+        """sum of (x - xbar_set)(x - xbar_set)' over all rows (K, K), x = X * inv_scale."""
+        results = self._map(partition_within_covariance, np.asarray(inv_scale, dtype=np.float64))
+        return np.sum([r.value[0] for r in results], axis=0)
 
     @abstractmethod
     def blas(self) -> list[dict]:

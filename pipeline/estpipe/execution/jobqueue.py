@@ -22,10 +22,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 from typing import Literal
 
+from estpipe import interrupts
 from estpipe.errors import UserError
+from estpipe.outputs import check_writable_folder
 
 KINDS = ("slurm", "pbs")
 DEFAULT_WAIT = 120.0
@@ -59,12 +62,16 @@ def _run(cmd: list[str], timeout: float = 30) -> subprocess.CompletedProcess:
 
 def _preflight_slurm(job_script: str) -> None:
     """Ask sbatch whether the worker job could run (`--test-only` submits nothing)."""
-    with tempfile.NamedTemporaryFile("w", suffix=".sh", delete=False) as handle:
-        handle.write(job_script)
+    with interrupts.deferred():
+        handle = tempfile.NamedTemporaryFile("w", suffix=".sh", delete=False)
+        cleanup = interrupts.register(interrupts.remove_file(handle.name), handle.name)
     try:
+        with handle:
+            handle.write(job_script)
         done = _run(["sbatch", "--test-only", handle.name])
     finally:
         Path(handle.name).unlink(missing_ok=True)
+        interrupts.unregister(cleanup)
     if done.returncode != 0:
         reason = " ".join(line.strip() for line in done.stderr.strip().splitlines() if line.strip())
         raise UserError(f"Slurm refused the dask worker job: {reason}; ask for less (--memory, --cores) or another partition")
@@ -109,7 +116,31 @@ def _mark_failed(cluster) -> None:
 def close_jobqueue_cluster(cluster) -> None:
     """Close a cluster from `start_jobqueue_cluster`, cancelling its worker jobs."""
     _mark_failed(cluster)
-    cluster.close()
+    try:
+        cluster.close()
+    finally:
+        interrupts.unregister(getattr(cluster, "_estpipe_cancel_action", None))
+
+
+def _job_canceller(cluster):
+    """An estpipe.interrupts action: cancel the cluster's worker jobs (scancel / qdel, bounded),
+    since a signal ends this process before dask-jobqueue could. Holds the cluster weakly."""
+    ref = weakref.ref(cluster)
+    cancel = cluster.job_cls.cancel_command
+
+    def action() -> None:
+        live = ref()
+        if live is None:
+            return
+        jobs = list(getattr(live, "workers", {}).values()) + list(getattr(live, "_created", ()))
+        ids = sorted({str(job.job_id) for job in jobs if getattr(job, "job_id", None)})
+        if ids:
+            try:
+                subprocess.run(shlex.split(cancel) + ids, capture_output=True, timeout=interrupts.ACTION_WAIT_SECONDS)
+            except (OSError, subprocess.SubprocessError):
+                pass
+
+    return action
 
 
 def start_jobqueue_cluster(
@@ -153,7 +184,7 @@ def start_jobqueue_cluster(
     from dask_jobqueue import PBSCluster, SLURMCluster
 
     log_dir = Path(log_dir or "dask-worker-logs").resolve()
-    log_dir.mkdir(parents=True, exist_ok=True)
+    check_writable_folder(log_dir, "the dask worker logs")
     out_name = "%j" if kind == "slurm" else "$PBS_JOBID"
     directives = (
         [f"-o {log_dir}/{out_name}.out", f"-e {log_dir}/{out_name}.err"]
@@ -186,6 +217,7 @@ def start_jobqueue_cluster(
     for logger in watched:
         logger.addHandler(errors)
     cluster = cls(**options)
+    cluster._estpipe_cancel_action = interrupts.register(_job_canceller(cluster), f"{kind} dask worker jobs")
     try:
         if kind == "slurm":
             _preflight_slurm(cluster.job_script())

@@ -117,15 +117,30 @@ def load_partition(path: str, start: int, stop: int, model: str, derivatives: st
 
 
 def partition_sums(part: ResidentPartition, params: np.ndarray, jacobian: bool, covariance: bool,
-                   clustered: bool) -> TaskResult:
+                   clustered: bool, seed_scale=None, moment_scale=None, fd_steps=None) -> TaskResult:
     t0 = time.perf_counter()
-    sums = part.kernel.sums(params, jacobian=jacobian, covariance=covariance, clustered=clustered)
+    sums = part.kernel.sums(params, jacobian=jacobian, covariance=covariance, clustered=clustered,
+                            seed_scale=seed_scale, moment_scale=moment_scale, fd_steps=fd_steps)
     return TaskResult(sums, time.perf_counter() - t0, os.getpid())
 
 
-def partition_pullback(part: ResidentPartition, params: np.ndarray, v: np.ndarray) -> TaskResult:
+def partition_pullback(part: ResidentPartition, params: np.ndarray, v: np.ndarray, seed_scale=None,
+                       fd_steps=None) -> TaskResult:
     t0 = time.perf_counter()
-    out = np.asarray(part.kernel.pullback(params, v), dtype=np.float64)
+    out = np.asarray(part.kernel.pullback(params, v, seed_scale=seed_scale, fd_steps=fd_steps), dtype=np.float64)
+    return TaskResult(out, time.perf_counter() - t0, os.getpid())
+
+
+def partition_absmax(part: ResidentPartition) -> TaskResult:
+    """max |X| (K,) and max |dm| (M,) per column of the partition."""
+    t0 = time.perf_counter()
+    out = part.kernel.column_absmax()
+    return TaskResult(out, time.perf_counter() - t0, os.getpid())
+
+
+def partition_within_covariance(part: ResidentPartition, inv_scale: np.ndarray) -> TaskResult:
+    t0 = time.perf_counter()
+    out = part.kernel.within_set_covariance(inv_scale)
     return TaskResult(out, time.perf_counter() - t0, os.getpid())
 
 

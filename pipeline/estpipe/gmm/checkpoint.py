@@ -4,7 +4,8 @@ accepted iteration, so `--resume` can continue a killed run from its last accept
 A checkpoint holds the data fingerprint and the options that change the estimate (a checkpoint of
 other data or options is refused), the step in progress, its weight matrix (for step 2 the
 covariance S(b1) it inverts, and b1 itself), the last accepted parameters, the evaluation count,
-the finished steps and the history of accepted iterations.
+the finished steps, the history of accepted iterations, and the run's scaling (the units the
+optimizer works in, fixed at the start of the run, so a resumed run takes the same path).
 """
 
 from __future__ import annotations
@@ -15,17 +16,26 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from estpipe import interrupts
 from estpipe.errors import UserError
+from estpipe.outputs import file_mode
 
 KIND = "estpipe-checkpoint"
-VERSION = 1
+VERSION = 2
 
 
 def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
-    """Write JSON to a temporary file in the same folder, flush it to disk, rename over `path`."""
+    """Write JSON to a temporary file in the same folder, flush it to disk, rename over `path`.
+
+    The file gets the usual permissions (0666 less the umask). The temporary file is registered
+    with estpipe.interrupts while it exists, so a signal removes it; `path` is always either the
+    old file or the new one. OSError propagates (the callers decide what a failed write means)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+    with interrupts.deferred():
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+        cleanup = interrupts.register(interrupts.remove_file(tmp), tmp)
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "w") as f:
             json.dump(payload, f, indent=1, allow_nan=True)
             f.write("\n")
@@ -36,6 +46,8 @@ def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    finally:
+        interrupts.unregister(cleanup)
 
 
 @dataclass
@@ -49,11 +61,13 @@ class Checkpoint:
     evaluations: int
     steps_done: list[dict] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
+    scaling: dict | None = None
 
     def to_dict(self) -> dict:
         return {"kind": KIND, "version": VERSION, "fingerprint": self.fingerprint, "options": self.options,
                 "step": self.step, "weight": self.weight, "b1": self.b1, "params": self.params,
-                "evaluations": self.evaluations, "steps_done": self.steps_done, "history": self.history}
+                "evaluations": self.evaluations, "steps_done": self.steps_done, "history": self.history,
+                "scaling": self.scaling}
 
     def save(self, path: str | os.PathLike) -> None:
         write_json_atomic(path, self.to_dict())
@@ -86,4 +100,5 @@ def load_checkpoint(path: str | os.PathLike, fingerprint: str, options: dict, da
                         "rerun with the same options, or remove it to start fresh")
     return Checkpoint(fingerprint=d["fingerprint"], options=d["options"], step=int(d["step"]), weight=d["weight"],
                       b1=d["b1"], params=[float(v) for v in d["params"]], evaluations=int(d["evaluations"]),
-                      steps_done=list(d.get("steps_done", [])), history=list(d.get("history", [])))
+                      steps_done=list(d.get("steps_done", [])), history=list(d.get("history", [])),
+                      scaling=d.get("scaling"))

@@ -9,22 +9,51 @@ from statistics import NormalDist
 
 import numpy as np
 
-from estpipe.gmm.weighting import WeightMatrix, check_identification
+from estpipe.errors import UserError
+from estpipe.gmm.linalg import (RANK_TOL, combinations_text, minimal_dependent_columns, pinv_columns,
+                               relative_singular_values)
+from estpipe.gmm.weighting import WeightMatrix
 
 
-def sandwich_covariance(G: np.ndarray, W: WeightMatrix, S: np.ndarray, n: int, param_names: list[str],
-                        where: str) -> np.ndarray:
-    """One-step V = (G'WG)^-1 G'W S W G (G'WG)^-1 / n. G: (M, P); S: (M, M). Returns (P, P)."""
-    bread = check_identification(G, W, param_names, where)
-    WG = W.apply(G)
-    meat = WG.T @ S @ WG
-    V = bread @ meat @ bread / n
-    return (V + V.T) / 2
+def check_identification(B: np.ndarray, param_names: list[str], where: str, explain=None) -> None:
+    """B (M, P): the moment Jacobian whitened by S^-1 (rows) with columns in units from the data
+    (see estimate.py). The parameters are identified when no singular value of B is below
+    RANK_TOL of its largest; otherwise a UserError names the smallest set of parameters that move
+    together and, through explain(columns, coefficients) -> str, the data fact behind it."""
+    if not np.all(np.isfinite(B)):
+        raise UserError(f"the moment Jacobian G at {where} has non-finite entries; check the data for huge values "
+                        "or give another --start")
+    rel = relative_singular_values(B, equilibrated=True)
+    if rel.size and rel[-1] > RANK_TOL:
+        return
+    rank = int(np.sum(rel > RANK_TOL))
+    found = minimal_dependent_columns(B, equilibrated=True)
+    cols, v = found if found is not None else (list(range(B.shape[1])), np.ones(B.shape[1]))
+    reason = explain(cols, v) if explain is not None else default_explanation([param_names[k] for k in cols], v)
+    raise UserError(f"the parameters are not identified at {where} (the moment Jacobian has rank {rank} of "
+                    f"{B.shape[1]}): {reason}")
 
 
-def efficient_covariance(G: np.ndarray, S_weight: WeightMatrix, n: int, param_names: list[str], where: str) -> np.ndarray:
-    """Efficient V = (G' S^-1 G)^-1 / n, with S^-1 given as a WeightMatrix. Returns (P, P)."""
-    V = check_identification(G, S_weight, param_names, where) / n
+def default_explanation(names: list[str], coefficients: np.ndarray) -> str:
+    if len(names) == 1:
+        return (f"no moment responds to {names[0]} (its column of the moment Jacobian is zero); fix it, drop it, "
+                "or add moments that depend on it")
+    return (f"the moments cannot tell {', '.join(names)} apart: moving the parameters along "
+            f"{combinations_text(names, coefficients)} leaves every moment unchanged; drop one of them or add moments")
+
+
+def covariance_of_estimates(B: np.ndarray, n: int, S_residual: np.ndarray | None = None) -> np.ndarray:
+    """Covariance (P, P) of the estimates in the parameters B's columns are in.
+
+    B (M, P): the step's whitened moment Jacobian. With S_residual = A S A' (the moment
+    covariance seen through the same whitening), the one-step sandwich
+    (B'B)^-1 B' S_res B (B'B)^-1 / n; without, the efficient (B'B)^-1 / n (B whitened by S^-1
+    itself, not normalized). Computed from the SVD of B with equilibrated columns."""
+    pinv, inv = pinv_columns(B)
+    if S_residual is None:
+        V = inv / n
+    else:
+        V = pinv @ S_residual @ pinv.T / n
     return (V + V.T) / 2
 
 
@@ -38,12 +67,14 @@ class JTest:
     null: str = "the moment conditions hold (the model is correctly specified)"
 
 
-def j_test(g: np.ndarray, S_weight: WeightMatrix, n: int, P: int) -> JTest | None:
-    """The J test, or None when it is not defined (just-identified: M = P)."""
-    df = g.shape[0] - P
+def j_test(g_scaled: np.ndarray, S_weight: WeightMatrix, n: int, P: int) -> JTest | None:
+    """The J test n g' S^-1 g from the scaled moments g~ = R g and W = S^-1, or None when it is
+    not defined (just-identified: M = P)."""
+    df = g_scaled.shape[0] - P
     if df <= 0:
         return None
-    J = n * S_weight.objective(g)
+    r = S_weight.whiten(g_scaled, normalized=False)
+    J = n * float(r @ r)
     return JTest(statistic=float(J), df=int(df), pvalue=chi2_sf(float(J), int(df)))
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from scipy.optimize import least_squares, minimize
 
 from estpipe.execution.evaluator import Evaluator
+from estpipe.gmm.scaling import Scaling
 from estpipe.gmm.weighting import WeightMatrix
 from estpipe.kernel import MomentSums
 
@@ -27,14 +28,24 @@ _CACHE_SIZE = 8
 
 
 class MomentOracle:
-    """Memoized map/reduces over an Evaluator. `evaluations` counts map/reduces actually run."""
+    """Memoized map/reduces over an Evaluator. `evaluations` counts map/reduces actually run.
 
-    def __init__(self, evaluator: Evaluator, clustered: bool):
+    scaling: the run's Scaling (seed and moment scales go to every evaluation; finite-difference
+    steps are on its standardized parameters), or None for the data's own units."""
+
+    def __init__(self, evaluator: Evaluator, clustered: bool, scaling: Scaling | None = None):
         self.evaluator = evaluator
         self.clustered = clustered
+        self.scaling = scaling
         self.evaluations = 0
         self._sums: OrderedDict[bytes, tuple[bool, bool, MomentSums]] = OrderedDict()
         self._pullbacks: OrderedDict[bytes, np.ndarray] = OrderedDict()
+
+    def _scales(self, params) -> dict:
+        sc = self.scaling
+        if sc is None:
+            return {}
+        return {"seed_scale": sc.seed, "moment_scale": sc.moments, "fd_steps": sc.fd_steps(params)}
 
     def sums(self, params, jacobian: bool = True, covariance: bool = False) -> MomentSums:
         """MomentSums at params with at least what is asked for. When the cache already holds one
@@ -51,11 +62,12 @@ class MomentOracle:
             # hit lacks one part; ask only for that part, keep what hit has
             need_jacobian, need_covariance = jacobian and not hit[0], covariance and not hit[1]
             part = self.evaluator.sums(params, jacobian=need_jacobian, covariance=need_covariance,
-                                       clustered=self.clustered)
+                                       clustered=self.clustered, **self._scales(params))
             out = _merge(hit[2], part)
             jacobian, covariance = hit[0] or need_jacobian, hit[1] or need_covariance
         else:
-            out = self.evaluator.sums(params, jacobian=jacobian, covariance=covariance, clustered=self.clustered)
+            out = self.evaluator.sums(params, jacobian=jacobian, covariance=covariance, clustered=self.clustered,
+                                      **self._scales(params))
         self.evaluations += 1
         self._sums[key] = (jacobian, covariance, out)
         self._sums.move_to_end(key)
@@ -68,7 +80,9 @@ class MomentOracle:
         v = np.ascontiguousarray(v, dtype=np.float64)
         key = params.tobytes() + v.tobytes()
         if key not in self._pullbacks:
-            self._pullbacks[key] = self.evaluator.pullback(params, v)
+            scales = self._scales(params)
+            self._pullbacks[key] = self.evaluator.pullback(params, v, seed_scale=scales.get("seed_scale"),
+                                                           fd_steps=scales.get("fd_steps"))
             self.evaluations += 1
             if len(self._pullbacks) > _CACHE_SIZE:
                 self._pullbacks.popitem(last=False)
@@ -80,13 +94,16 @@ def _merge(a: MomentSums, b: MomentSums) -> MomentSums:
     the covariance sums (hh, nh, nn, units, loglik) from whichever has them."""
     gG = a.gG if a.gG.shape[1] >= b.gG.shape[1] else b.gG
     c = a if a.hh is not None else b
-    return MomentSums(n_sets=a.n_sets, gG=gG, hh=c.hh, nh=c.nh, nn=c.nn, n_units=c.n_units, loglik=c.loglik)
+    return MomentSums(n_sets=a.n_sets, gG=gG, hh=c.hh, nh=c.nh, nn=c.nn, n_units=c.n_units, loglik=c.loglik,
+                      moment_scale=c.moment_scale)
 
 
 @dataclass
 class OptimizeResult:
-    """scipy's names: x (P,), fun (Q at x), jac (grad Q at x, (P,)), success, status, message,
-    nit (iterations), nfev (map/reduces of this run)."""
+    """scipy's names: x (P,) the estimate in the model's parameters, fun (Q = g'Wg at x, in the
+    data's units), jac (the gradient of the normalized objective Q / q in the standardized
+    parameters theta, (P,)), success, status, message, nit (iterations), nfev (map/reduces of
+    this run); theta (P,) the estimate in standardized parameters."""
 
     x: np.ndarray
     fun: float
@@ -96,11 +113,14 @@ class OptimizeResult:
     message: str
     nit: int
     nfev: int
+    theta: np.ndarray | None = None
 
 
 @dataclass
 class IterationRecord:
-    """One accepted iteration, as progress and checkpoint history see it."""
+    """One accepted iteration, as progress and checkpoint history see it: objective Q in the
+    data's units, grad_norm the inf-norm of the normalized objective's gradient in standardized
+    parameters, step_norm the step's 2-norm in standardized parameters, params in the model's."""
 
     step: int
     iteration: int
@@ -119,55 +139,91 @@ class IterationRecord:
 
 
 class GmmObjective:
-    """Q(b) = g'Wg, its residual form L'g and gradient 2 G'Wg, through a MomentOracle."""
+    """Q(b) = g'Wg as the optimizer sees it: in standardized parameters theta = D b, the residual
+    r(theta) = A R g (W's whitening, normalized so that ||r||^2 = Q / q), its Jacobian, and the
+    gradient of ||r||^2, through a MomentOracle."""
 
-    def __init__(self, oracle: MomentOracle, W: WeightMatrix, derivatives: str):
-        self.oracle, self.W, self.derivatives = oracle, W, derivatives
+    def __init__(self, oracle: MomentOracle, W: WeightMatrix, derivatives: str, scaling: Scaling):
+        self.oracle, self.W, self.derivatives, self.scaling = oracle, W, derivatives, scaling
 
-    def residual(self, x) -> np.ndarray:
-        return self.W.whiten(self.oracle.sums(x, jacobian=True).g)
+    def residual(self, theta) -> np.ndarray:
+        s = self.oracle.sums(self.scaling.b(theta), jacobian=True)
+        return self.W.whiten(self.scaling.g_scaled(s.g))
 
-    def residual_jacobian(self, x) -> np.ndarray:
-        return self.W.whiten(self.oracle.sums(x, jacobian=True).G)
+    def residual_jacobian(self, theta) -> np.ndarray:
+        s = self.oracle.sums(self.scaling.b(theta), jacobian=True)
+        return self.W.whiten(self.scaling.jacobian_theta(s.G))
 
-    def value_and_gradient(self, x) -> tuple[float, np.ndarray]:
+    def objective(self, theta) -> float:
+        """Q in the data's units at theta (from the cached evaluation)."""
+        s = self.oracle.sums(self.scaling.b(theta), jacobian=False)
+        return self.W.objective(self.scaling.g_scaled(s.g))
+
+    def value_and_gradient(self, theta) -> tuple[float, np.ndarray]:
+        """||r||^2 and its gradient in theta (P,)."""
+        sc = self.scaling
+        b = sc.b(theta)
         if self.derivatives == "adjoint":
-            # reverse mode: g first, then one pullback n G'(Wg): two map/reduces, no G formed
-            s = self.oracle.sums(x, jacobian=False)
-            g = s.g
-            if not np.all(np.isfinite(g)):
-                return np.inf, np.zeros_like(x)
-            Wg = self.W.apply(g)
-            return float(g @ Wg), (2.0 / s.n_sets) * self.oracle.pullback(x, Wg)
-        s = self.oracle.sums(x, jacobian=True)
-        g, G = s.g, s.G
-        if not (np.all(np.isfinite(g)) and np.all(np.isfinite(G))):
-            return np.inf, np.zeros_like(x)
-        Wg = self.W.apply(g)
-        return float(g @ Wg), 2.0 * (G.T @ Wg)
+            # reverse mode: g first, then one pullback n G'v with v = R A' r: two map/reduces, no G formed
+            s = self.oracle.sums(b, jacobian=False)
+            r = self.W.whiten(sc.g_scaled(s.g))
+            if not np.all(np.isfinite(r)):
+                return np.inf, np.zeros_like(theta)
+            v = sc.moments * self.W.whiten_transpose(r)
+            grad = (2.0 / s.n_sets) * self.oracle.pullback(b, v) * (sc.seed / sc.params)
+            return float(r @ r), grad
+        s = self.oracle.sums(b, jacobian=True)
+        r = self.W.whiten(sc.g_scaled(s.g))
+        J = self.W.whiten(sc.jacobian_theta(s.G))
+        if not (np.all(np.isfinite(r)) and np.all(np.isfinite(J))):
+            return np.inf, np.zeros_like(theta)
+        return float(r @ r), 2.0 * (J.T @ r)
+
+
+def _at_rounding_floor(r, message: str) -> tuple[bool, str]:
+    """Whether a quasi-Newton run that stopped because its line search could no longer decrease
+    the objective (BFGS "precision loss", L-BFGS-B "ABNORMAL") has in fact converged: when the
+    decrease its own model still predicts, grad' H^-1 grad, is below the objective's rounding
+    error (taken as 1e4 eps |f|: the objective is a sum over every set, rounded at each term).
+    With an over-identified objective whose minimum is not zero, a gradient as small as --tol
+    asks can be out of float64's reach (the decrease it stands for is below the last digits of
+    the objective); the estimate is then as good as float64 allows."""
+    hess_inv = getattr(r, "hess_inv", None)
+    if hess_inv is None or not np.all(np.isfinite(r.jac)):
+        return False, message
+    grad = np.asarray(r.jac, dtype=np.float64)
+    decrease = float(grad @ (hess_inv @ grad))
+    floor = 1e4 * np.finfo(float).eps * max(1.0, abs(float(r.fun)))
+    if 0.0 <= decrease <= floor:
+        return True, (f"converged to float64's precision ({message.rstrip('.: ')}: the decrease still predicted, "
+                      f"{decrease:.1e}, is at the objective's rounding level {floor:.1e})")
+    return False, message
 
 
 def run_optimizer(objective: GmmObjective, x0: np.ndarray, optimizer: str, tol: float, max_iter: int, step: int,
                   on_iteration=None) -> OptimizeResult:
-    """Minimize Q from x0 with `optimizer` ("gauss-newton", "bfgs" or "l-bfgs-b").
+    """Minimize Q from x0 (P,), in the model's parameters, with `optimizer` ("gauss-newton",
+    "bfgs" or "l-bfgs-b"), which works on the standardized parameters theta.
 
     on_iteration(IterationRecord) is called after every accepted iteration (progress, checkpoint).
     """
-    oracle = objective.oracle
+    oracle, scaling = objective.oracle, objective.scaling
     evals0 = oracle.evaluations
     t0 = time.perf_counter()
-    state = {"nit": 0, "x": np.asarray(x0, dtype=np.float64).copy()}
+    theta0 = scaling.theta(x0)
+    state = {"nit": 0, "theta": theta0.copy()}
 
-    def accepted(x) -> None:
-        x = np.asarray(x, dtype=np.float64).copy()
-        Q, grad = objective.value_and_gradient(x)
+    def accepted(theta) -> None:
+        theta = np.asarray(theta, dtype=np.float64).copy()
+        _, grad = objective.value_and_gradient(theta)
         state["nit"] += 1
         rec = IterationRecord(
-            step=step, iteration=state["nit"], objective=Q, grad_norm=float(np.linalg.norm(grad, np.inf)),
-            step_norm=float(np.linalg.norm(x - state["x"])), seconds=time.perf_counter() - t0,
-            evaluations=oracle.evaluations - evals0, params=x.tolist(),
+            step=step, iteration=state["nit"], objective=objective.objective(theta),
+            grad_norm=float(np.linalg.norm(grad, np.inf)), step_norm=float(np.linalg.norm(theta - state["theta"])),
+            seconds=time.perf_counter() - t0, evaluations=oracle.evaluations - evals0,
+            params=scaling.b(theta).tolist(),
         )
-        state["x"] = x
+        state["theta"] = theta
         if on_iteration is not None:
             on_iteration(rec)
 
@@ -178,7 +234,7 @@ def run_optimizer(objective: GmmObjective, x0: np.ndarray, optimizer: str, tol: 
                 raise StopIteration
 
         r = least_squares(
-            objective.residual, x0, jac=objective.residual_jacobian, method="trf", xtol=tol, ftol=tol,
+            objective.residual, theta0, jac=objective.residual_jacobian, method="trf", xtol=tol, ftol=tol,
             gtol=GAUSS_NEWTON_GTOL, max_nfev=10 * max_iter + 10, callback=callback,
         )
         if r.status == -2:
@@ -187,20 +243,24 @@ def run_optimizer(objective: GmmObjective, x0: np.ndarray, optimizer: str, tol: 
             success, message = False, f"stopped after {r.nfev} evaluations of the residual without converging"
         else:
             success, message = bool(r.status > 0), str(r.message)
-        x = r.x
+        theta = r.x
         status = int(r.status)
     else:
         method = {"bfgs": "BFGS", "l-bfgs-b": "L-BFGS-B"}[optimizer]
         opts = {"gtol": tol, "maxiter": max_iter}
         if method == "L-BFGS-B":
-            # L-BFGS-B also stops when Q falls by less than ftol * max(|Q|, 1); Q is O(M/n), so
-            # the default ftol would stop far from the optimum: leave the decision to gtol.
+            # L-BFGS-B also stops when the objective falls by less than ftol * max(|f|, 1); leave
+            # the decision to gtol, as for BFGS.
             opts["ftol"] = np.finfo(float).eps
-        r = minimize(objective.value_and_gradient, x0, jac=True, method=method, options=opts,
+        r = minimize(objective.value_and_gradient, theta0, jac=True, method=method, options=opts,
                      callback=lambda intermediate_result: accepted(intermediate_result.x))
-        x, status, success, message = r.x, int(r.status), bool(r.success), str(r.message)
+        theta, status, success, message = r.x, int(r.status), bool(r.success), str(r.message)
+        if not success and r.nit < max_iter:
+            success, message = _at_rounding_floor(r, message)
         if not success and r.nit >= max_iter:
             message = f"stopped after --max-iter {max_iter} iterations without converging ({message})"
-    Q, grad = objective.value_and_gradient(x)
-    return OptimizeResult(x=np.asarray(x, dtype=np.float64), fun=Q, jac=grad, success=success, status=status,
-                          message=message, nit=state["nit"], nfev=oracle.evaluations - evals0)
+    theta = np.asarray(theta, dtype=np.float64)
+    _, grad = objective.value_and_gradient(theta)
+    return OptimizeResult(x=scaling.b(theta), fun=objective.objective(theta), jac=grad, success=success,
+                          status=status, message=message, nit=state["nit"], nfev=oracle.evaluations - evals0,
+                          theta=theta)

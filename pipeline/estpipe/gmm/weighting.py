@@ -1,99 +1,169 @@
 """GMM weight matrices (DESIGN.md, "GMM, step by step") and what a singular one means for the data.
 
-W = L L' is never formed to be inverted: the optimizer works on the residual L' g. For step 2,
-W = S(b1)^-1 and S = C C' (Cholesky, C lower), so L' = C^-1 and L' a = solve(C, a).
+The estimator works on scaled moments g~ = R g (R (M,), powers of two from the data's own units,
+see estimate.py), so that moments in any units, up to |dm| ~ 1e154, never overflow their squares.
+A weight matrix is held as the whitening that turns g~ into the optimizer's residual,
+
+    r = A g~,   ||r||^2 = Q / q,   Q = g' W g,   q = tr(W S0) / n,
+
+so the optimizer sees Q in units of its own sampling variance (O(1) whatever the data's units):
+- "identity" (step 1, W = I in the data's units): A = diag(1 / (R sqrt(q))), q = tr(S0) / n with
+  S0 the moment covariance at the start of the run;
+- "standardized" (step 1 when M = P): W = diag(S0)^-1, each moment in units of its own standard
+  deviation at the start. With as many moments as parameters the weight does not change the
+  estimate (g = 0 at the solution), only the optimizer's path, which this makes independent of
+  the moments' units: A = sqrt(n / M) diag(S~0)^-1/2, q = M / n;
+- "inverse-covariance" (W = S^-1 with S = S(b1)): S~ = R S R = E C C' E with E = sqrt(diag S~)
+  and C the Cholesky factor of the correlation matrix, A = sqrt(n / M) C^-1 E^-1, q = M / n.
+W itself is never formed or inverted.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.linalg import LinAlgError, cholesky, solve_triangular
 
 from estpipe.errors import UserError
-
-# Relative eigenvalue below which a symmetric matrix is treated as singular: beyond ~1e12 the
-# inverse has lost most of its digits and the estimates and standard errors are noise.
-SINGULAR_RCOND = 1e-12
+from estpipe.gmm.linalg import GRAM_TOL, minimal_dependent_principal
 
 
 @dataclass
 class WeightMatrix:
-    """W (M, M). kind "identity" (step 1) or "inverse-covariance" (W = S^-1, S given)."""
+    """The whitening of one GMM step (see the module docstring).
+
+    kind: "identity", "standardized" or "inverse-covariance"; R: (M,) moment scale; log_q: log of the objective's
+    normalization q; diag: (M,) A's diagonal (identity); S: (M, M) the scaled covariance
+    R S R it inverts, with E (M,) and chol (M, M) lower (inverse-covariance)."""
 
     kind: str
-    M: int
+    R: np.ndarray
+    log_q: float
+    diag: np.ndarray | None = None
     S: np.ndarray | None = None
-    _C: np.ndarray | None = None
-
-    @classmethod
-    def identity(cls, M: int) -> "WeightMatrix":
-        return cls(kind="identity", M=M)
-
-    @classmethod
-    def inverse_of(cls, S: np.ndarray, moment_names: list[str], n_units: int, where: str) -> "WeightMatrix":
-        """W = S^-1; a singular S is a UserError naming the moments involved."""
-        S = np.asarray(S, dtype=np.float64)
-        check_covariance(S, moment_names, n_units, where)
-        try:
-            C = cholesky(S, lower=True)
-        except LinAlgError:
-            raise UserError(f"the moment covariance S at {where} is not positive definite; "
-                            f"{diagnose_covariance(S, moment_names, n_units)}") from None
-        return cls(kind="inverse-covariance", M=S.shape[0], S=S, _C=C)
+    E: np.ndarray | None = None
+    chol: np.ndarray | None = None
 
     @property
-    def matrix(self) -> np.ndarray:
-        """W itself (M, M)."""
-        if self.kind == "identity":
-            return np.eye(self.M)
-        Cinv = solve_triangular(self._C, np.eye(self.M), lower=True)
-        return Cinv.T @ Cinv
+    def M(self) -> int:
+        return len(self.R)
 
-    def whiten(self, a: np.ndarray) -> np.ndarray:
-        """L' a for a (M,) or (M, P): the residual L' g, or the Jacobian L' G."""
-        if self.kind == "identity":
-            return a
-        return solve_triangular(self._C, a, lower=True)
+    @classmethod
+    def identity(cls, R: np.ndarray, S_start: np.ndarray, n: int) -> "WeightMatrix":
+        """W = I in the data's units, normalized by q = tr(S0) / n. S_start: R S0 R (M, M)."""
+        R = np.asarray(R, dtype=np.float64)
+        t = 1.0 / R  # the moments' own scales; t^2 may overflow, t / max(t) does not
+        top = float(t.max())
+        rel = t / top
+        mass = float(np.sum(np.diag(S_start) * rel * rel)) / n
+        if not (mass > 0 and math.isfinite(mass)):
+            mass = 1.0  # every moment is constant: identification fails and says why
+        diag = rel / math.sqrt(mass)
+        return cls(kind="identity", R=R, log_q=2 * math.log(top) + math.log(mass), diag=diag)
 
-    def apply(self, a: np.ndarray) -> np.ndarray:
-        """W a for a (M,) or (M, P)."""
-        if self.kind == "identity":
-            return a
-        return solve_triangular(self._C, solve_triangular(self._C, a, lower=True), lower=True, trans="T")
+    @classmethod
+    def standardized(cls, R: np.ndarray, S_start: np.ndarray, n: int) -> "WeightMatrix":
+        """W = diag(S0)^-1 (see the module docstring); S_start: R S0 R (M, M)."""
+        R = np.asarray(R, dtype=np.float64)
+        M = len(R)
+        sd = np.sqrt(np.clip(np.diag(S_start), 0.0, None))
+        sd = np.where(sd > 0, sd, 1.0)
+        return cls(kind="standardized", R=R, log_q=math.log(M / n), diag=math.sqrt(n / M) / sd)
 
-    def objective(self, g: np.ndarray) -> float:
-        """Q = g' W g."""
-        r = self.whiten(g)
+    @classmethod
+    def inverse_of(cls, S: np.ndarray, R: np.ndarray, n: int, moment_names: list[str], n_units: int,
+                   where: str) -> "WeightMatrix":
+        """W = S^-1 for S~ = R S R (M, M); a singular S is a UserError naming the moments involved."""
+        S = np.asarray(S, dtype=np.float64)
+        R = np.asarray(R, dtype=np.float64)
+        E, chol = _factor(S, moment_names, n_units, where)
+        M = S.shape[0]
+        return cls(kind="inverse-covariance", R=R, log_q=math.log(M / n), S=S, E=E, chol=chol)
+
+    # -- the operator A ---------------------------------------------------------------------------
+    def whiten(self, a: np.ndarray, normalized: bool = True) -> np.ndarray:
+        """A a for scaled moments a (M,) or (M, P): the residual r = A g~, or its Jacobian.
+        normalized=False drops the factor 1 / sqrt(q) (then ||A g~||^2 = g'Wg itself)."""
+        a = np.asarray(a)
+        if self.diag is not None:
+            d = self.diag if normalized else self.diag * math.exp(self.log_q / 2)
+            return a * (d if a.ndim == 1 else d[:, None])
+        E = self.E if a.ndim == 1 else self.E[:, None]
+        out = solve_triangular(self.chol, a / E, lower=True)
+        return out * math.exp(-self.log_q / 2) if normalized else out
+
+    def whiten_transpose(self, r: np.ndarray) -> np.ndarray:
+        """A' r (M,): pulls a residual-space vector back to the scaled moments."""
+        if self.diag is not None:
+            return r * self.diag
+        return solve_triangular(self.chol, r, lower=True, trans="T") / self.E * math.exp(-self.log_q / 2)
+
+    def normalized_objective(self, g_scaled: np.ndarray) -> float:
+        """||A g~||^2 = Q / q."""
+        r = self.whiten(g_scaled)
         return float(r @ r)
 
+    def objective(self, g_scaled: np.ndarray) -> float:
+        """Q = g' W g in the data's units (inf if it overflows: moments near 1e154 with W = I)."""
+        value = self.normalized_objective(g_scaled)
+        if value == 0.0:
+            return 0.0
+        with np.errstate(over="ignore"):
+            return float(np.exp(np.log(value) + self.log_q))
+
+    def covariance_in_residual_space(self, S_scaled: np.ndarray) -> np.ndarray:
+        """A S~ A' (M, M): the moment covariance as the residual sees it."""
+        half = self.whiten(S_scaled)
+        return self.whiten(half.T).T
+
+    # -- checkpoints ------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "M": self.M, "S": None if self.S is None else self.S.tolist()}
+        d = {"kind": self.kind, "M": self.M, "R": self.R.tolist(), "log_q": self.log_q}
+        if self.diag is not None:
+            d["diag"] = self.diag.tolist()
+        else:
+            d["S"] = self.S.tolist()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "WeightMatrix":
         """The inverse of to_dict (S was checked when the weight was first built)."""
-        if d["kind"] == "identity":
-            return cls.identity(int(d["M"]))
+        R = np.array(d["R"], dtype=np.float64)
+        if d["kind"] in ("identity", "standardized"):
+            return cls(kind=d["kind"], R=R, log_q=float(d["log_q"]), diag=np.array(d["diag"], dtype=np.float64))
         S = np.array(d["S"], dtype=np.float64)
-        return cls(kind="inverse-covariance", M=S.shape[0], S=S, _C=cholesky(S, lower=True))
+        E = np.sqrt(np.diag(S))
+        chol = cholesky(S / np.outer(E, E), lower=True)
+        return cls(kind="inverse-covariance", R=R, log_q=float(d["log_q"]), S=S, E=E, chol=chol)
 
 
-def _relative_eigenvalues(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    A = (A + A.T) / 2
-    w, V = np.linalg.eigh(A)
-    top = max(abs(w[-1]), np.finfo(float).tiny)
-    return w / top, V
+def _factor(S: np.ndarray, moment_names: list[str], n_units: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """E = sqrt(diag S) and the Cholesky factor of the correlation matrix S / (E E'), checked."""
+    check_covariance(S, moment_names, n_units, where)
+    E = np.sqrt(np.diag(S))
+    try:
+        chol = cholesky(S / np.outer(E, E), lower=True)
+    except LinAlgError:
+        raise UserError(f"the moment covariance S at {where} is not positive definite; "
+                        f"{diagnose_covariance(S, moment_names, n_units)}") from None
+    return E, chol
 
 
 def check_covariance(S: np.ndarray, moment_names: list[str], n_units: int, where: str) -> None:
+    """S (M, M), in any units: singular when the square root of the correlation matrix's smallest
+    eigenvalue (a singular value of the moments' data matrix) is below GRAM_TOL of the largest."""
     if not np.all(np.isfinite(S)):
         raise UserError(f"the moment covariance S at {where} has non-finite entries; the moments overflow there: "
                         "check the data for huge values or give another --start")
-    rel, _ = _relative_eigenvalues(S)
-    if rel[0] < SINGULAR_RCOND:
-        rank = int(np.sum(rel >= SINGULAR_RCOND))
+    d = np.sqrt(np.clip(np.diag(S), 0.0, None))
+    flat = d <= GRAM_TOL * max(float(d.max(initial=0.0)), np.finfo(float).tiny)
+    if flat.any():
+        raise UserError(f"the moment covariance S at {where} is singular; {diagnose_covariance(S, moment_names, n_units)}")
+    w = np.linalg.eigvalsh(S / np.outer(d, d))
+    if not np.sqrt(max(w[0], 0.0)) > GRAM_TOL * np.sqrt(w[-1]):
+        rank = int(np.sum(np.sqrt(np.clip(w, 0.0, None)) > GRAM_TOL * np.sqrt(w[-1])))
         raise UserError(f"the moment covariance S at {where} is singular (rank {rank} of {S.shape[0]}); "
                         f"{diagnose_covariance(S, moment_names, n_units)}")
 
@@ -101,9 +171,8 @@ def check_covariance(S: np.ndarray, moment_names: list[str], n_units: int, where
 def diagnose_covariance(S: np.ndarray, moment_names: list[str], n_units: int) -> str:
     """Why S is singular, in terms of the data, and what to do."""
     M = S.shape[0]
-    diag = np.diag(S)
-    scale = max(float(diag.max()), np.finfo(float).tiny)
-    flat = [moment_names[m] for m in range(M) if diag[m] <= SINGULAR_RCOND * scale]
+    d = np.sqrt(np.clip(np.diag(S), 0.0, None))
+    flat = [moment_names[m] for m in range(M) if d[m] <= GRAM_TOL * max(float(d.max(initial=0.0)), np.finfo(float).tiny)]
     if flat:
         return (f"moment{'s' if len(flat) > 1 else ''} {', '.join(flat)} {'are' if len(flat) > 1 else 'is'} the same "
                 "in every set (e.g. a dm column that is identically zero, or an instrument that never varies within "
@@ -111,36 +180,7 @@ def diagnose_covariance(S: np.ndarray, moment_names: list[str], n_units: int) ->
     if n_units <= M:
         return (f"there are only {n_units} independent units (sets or clusters) for M = {M} moments; use more data, "
                 "fewer moments, or --no-cluster")
-    rel, V = _relative_eigenvalues(S)
-    v = np.abs(V[:, 0])
-    involved = [moment_names[m] for m in np.flatnonzero(v > 0.1 * v.max())]
+    found = minimal_dependent_principal(S)
+    involved = [moment_names[m] for m in (found or range(M))]
     return (f"moments {', '.join(involved)} are linearly dependent (one is a combination of the others); "
             "drop one of them")
-
-
-def check_identification(G: np.ndarray, W: WeightMatrix, param_names: list[str], where: str) -> np.ndarray:
-    """Return (G'WG)^-1 (P, P); a singular G'WG is a UserError naming the parameters involved."""
-    if not np.all(np.isfinite(G)):
-        raise UserError(f"the moment Jacobian G at {where} has non-finite entries; check the data for huge values or give another --start")
-    A = G.T @ W.apply(G)
-    rel, _ = _relative_eigenvalues(A)
-    if rel[0] < SINGULAR_RCOND:
-        rank = int(np.sum(rel >= SINGULAR_RCOND))
-        raise UserError(f"G'WG at {where} is singular (rank {rank} of {A.shape[0]}), so the parameters are not identified; "
-                        f"{diagnose_jacobian(G, param_names)}")
-    return np.linalg.inv(A)
-
-
-def diagnose_jacobian(G: np.ndarray, param_names: list[str]) -> str:
-    """Why G has deficient column rank, in terms of the data."""
-    norms = np.linalg.norm(G, axis=0)
-    top = max(float(norms.max()), np.finfo(float).tiny)
-    flat = [param_names[k] for k in range(G.shape[1]) if norms[k] <= 1e-8 * top]
-    if flat:
-        return (f"{', '.join(flat)} never var{'y' if len(flat) > 1 else 'ies'} within sets (only differences within a set "
-                "identify a logit; a constant per decision maker drops out): drop "
-                f"{'them' if len(flat) > 1 else 'it'} or interact with alternative attributes")
-    _, sv, Vt = np.linalg.svd(G / np.where(norms > 0, norms, 1.0), full_matrices=False)
-    v = np.abs(Vt[-1])
-    involved = [param_names[k] for k in np.flatnonzero(v > 0.1 * v.max())]
-    return f"{', '.join(involved)} are collinear within sets (or the instruments cannot tell them apart); drop one of them"

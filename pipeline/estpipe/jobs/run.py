@@ -15,6 +15,7 @@ from pathlib import Path
 
 from estpipe.errors import UserError
 from estpipe.jobs.spec import JobSpec, LoadSpec
+from estpipe.outputs import check_writable, check_writable_folder
 
 
 def _log(message: str) -> None:
@@ -92,12 +93,25 @@ def _cluster_for(spec: JobSpec):
         close_jobqueue_cluster(cluster)
 
 
+def check_outputs(spec: JobSpec) -> None:
+    """Every file the job writes can be written (folders made, a probe file in each), before
+    any work: the data file when it is to be made, the results, the checkpoint, and the logs
+    of batch-job workers."""
+    targets = [(spec.output.results, "[output] results"), (spec.output.checkpoint, "[output] checkpoint")]
+    if not spec.data.path.exists():
+        targets.insert(0, (spec.data.path, "[data] path"))
+    for path, what in targets:
+        check_writable_folder(path.parent, what + " folder")
+        check_writable(path, what)
+    if spec.backend.kind in ("slurm", "pbs"):
+        check_writable_folder(spec.output.logs, "[output] logs")
+
+
 def run_job(spec: JobSpec, *, json: bool = False, stdout=None) -> int:
     """Make the data if needed and run the estimation; returns estimate's exit code (0, or 3)."""
     from estpipe.gmm import run_estimate
 
+    check_outputs(spec)
     prepare_data(spec)
-    for path in (spec.output.results, spec.output.checkpoint):
-        path.parent.mkdir(parents=True, exist_ok=True)
     with _cluster_for(spec) as scheduler:
         return run_estimate(spec.data.path, estimate_options(spec, scheduler=scheduler, json=json), stdout=stdout)

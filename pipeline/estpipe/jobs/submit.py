@@ -1,13 +1,23 @@
-"""Submit a job spec as a batch job: render the script, keep a copy next to the logs, sbatch/qsub it."""
+"""Submit a job spec as a batch job: render the script, keep a copy next to the logs, sbatch/qsub it.
+
+A signal that stops `estpipe submit` while sbatch/qsub runs must not hide a job the batch system
+has accepted: the command runs in its own session (so a Ctrl-C on the terminal does not cut it
+off half-way), and an estpipe.interrupts action waits for it (a few seconds at most) and prints
+the job id it accepted before the process dies.
+"""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+from estpipe import interrupts
 from estpipe.errors import UserError
+from estpipe.outputs import check_writable
 from estpipe.jobs.render import RenderedJob, render
 from estpipe.jobs.spec import JobSpec
 
@@ -32,8 +42,54 @@ def _one_line(text: str) -> str:
     return " ".join(lines) if lines else "(no message)"
 
 
-def submit_job(spec: JobSpec, *, python: str | None = None) -> Submission:
-    """Render `spec` for its batch system and submit it; raise UserError with the system's reason."""
+def _job_id(stdout: str) -> str:
+    # sbatch --parsable prints "id" or "id;cluster"; qsub prints "id.server".
+    return stdout.strip().split(";")[0]
+
+
+class _SubmitWatch:
+    """The estpipe.interrupts action of a running sbatch/qsub: wait for it (bounded) and say
+    which job it accepted. Its output goes to files, which the action can read after the wait."""
+
+    def __init__(self, command: list[str], script: Path, kind: str):
+        self.command, self.script, self.kind = command, script, kind
+        self.proc: subprocess.Popen | None = None
+        self.out = tempfile.TemporaryFile()
+        self.err = tempfile.TemporaryFile()
+
+    def output(self) -> tuple[str, str]:
+        texts = []
+        for f in (self.out, self.err):
+            f.seek(0)
+            texts.append(f.read().decode(errors="replace"))
+        return texts[0], texts[1]
+
+    def __call__(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            self.proc.wait(timeout=interrupts.ACTION_WAIT_SECONDS)
+        except subprocess.TimeoutExpired:
+            interrupts.say(f"interrupted while {self.command[0]} {self.script} was still running; check the queue "
+                           f"({'squeue' if self.kind == 'slurm' else 'qstat'}) for the job")
+            return
+        job_id = _job_id(self.output()[0]) if self.proc.returncode == 0 else ""
+        if job_id:
+            cancel = "scancel" if self.kind == "slurm" else "qdel"
+            interrupts.say(f"interrupted after {self.command[0]} accepted {self.kind} job {job_id} ({self.script}); "
+                           f"it stays queued: `{cancel} {job_id}` cancels it")
+
+    def close(self) -> None:
+        self.out.close()
+        self.err.close()
+
+
+def submit_job(spec: JobSpec, *, python: str | None = None,
+               on_submitted: Callable[[Submission], None] | None = None) -> Submission:
+    """Render `spec` for its batch system and submit it; raise UserError with the system's reason.
+
+    on_submitted(submission): called as soon as the job is accepted, with signals held back until
+    it returns (the CLI prints the job id there, so no signal can lose it)."""
     rendered: RenderedJob = render(spec, python)
     command = SUBMITTERS[rendered.kind]
     if shutil.which(command[0]) is None:
@@ -43,20 +99,41 @@ def submit_job(spec: JobSpec, *, python: str | None = None) -> Submission:
         )
     spec.output.logs.mkdir(parents=True, exist_ok=True)
     script = spec.output.logs / f"{spec.name}.{'sbatch' if rendered.kind == 'slurm' else 'pbs'}"
-    script.write_text(rendered.script)
+    check_writable(script, "[output] logs:")
+    for path, what in ((rendered.results, "[output] results"), (rendered.checkpoint, "[output] checkpoint")):
+        if Path(path).parent.is_dir():  # a folder the batch job makes itself is checked there
+            check_writable(path, what)
+    partial = interrupts.register(interrupts.remove_file(script), str(script))
     try:
-        done = subprocess.run(
-            command + [str(script)], capture_output=True, text=True, timeout=SUBMIT_TIMEOUT,
-            cwd=spec.output.logs,
-        )
-    except subprocess.TimeoutExpired:
-        raise UserError(f"{command[0]} did not answer within {SUBMIT_TIMEOUT} s; is the batch system up?") from None
-    if done.returncode != 0:
-        raise UserError(f"{command[0]} refused {script}: {_one_line(done.stderr or done.stdout)}")
-    # sbatch --parsable prints "id" or "id;cluster"; qsub prints "id.server".
-    job_id = done.stdout.strip().split(";")[0]
-    if not job_id:
-        raise UserError(f"{command[0]} printed no job id for {script}: {_one_line(done.stderr)}")
-    log = rendered.log.replace("%j", job_id).replace("$PBS_JOBID", job_id)
-    return Submission(job_id=job_id, kind=rendered.kind, script=script, log=Path(log), results=rendered.results,
-                      checkpoint=rendered.checkpoint)
+        script.write_text(rendered.script)
+    finally:
+        interrupts.unregister(partial)
+    watch = _SubmitWatch(command, script, rendered.kind)
+    action = None
+    try:
+        with interrupts.deferred():
+            action = interrupts.register(watch, f"{command[0]} {script}")
+            watch.proc = subprocess.Popen(command + [str(script)], stdout=watch.out, stderr=watch.err,
+                                          cwd=spec.output.logs, start_new_session=True)
+        try:
+            watch.proc.wait(timeout=SUBMIT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            watch.proc.kill()
+            raise UserError(f"{command[0]} did not answer within {SUBMIT_TIMEOUT} s; is the batch system up?") from None
+        stdout, stderr = watch.output()
+        if watch.proc.returncode != 0:
+            raise UserError(f"{command[0]} refused {script}: {_one_line(stderr or stdout)}")
+        job_id = _job_id(stdout)
+        if not job_id:
+            raise UserError(f"{command[0]} printed no job id for {script}: {_one_line(stderr)}")
+        log = rendered.log.replace("%j", job_id).replace("$PBS_JOBID", job_id)
+        submission = Submission(job_id=job_id, kind=rendered.kind, script=script, log=Path(log),
+                                results=rendered.results, checkpoint=rendered.checkpoint)
+        with interrupts.deferred():
+            if on_submitted is not None:
+                on_submitted(submission)
+            interrupts.unregister(action)
+        return submission
+    finally:
+        interrupts.unregister(action)
+        watch.close()

@@ -11,9 +11,13 @@ import numpy as np
 
 
 class UnitSums:
-    """Accumulates hh = sum_u h_u h_u' (M, M), nh = sum_u n_u h_u (M,), nn = sum_u n_u^2, n_units."""
+    """Accumulates hh = sum_u h_u h_u' (M, M), nh = sum_u n_u h_u (M,), nn = sum_u n_u^2, n_units.
 
-    def __init__(self, M: int):
+    scale: (M,) moment scale R or None; the sums are then of R h_u (exact when R holds powers of
+    two), so that moments in huge units (|dm| ~ 1e150) do not overflow their squares."""
+
+    def __init__(self, M: int, scale: np.ndarray | None = None):
+        self.scale = scale
         self.hh = np.zeros((M, M))
         self.nh = np.zeros(M)
         self.nn = 0.0
@@ -24,6 +28,8 @@ class UnitSums:
 
     def add_sets(self, H: np.ndarray, cluster: np.ndarray | None) -> None:
         """H: (n_sets_tile, M) per-set h_i; cluster: (n_sets_tile,) ids, or None (sets are units)."""
+        if self.scale is not None:
+            H = H * self.scale
         if cluster is None:
             self._close(H, np.ones(len(H)))
             return

@@ -13,14 +13,15 @@ from estpipe.models.base import Model
 
 
 def generic_tile_sums(model: Model, params, X, dm, seg: Segments, ws: Workspace, acc: np.ndarray,
-                      chunks: list[tuple[int, int]], need_h: bool, chosen=None):
-    """Add this tile's [sum_i h_i | sum_i dh_i/db] to acc (M, 1 + P) (or (M, 1) with chunks [(0, 0)]).
+                      chunks: list[tuple[int, int]], need_h: bool, chosen=None, seed_scale=None):
+    """Add this tile's [sum_i h_i | sum_i dh_i/dbeta] to acc (M, 1 + P) (or (M, 1) with chunks
+    [(0, 0)]); beta = seed_scale * params (seed_scale (P,), default ones).
 
     Returns (H, loglik): H (n_sets, M) per-set h_i when need_h (else None), loglik of the chosen rows."""
     H, loglik = None, 0.0
     for c, (k0, k1) in enumerate(chunks):
         ws.reset()
-        theta = seed(params, ws, k0, k1)
+        theta = seed(params, ws, k0, k1, seed_scale)
         u = model.utilities(theta, X, seg)
         s = segment_softmax(u, seg)
         block = project(dm, s)
@@ -37,12 +38,12 @@ def generic_tile_sums(model: Model, params, X, dm, seg: Segments, ws: Workspace,
 
 
 def generic_tile_pullback(model: Model, params, X, dm, v, seg: Segments, ws: Workspace, acc: np.ndarray,
-                          chunks: list[tuple[int, int]]) -> None:
-    """Add this tile's sum_i (dh_i/db)' v to acc (P,): the forward partials of the scalar
+                          chunks: list[tuple[int, int]], seed_scale=None) -> None:
+    """Add this tile's sum_i (dh_i/dbeta)' v to acc (P,): the forward partials of the scalar
     w' s with w = dm v, so the M-wide GEMM becomes a GEMV."""
     for k0, k1 in chunks:
         ws.reset()
         w = np.dot(dm, v, out=ws.take((seg.n_rows,)))
-        theta = seed(params, ws, k0, k1)
+        theta = seed(params, ws, k0, k1, seed_scale)
         s = segment_softmax(model.utilities(theta, X, seg), seg)
         acc[k0:k1] += np.dot(w, s.partials)

@@ -55,12 +55,17 @@ def logit_probabilities(X: np.ndarray, b: np.ndarray, seg: Segments, ws: Workspa
 
 
 def logit_tile_sums(X, dm, s, seg: Segments, ws: Workspace, acc: np.ndarray, jacobian: bool, need_h: bool,
-                    dm_single: np.ndarray | None = None):
-    """Add this tile's [sum_i h_i | sum_i dh_i/db] to acc (M, 1 + K) (or (M, 1) without the
-    Jacobian). Returns H (n_sets, M), the per-set h_i, when jacobian or need_h, else None.
+                    dm_single: np.ndarray | None = None, inv_scale: np.ndarray | None = None,
+                    prescale: bool = False):
+    """Add this tile's [sum_i h_i | sum_i dh_i/dbeta] to acc (M, 1 + K) (or (M, 1) without the
+    Jacobian), beta = b / inv_scale. Returns H (n_sets, M), the per-set h_i, when jacobian or
+    need_h, else None.
 
     dm_single: the tile's dm in float32; when given, the Jacobian's GEMM runs in float32 (about
-    1.5x the speed) for search directions. The values (column 0) stay float64 either way."""
+    1.5x the speed) for search directions. The values (column 0) stay float64 either way.
+    inv_scale: (K,) 1 / the seed scale, or None. The tile's Jacobian is scaled once it is
+    formed (an (M, K) product), unless `prescale`: then s X is scaled before the GEMM, one more
+    pass over the tile, for data whose |x| |dm| would overflow the unscaled tile product."""
     n, t, K, M = seg.n_sets, seg.n_rows, X.shape[1], dm.shape[1]
     if not (jacobian or need_h):
         acc[:, 0] += np.dot(s, dm, out=ws.take((M,)))
@@ -71,14 +76,24 @@ def logit_tile_sums(X, dm, s, seg: Segments, ws: Workspace, acc: np.ndarray, jac
         dtype = np.float64 if dm_single is None else np.float32
         sX = ws.take((t, K), dtype)
         np.multiply(X, s[:, None], out=sX, casting="same_kind")
-        acc[:, 1:] += np.dot(dm.T if dm_single is None else dm_single.T, sX, out=ws.take((M, K), dtype))
+        if prescale and inv_scale is not None:
+            sX *= inv_scale.astype(dtype, copy=False)
+        Jt = np.dot(dm.T if dm_single is None else dm_single.T, sX, out=ws.take((M, K), dtype))
         xbar = seg.sum(sX, ws.take((n, K), dtype))
-        acc[:, 1:] -= np.dot(H.T, xbar.astype(np.float64, copy=False), out=ws.take((M, K)))
+        correction = np.dot(H.T, xbar.astype(np.float64, copy=False), out=ws.take((M, K)))
+        if inv_scale is None or prescale:
+            acc[:, 1:] += Jt
+            acc[:, 1:] -= correction
+        else:
+            J = np.subtract(Jt, correction, out=correction)
+            J *= inv_scale
+            acc[:, 1:] += J
     return H
 
 
-def logit_tile_pullback(X, dm, s, v, seg: Segments, ws: Workspace, acc: np.ndarray) -> None:
-    """Add this tile's sum_i (dh_i/db)' v = X' (s (w - wbar_i)), w = dm v, to acc (K,)."""
+def logit_tile_pullback(X, dm, s, v, seg: Segments, ws: Workspace, acc: np.ndarray,
+                        inv_scale: np.ndarray | None = None, prescale: bool = False) -> None:
+    """Add this tile's sum_i (dh_i/dbeta)' v = X' (s (w - wbar_i)) / scale, w = dm v, to acc (K,)."""
     n, t, J = seg.n_sets, seg.n_rows, seg.equal_size
     w = np.dot(dm, v, out=ws.take((t,)))
     if J:  # r = s (w - wbar_i) in three passes over the reshaped (n_sets, J) rows
@@ -92,4 +107,9 @@ def logit_tile_pullback(X, dm, s, v, seg: Segments, ws: Workspace, acc: np.ndarr
         rep = seg.broadcast(wbar, ws.take((t,)))
         np.multiply(rep, s, out=rep)
         np.subtract(r, rep, out=r)
-    acc += np.dot(r, X, out=ws.take((X.shape[1],)))
+    if inv_scale is None:
+        acc += np.dot(r, X, out=ws.take((X.shape[1],)))
+    elif prescale:
+        acc += np.dot(r, np.multiply(X, inv_scale, out=ws.take(X.shape)), out=ws.take((X.shape[1],)))
+    else:
+        acc += np.dot(r, X, out=ws.take((X.shape[1],))) * inv_scale

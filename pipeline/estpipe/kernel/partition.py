@@ -91,6 +91,7 @@ class PartitionKernel:
         self._residual_params = None
         self._chosen = [self._tile_chosen(t) for t in self.tiles] if data.chosen is not None else None
         self._dm_single = None
+        self._absmax = None
 
     def __getstate__(self):  # a thread pool does not pickle; a copy gets its own
         state = self.__dict__.copy()
@@ -133,12 +134,55 @@ class PartitionKernel:
             futures = [self._pool.submit(work, self._workspaces[i], tiles[i::threads]) for i in range(threads)]
             return [f.result() for f in futures]
 
+    # -- data facts ------------------------------------------------------------------------------
+    def column_absmax(self) -> tuple[np.ndarray, np.ndarray]:
+        """max |X| per column (K,) and max |dm| per column (M,) of this partition (computed once):
+        the data's own units, from which the estimator picks its seed and moment scales."""
+        if self._absmax is None:
+            d = self.data
+            x = np.abs(d.X).max(axis=0) if d.n_rows else np.zeros(d.K)
+            m = np.abs(d.dm).max(axis=0) if d.n_rows else np.zeros(d.M)
+            self._absmax = (x, m)
+        return self._absmax
+
+    def within_set_covariance(self, inv_scale: np.ndarray) -> tuple[np.ndarray, int]:
+        """sum over sets and rows of (x - xbar_set)(x - xbar_set)' (K, K) for x = X * inv_scale
+        (inv_scale (K,)), with xbar_set the plain mean of the set's rows, and the row count: what
+        says whether columns of X are collinear within sets (only then is a logit unidentified
+        whatever the instruments). Not a hot path: used to explain an identification failure."""
+        d = self.data
+        out = np.zeros((d.K, d.K))
+        for tile in self.tiles:
+            Xs = d.X[tile.rows] * inv_scale
+            seg = tile.seg
+            means = np.add.reduceat(Xs, seg.starts, axis=0) / seg.sizes[:, None]
+            dev = Xs - np.repeat(means, seg.sizes, axis=0)
+            out += dev.T @ dev
+        return out, d.n_rows
+
+    def _prescale(self, inv_scale) -> bool:
+        """Whether the fused kernel must scale s X before its GEMM: when max |x| max |dm| times a
+        tile's rows could overflow the unscaled tile product (data in units near 1e150)."""
+        if inv_scale is None:
+            return False
+        x, m = self.column_absmax()
+        rows = max((t.row_stop - t.row_start for t in self.tiles), default=1)
+        with np.errstate(over="ignore"):
+            return not float(x.max(initial=0.0)) * float(m.max(initial=0.0)) * rows < 1e290
+
     # -- evaluations -----------------------------------------------------------------------------
     def sums(self, params, jacobian: bool = True, covariance: bool = False, clustered: bool = True,
-             precision: str = "double") -> MomentSums:
+             precision: str = "double", seed_scale=None, moment_scale=None, fd_steps=None) -> MomentSums:
         """MomentSums of this partition at params (P,): gG (M, 1 + P) with the Jacobian, (M, 1)
         without; hh/nh/nn and loglik too when covariance=True (per clusters when clustered and the
         data have cluster ids). Complex params give complex sums (complex-step derivatives).
+
+        seed_scale: (P,) positive, default ones: the Jacobian columns are with respect to
+        beta = seed_scale * params, i.e. dh/db divided by seed_scale (the dual seeds carry
+        1 / seed_scale, so data in huge units never overflow the partials).
+        moment_scale: (M,) positive R, default ones: hh and nh are sums of R h (MomentSums.S_scaled).
+        fd_steps: (P,) finite-difference steps in the units of params (derivatives "fd");
+        default sqrt(eps) max(1, |params_k|).
 
         precision="single": the Jacobian's GEMM runs in float32 on a float32 copy of dm made on
         first use (half of dm's bytes, see single_nbytes); for search directions only. The values
@@ -149,8 +193,10 @@ class PartitionKernel:
             raise ValueError(f"params must have shape ({self.n_params},), got {params.shape}")
         if precision not in ("double", "single"):
             raise ValueError(f"precision must be 'double' or 'single', got {precision!r}")
+        seed_scale = None if seed_scale is None else np.asarray(seed_scale, dtype=np.float64)
+        moment_scale = None if moment_scale is None else np.asarray(moment_scale, dtype=np.float64)
         if jacobian and self.derivatives == "fd":
-            return self._fd_sums(params, covariance, clustered)
+            return self._fd_sums(params, covariance, clustered, seed_scale, moment_scale, fd_steps)
         d = self.data
         complex_step = np.iscomplexobj(params)
         dtype = np.complex128 if complex_step else np.float64
@@ -163,10 +209,12 @@ class PartitionKernel:
         keep = value_only and self._residual is not None
         if keep:
             self._residual_params = None
+        inv_scale = None if seed_scale is None else 1.0 / seed_scale
+        prescale = fast and jacobian and self._prescale(inv_scale)
 
         if covariance:  # once per estimate: serial, since a cluster's sets may span tiles
             acc = np.zeros((d.M, 1 + len(params) * jacobian), dtype=dtype)
-            units = UnitSums(d.M)
+            units = UnitSums(d.M, moment_scale)
             cluster = d.cluster if clustered else None
             loglik = 0.0
             ws = self._workspaces[0]
@@ -176,14 +224,16 @@ class PartitionKernel:
                 if fast:
                     ws.reset()
                     s, ll = logit_probabilities(X, params, tile.seg, ws, chosen)
-                    H = logit_tile_sums(X, dm, s, tile.seg, ws, acc, jacobian, need_h=True)
+                    H = logit_tile_sums(X, dm, s, tile.seg, ws, acc, jacobian, need_h=True,
+                                        inv_scale=inv_scale, prescale=prescale)
                 else:
-                    H, ll = generic_tile_sums(self.model, params, X, dm, tile.seg, ws, acc, chunks, True, chosen)
+                    H, ll = generic_tile_sums(self.model, params, X, dm, tile.seg, ws, acc, chunks, True, chosen,
+                                              seed_scale)
                 loglik += ll
                 units.add_sets(H, None if cluster is None else cluster[tile.set_start : tile.set_stop])
             units.finish()
             return MomentSums(n_sets=d.n_sets, gG=acc, hh=units.hh, nh=units.nh, nn=units.nn,
-                              n_units=units.n_units, loglik=loglik)
+                              n_units=units.n_units, loglik=loglik, moment_scale=moment_scale)
 
         def work(ws, tiles):
             acc = np.zeros((d.M, 1 + len(params) * jacobian), dtype=dtype)
@@ -194,25 +244,31 @@ class PartitionKernel:
                     residual = self._residual[tile.rows] if keep else None
                     s, _ = logit_probabilities(X, params, tile.seg, ws, out=residual)
                     logit_tile_sums(X, dm, s, tile.seg, ws, acc, jacobian, need_h=False,
-                                    dm_single=self._dm_single[tile.rows] if single else None)
+                                    dm_single=self._dm_single[tile.rows] if single else None,
+                                    inv_scale=inv_scale, prescale=prescale)
                 else:
-                    generic_tile_sums(self.model, params, X, dm, tile.seg, ws, acc, chunks, False)
+                    generic_tile_sums(self.model, params, X, dm, tile.seg, ws, acc, chunks, False,
+                                      seed_scale=seed_scale)
             return acc
 
         acc = sum(self._map(work, self.stripes if value_only else self.tiles))
         if keep:
             self._residual_params = params.copy()
-        return MomentSums(n_sets=d.n_sets, gG=acc)
+        return MomentSums(n_sets=d.n_sets, gG=acc, moment_scale=moment_scale)
 
-    def pullback(self, params, v) -> np.ndarray:
-        """sum_i (dh_i/db)' v (P,) for v (M,): n G' v without forming G (reverse mode)."""
+    def pullback(self, params, v, seed_scale=None, fd_steps=None) -> np.ndarray:
+        """sum_i (dh_i/dbeta)' v (P,) for v (M,): n G' v without forming G (reverse mode), with
+        beta = seed_scale * params as in sums()."""
         params = np.asarray(params, dtype=np.float64)
         v = np.asarray(v, dtype=np.float64)
+        seed_scale = None if seed_scale is None else np.asarray(seed_scale, dtype=np.float64)
         if self.derivatives == "fd":
-            return self._fd_sums(params, False, False).gG[:, 1:].T @ v
+            return self._fd_sums(params, False, False, seed_scale, None, fd_steps).gG[:, 1:].T @ v
         d = self.data
         reverse = self.fast and self.derivatives == "adjoint"
         kept = reverse and self._residual_params is not None and np.array_equal(self._residual_params, params)
+        inv_scale = None if seed_scale is None else 1.0 / seed_scale
+        prescale = reverse and self._prescale(inv_scale)
 
         def work(ws, tiles):
             acc = np.zeros(self.n_params)
@@ -221,21 +277,28 @@ class PartitionKernel:
                 if reverse:
                     ws.reset()
                     s = self._residual[tile.rows] if kept else logit_probabilities(X, params, tile.seg, ws)[0]
-                    logit_tile_pullback(X, dm, s, v, tile.seg, ws, acc)
+                    logit_tile_pullback(X, dm, s, v, tile.seg, ws, acc, inv_scale, prescale)
                 else:
-                    generic_tile_pullback(self.model, params, X, dm, v, tile.seg, ws, acc, self.chunks)
+                    generic_tile_pullback(self.model, params, X, dm, v, tile.seg, ws, acc, self.chunks, seed_scale)
             return acc
 
         return sum(self._map(work, self.stripes if reverse else self.tiles))
 
-    def _fd_sums(self, params, covariance: bool, clustered: bool) -> MomentSums:
-        """One-sided finite differences: P + 1 value evaluations, step sqrt(eps) max(1, |b_k|)."""
-        base = self.sums(params, jacobian=False, covariance=covariance, clustered=clustered)
+    def _fd_sums(self, params, covariance: bool, clustered: bool, seed_scale=None, moment_scale=None,
+                 fd_steps=None) -> MomentSums:
+        """One-sided finite differences: P + 1 value evaluations, steps fd_steps (P,) or
+        sqrt(eps) max(1, |b_k|); columns divided by seed_scale like the dual ones."""
+        base = self.sums(params, jacobian=False, covariance=covariance, clustered=clustered,
+                         moment_scale=moment_scale)
         columns = [base.gG[:, 0]]
         for k in range(self.n_params):
-            h = np.sqrt(np.finfo(float).eps) * max(1.0, abs(float(params[k])))
+            if fd_steps is not None:
+                h = float(fd_steps[k])
+            else:
+                h = np.sqrt(np.finfo(float).eps) * max(1.0, abs(float(params[k])))
             step = params.astype(np.float64, copy=True)
             step[k] += h
-            columns.append((self.sums(step, jacobian=False).gG[:, 0] - base.gG[:, 0]) / (step[k] - params[k]))
+            column = (self.sums(step, jacobian=False).gG[:, 0] - base.gG[:, 0]) / (step[k] - params[k])
+            columns.append(column if seed_scale is None else column / seed_scale[k])
         base.gG = np.column_stack(columns)
         return base

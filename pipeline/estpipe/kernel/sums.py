@@ -21,6 +21,9 @@ class MomentSums:
     nh: (M,) = sum over units of n_u h_u (n_u = sets in unit u; 1 without clusters); None unless asked.
     nn: sum over units of n_u^2; n_units: number of units.
     loglik: sum of log s over chosen rows (0.0 when the data have no `chosen`).
+    moment_scale: (M,) R or None: hh and nh are then sums of R h_u (see `S_scaled`).
+    The Jacobian columns are with respect to beta = seed_scale * b when the evaluation was asked
+    with a seed scale (see PartitionKernel.sums).
     """
 
     n_sets: int
@@ -30,6 +33,7 @@ class MomentSums:
     nn: float = 0.0
     n_units: int = 0
     loglik: float = 0.0
+    moment_scale: np.ndarray | None = None
 
     def __add__(self, other: "MomentSums") -> "MomentSums":
         if isinstance(other, int) and other == 0:  # lets sum() start from 0
@@ -46,6 +50,7 @@ class MomentSums:
             nn=self.nn + other.nn,
             n_units=self.n_units + other.n_units,
             loglik=self.loglik + other.loglik,
+            moment_scale=self.moment_scale,
         )
 
     __radd__ = __add__
@@ -62,13 +67,24 @@ class MomentSums:
         return self.gG[:, 1:] / self.n_sets if self.gG.shape[1] > 1 else None
 
     @property
-    def S(self) -> np.ndarray:
-        """Centered moment covariance (M, M): (1/n) sum_u (h_u - n_u g)(h_u - n_u g)'."""
+    def S_scaled(self) -> np.ndarray:
+        """R S R (M, M), the centered moment covariance of R h (R = moment_scale, ones when None):
+        (1/n) sum_u (R h_u - n_u R g)(R h_u - n_u R g)'. Its squares never overflow for moments
+        in huge units, which S itself may."""
         if self.hh is None:
             raise ValueError("these sums were computed without covariance=True")
-        g = self.g
+        g = self.g if self.moment_scale is None else self.g * self.moment_scale
         outer = np.outer(self.nh, g)
         return (self.hh - outer - outer.T + self.nn * np.outer(g, g)) / self.n_sets
+
+    @property
+    def S(self) -> np.ndarray:
+        """Centered moment covariance (M, M): (1/n) sum_u (h_u - n_u g)(h_u - n_u g)'."""
+        S = self.S_scaled
+        if self.moment_scale is None:
+            return S
+        inv = 1.0 / self.moment_scale
+        return S * np.outer(inv, inv)
 
     @property
     def nbytes(self) -> int:

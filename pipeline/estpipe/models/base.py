@@ -26,6 +26,12 @@ class Model:
         """Names of the parameters, from the covariate names (K,)."""
         return list(x_names)
 
+    def param_columns(self, K: int) -> list[int | None]:
+        """For each parameter, the column of X it multiplies in the utility (u = ... + x_k b_p),
+        or None: the estimator takes that column's units as the parameter's scale (so a column
+        in cents instead of dollars changes nothing but that parameter). Default: none."""
+        return [None] * self.n_params(K)
+
     def start(self, K: int) -> np.ndarray:
         """Default start vector (n_params(K),)."""
         return np.zeros(self.n_params(K))

@@ -12,5 +12,8 @@ class Logit(Model):
     name = "logit"
     description = "u = X @ b (the kernel uses a hand-fused fast path, tested against this one)"
 
+    def param_columns(self, K: int) -> list[int | None]:
+        return list(range(K))
+
     def utilities(self, theta: Dual, X: np.ndarray, seg: Segments) -> Dual:
         return linear(X, theta)
