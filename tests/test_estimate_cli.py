@@ -51,9 +51,11 @@ def test_table_and_results_file(small, tmp_path, capsys):
     assert "step 1 iter" in stderr and "Q =" in stderr  # progress goes to stderr
     d = json.loads(out.read_text())
     design_keys = ("params param_names std_errors se_type covariance n_clusters objective j_statistic j_df j_pvalue "
-                   "loglik converged message steps evaluations wall_seconds workers partitions config data versions").split()
+                   "loglik converged message steps evaluations evaluations_total wall_seconds workers partitions config data "
+                   "versions").split()
     assert all(k in d for k in design_keys), [k for k in design_keys if k not in d]
     assert d["converged"] and d["se_type"] == "robust" and d["n_clusters"] is None and d["j_df"] == 3
+    assert d["evaluations_total"] == d["evaluations"]  # a fresh run
     assert [s["weighting"] for s in d["steps"]] == ["identity", "inverse-covariance"]
     assert all(k in d["steps"][0] for k in "weighting params objective iterations evaluations converged message".split())
     assert set(d["data"]) >= {"path", "n_sets", "n_rows", "K", "M", "fingerprint"}
@@ -222,7 +224,8 @@ def test_killed_run_resumes_to_the_same_estimate_with_fewer_evaluations(tmp_path
     np.testing.assert_allclose(d["params"], fresh.params, rtol=1e-6)
     np.testing.assert_allclose(d["std_errors"], fresh.std_errors, rtol=1e-5)
     assert d["resumed"]["evaluations_before"] >= 1
-    assert d["evaluations"] < fresh.evaluations
+    assert d["evaluations"] < fresh.evaluations  # this run's count
+    assert d["evaluations_total"] == killed_at["evaluations"] + d["evaluations"]
 
 
 def test_bad_value_found_by_a_dask_worker_is_one_line(bad_files, tmp_path):
@@ -249,3 +252,19 @@ def test_values_up_to_1e154_pass_the_check():
     big[3, 1] = 1.0000001e154
     with pytest.raises(UserError, match=r"f.h5: dataset X, column b, row 13 \(0-based, in set 6\)"):
         check_values("f.h5", "X", big, ["a", "b"], 10, offsets, 5)
+
+
+def test_counts_of_one_are_singular(small, tmp_path, capsys):
+    """"1 evaluation", "1 iteration": --max-iter 1 stops every step after one iteration."""
+    code, stdout, stderr = run_cli([small, "--max-iter", "1", "--out", tmp_path / "r.json"], capsys)
+    assert code == 3, stderr
+    assert "(1 evaluation)" in stderr and "(1 iteration, " in stderr
+    assert "stopped after --max-iter 1 iteration without converging" in stdout
+    assert not any(f"1 {word}s" in stdout + stderr for word in ("evaluation", "iteration", "partition", "set", "worker"))
+
+
+@pytest.mark.parametrize("n, text", [(0, "0 sets"), (1, "1 set"), (2, "2 sets"), (12345, "12,345 sets")])
+def test_count_text(n, text):
+    from estpipe.text import count
+
+    assert count(n, "set", thousands=True) == text

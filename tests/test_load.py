@@ -227,7 +227,7 @@ def test_single_alternative_sets_are_dropped(tmp_path):
     run = subprocess.run([*ESTPIPE, "load", str(path), str(tmp_path / "cli.h5"), "--set-col", "sid",
                           "--choice-col", "choice", "--x", "x0,x1"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert run.stderr.strip() == (f"estpipe: note: dropped {len(singles)} set(s) with a single alternative "
+    assert run.stderr.strip() == (f"estpipe: note: dropped {len(singles)} sets with a single alternative "
                                   f"(first: set {singles.index[0]}); they carry no information")
 
 

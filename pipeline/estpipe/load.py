@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 from estpipe import outputs
 from estpipe.data.format import MAX_ABS_VALUE, ChoiceDataWriter, estimated_file_bytes, provenance
 from estpipe.errors import UserError
+from estpipe.text import count
 
 DEFAULT_BATCH_ROWS = 65_536
 MAX_ALT_LEVELS = 200
@@ -653,7 +654,7 @@ def load_choice_data(
     if M < K:
         source = "--dm" if dm_cols is not None else "--z"
         raise UserError(
-            f"M = {M} moment columns ({source} {','.join(moment_names)}) but K = {K} parameters "
+            f"M = {count(M, 'moment column')} ({source} {','.join(moment_names)}) but K = {K} parameters "
             f"({','.join(param_names)}); GMM needs M >= K: add columns to {source} or use fewer in --x"
         )
 
@@ -709,7 +710,7 @@ def load_choice_data(
             raise UserError(f"{input}: the file changed while it was being loaded; load it again")
         if writer.n_rows == 0:
             raise UserError(
-                f"{input}: every set has a single alternative ({builder.n_dropped} sets), and such sets carry no "
+                f"{input}: every set has a single alternative ({count(builder.n_dropped, 'set')}), and such sets carry no "
                 "information; the file needs sets with two or more alternatives"
             )
         details["dropped_single_alternative_sets"] = builder.n_dropped
@@ -720,7 +721,7 @@ def load_choice_data(
     if table.delimiter != ",":
         notes.append(f"{input}: the header is {table.delimiter_name}-separated, not comma-separated; read it as such")
     if builder.n_dropped:
-        notes.append(f"dropped {builder.n_dropped} set(s) with a single alternative (first: set {builder.first_dropped}); "
+        notes.append(f"dropped {count(builder.n_dropped, 'set')} with a single alternative (first: set {builder.first_dropped}); "
                      "they carry no information")
     notes += builder.x_facts.notes()
     n_kept = structure.n_sets - builder.n_dropped

@@ -46,6 +46,7 @@ from threadpoolctl import threadpool_limits
 from estpipe import outputs
 from estpipe.data.format import DEFAULT_CHUNK_ROWS, MAX_COLUMNS, ChoiceDataWriter, estimated_file_bytes, provenance
 from estpipe.errors import UserError
+from estpipe.text import count
 
 DESIGNS = ("logit", "seed")
 TRUTH_UTILITY_SD = 1.5
@@ -97,7 +98,7 @@ class SimulationSummary:
     def line(self) -> str:
         """One line for stderr."""
         return (
-            f"wrote {self.path}: {self.n_sets:,} sets, {self.n_rows:,} rows, K={self.K}, M={self.M}, "
+            f"wrote {self.path}: {count(self.n_sets, 'set', thousands=True)}, {self.n_rows:,} rows, K={self.K}, M={self.M}, "
             f"{self.bytes / 1e6:,.1f} MB in {self.seconds:.2f} s: {self.rows_per_second:,.0f} rows/s, "
             f"{self.mb_per_second:,.0f} MB/s (CPU {self.cpu_seconds:.2f} s)"
         )

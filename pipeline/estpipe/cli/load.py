@@ -18,6 +18,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from estpipe.text import count
+
 NAME = "load"
 EPILOG = (
     "Example: `estpipe load data/modechoice.csv modechoice.h5 --set-col individual "
@@ -55,9 +57,9 @@ def command(
     )
     for note in summary.notes:
         print(f"estpipe: note: {note}", file=sys.stderr)
-    clusters = f", {summary.n_clusters} clusters" if summary.n_clusters is not None else ""
+    clusters = f", {count(summary.n_clusters, 'cluster')}" if summary.n_clusters is not None else ""
     print(
-        f"wrote {summary.output}: {summary.n_sets} sets, {summary.n_rows} rows{clusters}, "
+        f"wrote {summary.output}: {count(summary.n_sets, 'set')}, {summary.n_rows} rows{clusters}, "
         f"K = {summary.K} ({', '.join(summary.param_names)}), M = {summary.M}; "
         f"{summary.rows_read} rows read in {summary.seconds:.2f} s ({summary.rows_per_second:,.0f} rows/s)"
     )

@@ -24,6 +24,7 @@ from estpipe.execution.evaluator import Evaluator
 from estpipe.execution.memory import available_memory, check_fits_machine, check_fits_workers, plan_memory
 from estpipe.execution.partitions import Partition
 from estpipe.execution.tasks import TaskResult, blas_report, load_partition
+from estpipe.text import count
 
 # Seconds to wait for an existing cluster's workers once the scheduler answered.
 WORKER_WAIT_SECONDS = 60.0
@@ -381,7 +382,7 @@ def start_jobqueue(kind: str, workers: int, timeout: float, path, partitions, K,
                 f"--jobqueue {kind}: {workers} worker job{'s' if workers != 1 else ''} did not connect within {timeout:g} s; "
                 "check the batch queue (squeue/qstat) and the job output files"
             ) from None
-        where = f"{kind} jobqueue cluster at {cluster.scheduler_address}, {workers} workers"
+        where = f"{kind} jobqueue cluster at {cluster.scheduler_address}, {count(workers, 'worker')}"
         log(f"dask: {where}; dashboard: {client.dashboard_link}")
         check = _memory_checker(partitions, K, M, has_chosen, has_cluster, client, new_processes=False,
                                 model=model, derivatives=derivatives)

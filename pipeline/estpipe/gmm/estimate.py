@@ -30,6 +30,7 @@ from estpipe.gmm.results import Results, StepRecord
 from estpipe.gmm.scaling import Scaling
 from estpipe.gmm.weighting import WeightMatrix
 from estpipe.outputs import check_writable, write_error
+from estpipe.text import count
 
 
 class Reporter:
@@ -51,7 +52,7 @@ class StderrReporter(Reporter):
 
     def iteration(self, r: IterationRecord) -> None:
         print(f"step {r.step} iter {r.iteration:3d}  Q = {r.objective:.10e}  |grad|inf = {r.grad_norm:.3e}  "
-              f"|step| = {r.step_norm:.3e}  {r.seconds:7.2f} s  ({r.evaluations} evaluations)",
+              f"|step| = {r.step_norm:.3e}  {r.seconds:7.2f} s  ({count(r.evaluations, 'evaluation')})",
               file=self.stream, flush=True)
 
 
@@ -157,11 +158,11 @@ def estimate(path: str | os.PathLike, options: EstimateOptions | None = None, *,
     P = model.n_params(K)
     names = model.param_names(x_names)
     if M < P:
-        raise UserError(f"{path}: M = {M} moments for {P} parameters; GMM needs at least as many moments as parameters: "
+        raise UserError(f"{path}: M = {count(M, 'moment')} for {count(P, 'parameter')}; GMM needs at least as many moments as parameters: "
                         "add instruments (estpipe load --z) or drop covariates")
     if options.start is not None:
         if len(options.start) != P:
-            raise UserError(f"--start has {len(options.start)} values, but model {options.model} on {path} has {P} parameters "
+            raise UserError(f"--start has {count(len(options.start), 'value')}, but model {options.model} on {path} has {count(P, 'parameter')} "
                             f"({', '.join(names[:6])}{', ...' if P > 6 else ''}); give {P} comma-separated numbers")
         x0 = np.array(options.start, dtype=np.float64)
     else:
@@ -171,7 +172,7 @@ def estimate(path: str | os.PathLike, options: EstimateOptions | None = None, *,
     ckpt = None
     if options.checkpoint and options.resume:
         ckpt = load_checkpoint(options.checkpoint, fingerprint, options.result_options(), str(path))
-        reporter.log(f"resuming from {options.checkpoint}: step {ckpt.step}, {ckpt.evaluations} evaluations so far"
+        reporter.log(f"resuming from {options.checkpoint}: step {ckpt.step}, {count(ckpt.evaluations, 'evaluation')} so far"
                      if ckpt else f"no checkpoint at {options.checkpoint} yet: starting fresh")
     checkpoint_existed = bool(options.checkpoint) and Path(options.checkpoint).exists()
     options = _cap_workers(options, n_sets, cluster if has_cluster else None, reporter.log)
@@ -184,7 +185,7 @@ def estimate(path: str | os.PathLike, options: EstimateOptions | None = None, *,
                                fingerprint=fingerprint, log=reporter.log)
     partitions = evaluator.partitions
     try:
-        reporter.log(f"{n_sets} sets, {n_rows} rows, K = {K}, M = {M}; {evaluator.description}; "
+        reporter.log(f"{count(n_sets, 'set')}, {n_rows} rows, K = {K}, M = {M}; {evaluator.description}; "
                      f"{len(partitions)} partition{'s' if len(partitions) != 1 else ''}")
         blas = evaluator.blas()
         oracle = MomentOracle(evaluator, clustered)
@@ -199,6 +200,7 @@ def estimate(path: str | os.PathLike, options: EstimateOptions | None = None, *,
         results = Results(
             **results_core,
             evaluations=oracle.evaluations,
+            evaluations_total=(ckpt.evaluations if ckpt else 0) + oracle.evaluations,
             wall_seconds=time.perf_counter() - t_start,
             workers=evaluator.workers,
             partitions=len(partitions),
@@ -397,7 +399,7 @@ class _Run:
             steps_done.append(StepRecord(step=step, weighting=W.kind, params=res.x.tolist(), objective=res.fun,
                                          iterations=res.nit, evaluations=res.nfev, converged=res.success, message=res.message))
             self.reporter.log(f"step {step} {'converged' if res.success else 'did NOT converge'}: {res.message} "
-                              f"({res.nit} iterations, {res.nfev} evaluations)")
+                              f"({count(res.nit, 'iteration')}, {count(res.nfev, 'evaluation')})")
             x = res.x
             if step == 1 and o.steps == 2:
                 b1 = x

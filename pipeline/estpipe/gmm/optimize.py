@@ -19,6 +19,7 @@ from estpipe.execution.evaluator import Evaluator
 from estpipe.gmm.scaling import Scaling
 from estpipe.gmm.weighting import WeightMatrix
 from estpipe.kernel import MomentSums
+from estpipe.text import count
 
 # least_squares' gtol: its test is on the inf-norm of J'r = G'Wg, which is ~0 only at the optimum
 # and whose scale depends on the data, so it is kept far below what xtol and ftol (--tol) reach
@@ -238,9 +239,9 @@ def run_optimizer(objective: GmmObjective, x0: np.ndarray, optimizer: str, tol: 
             gtol=GAUSS_NEWTON_GTOL, max_nfev=10 * max_iter + 10, callback=callback,
         )
         if r.status == -2:
-            success, message = False, f"stopped after --max-iter {max_iter} iterations without converging"
+            success, message = False, f"stopped after --max-iter {count(max_iter, 'iteration')} without converging"
         elif r.status == 0:
-            success, message = False, f"stopped after {r.nfev} evaluations of the residual without converging"
+            success, message = False, f"stopped after {count(r.nfev, 'evaluation')} of the residual without converging"
         else:
             success, message = bool(r.status > 0), str(r.message)
         theta = r.x
@@ -258,7 +259,7 @@ def run_optimizer(objective: GmmObjective, x0: np.ndarray, optimizer: str, tol: 
         if not success and r.nit < max_iter:
             success, message = _at_rounding_floor(r, message)
         if not success and r.nit >= max_iter:
-            message = f"stopped after --max-iter {max_iter} iterations without converging ({message})"
+            message = f"stopped after --max-iter {count(max_iter, 'iteration')} without converging ({message})"
     theta = np.asarray(theta, dtype=np.float64)
     _, grad = objective.value_and_gradient(theta)
     return OptimizeResult(x=scaling.b(theta), fun=objective.objective(theta), jac=grad, success=success,

@@ -12,6 +12,7 @@ import numpy as np
 
 from estpipe.gmm.checkpoint import write_json_atomic
 from estpipe.gmm.inference import z_table
+from estpipe.text import count
 
 
 @dataclass
@@ -51,7 +52,8 @@ class Results:
     converged: bool
     message: str
     steps: list[StepRecord]
-    evaluations: int
+    evaluations: int  # of this run
+    evaluations_total: int  # with those before a resume (from the checkpoint)
     wall_seconds: float
     workers: int
     partitions: int
@@ -81,6 +83,7 @@ class Results:
             "message": self.message,
             "steps": [s.to_dict() for s in self.steps],
             "evaluations": self.evaluations,
+            "evaluations_total": self.evaluations_total,
             "wall_seconds": self.wall_seconds,
             "workers": self.workers,
             "partitions": self.partitions,
@@ -109,9 +112,9 @@ class Results:
         d = self.data
         steps = len(self.steps)
         lines = [
-            f"estpipe estimate: {d['path']}  ({d['n_sets']} sets, {d['n_rows']} rows, K = {d['K']}, M = {d['M']})",
+            f"estpipe estimate: {d['path']}  ({count(d['n_sets'], 'set')}, {d['n_rows']} rows, K = {d['K']}, M = {d['M']})",
             f"{'two-step' if steps == 2 else 'one-step'} GMM, W = {'S(b1)^-1' if steps == 2 else 'I'}; "
-            f"{self.se_type} standard errors" + (f" ({self.n_clusters} clusters)" if self.n_clusters else ""),
+            f"{self.se_type} standard errors" + (f" ({count(self.n_clusters, 'cluster')})" if self.n_clusters else ""),
             "",
         ]
         w = max(9, *(len(n) for n in self.param_names))
@@ -133,7 +136,7 @@ class Results:
             tail += f"; loglik = {self.loglik:.6g}"
         lines.append(tail)
         lines.append(
-            f"{'converged' if self.converged else 'NOT converged'}: {self.message}; {self.evaluations} evaluations, "
+            f"{'converged' if self.converged else 'NOT converged'}: {self.message}; {count(self.evaluations, 'evaluation')}, "
             f"{self.wall_seconds:.2f} s, {self.backend}"
         )
         return "\n".join(lines)

@@ -28,6 +28,7 @@ from scipy.linalg import LinAlgError, cholesky, solve_triangular
 
 from estpipe.errors import UserError
 from estpipe.gmm.linalg import GRAM_TOL, minimal_dependent_principal
+from estpipe.text import count
 
 
 @dataclass
@@ -178,7 +179,8 @@ def diagnose_covariance(S: np.ndarray, moment_names: list[str], n_units: int) ->
                 "in every set (e.g. a dm column that is identically zero, or an instrument that never varies within "
                 "sets); drop or rebuild those instruments")
     if n_units <= M:
-        return (f"there are only {n_units} independent units (sets or clusters) for M = {M} moments; use more data, "
+        return (f"there {'is' if n_units == 1 else 'are'} only {count(n_units, 'independent unit')} (sets or clusters) "
+                f"for M = {M} moments; use more data, "
                 "fewer moments, or --no-cluster")
     found = minimal_dependent_principal(S)
     involved = [moment_names[m] for m in (found or range(M))]

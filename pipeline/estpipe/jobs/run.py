@@ -16,6 +16,7 @@ from pathlib import Path
 from estpipe.errors import UserError
 from estpipe.jobs.spec import JobSpec, LoadSpec
 from estpipe.outputs import check_writable, check_writable_folder
+from estpipe.text import count
 
 
 def _log(message: str) -> None:
@@ -45,7 +46,7 @@ def prepare_data(spec: JobSpec) -> Path:
     else:
         from estpipe.simulate import simulate_choice_data
 
-        _log(f"data: simulating {data.sets} sets -> {data.path}")
+        _log(f"data: simulating {count(data.sets, 'set')} -> {data.path}")
         simulate_choice_data(
             data.path, design=data.design, sets=data.sets, alternatives=data.alternatives,
             params=data.params, moments=data.moments, seed=data.seed, cluster_size=data.cluster_size,

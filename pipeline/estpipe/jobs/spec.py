@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from estpipe.errors import UserError
+from estpipe.text import count
 
 BACKEND_KINDS = ("local", "dask", "slurm", "pbs")
 DESIGNS = ("logit", "seed")
@@ -447,9 +448,9 @@ def _backend(table: _Table) -> BackendSpec | None:
         table.problems.bad("backend.walltime", walltime, 'a time like "HH:MM:SS" or "D-HH:MM:SS"')
         walltime = "01:00:00"
     if kind == "pbs" and nodes and workers and workers % nodes:
-        table.problems.add("backend.workers", f"{workers} workers do not split evenly over {nodes} PBS nodes; use a multiple of nodes")
+        table.problems.add("backend.workers", f"{count(workers, 'worker')} do not split evenly over {count(nodes, 'PBS node')}; use a multiple of nodes")
     if nodes and workers and workers < nodes:
-        table.problems.add("backend.nodes", f"{nodes} nodes for {workers} workers; ask for at most one node per worker")
+        table.problems.add("backend.nodes", f"{count(nodes, 'node')} for {count(workers, 'worker')}; ask for at most one node per worker")
     return BackendSpec(
         kind=kind, nodes=nodes, workers=workers, cores=table.integer("cores", 1), memory=str(memory),
         walltime=walltime, partition=table.string("partition"), queue=table.string("queue"),

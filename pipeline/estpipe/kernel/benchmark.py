@@ -14,6 +14,7 @@ import numpy as np
 
 from estpipe.data.format import ChoiceData
 from estpipe.kernel.partition import PartitionKernel
+from estpipe.text import count
 
 
 @dataclass
@@ -47,16 +48,16 @@ class BenchResult:
 
     def table(self) -> str:
         lines = [
-            f"estpipe bench: {self.sets} sets x {self.alternatives} alternatives, K = {self.params}, "
+            f"estpipe bench: {count(self.sets, 'set')} x {self.alternatives} alternatives, K = {self.params}, "
             f"M = {self.moments}; median of {self.repeat} interleaved calls",
             f"{'row':<16} {'median ms':>10} {'x f':>7}  what",
         ]
         lines += [f"{r.name:<16} {r.median_ms:>10.3f} {r.ratio:>7.2f}  {r.what}" for r in self.rows]
-        blas = ", ".join(f"{b['internal_api']} {b['version']} ({b['num_threads']} threads, {b['prefix']})" for b in self.blas)
+        blas = ", ".join(f"{b['internal_api']} {b['version']} ({count(b['num_threads'], 'thread')}, {b['prefix']})" for b in self.blas)
         lines += [
             f"BLAS: {blas or 'none found'}",
             f"data {self.data_bytes / 1e6:.1f} MB; tile buffers {self.buffer_bytes / 1e6:.2f} MB "
-            f"({self.n_tiles} tiles of <= {self.tile_rows} rows, {self.threads} threads); adjoint residual "
+            f"({self.n_tiles} tiles of <= {self.tile_rows} rows, {count(self.threads, 'thread')}); adjoint residual "
             f"{self.residual_bytes / 1e6:.2f} MB (8 bytes per row); allocated during one dual evaluation "
             f"(tracemalloc peak) {self.eval_alloc_peak_bytes / 1e3:.1f} kB",
             "max relative error vs the reference: " + ", ".join(f"{k} {v:.1e}" for k, v in self.max_rel_error.items()),
