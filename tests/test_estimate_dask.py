@@ -8,10 +8,12 @@ tests reach it the way users reach an existing cluster, with --scheduler ADDRESS
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pickle
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -204,3 +206,51 @@ def test_an_estimate_with_workers_leaves_the_environment_alone(data, monkeypatch
     assert dict(os.environ) == before
     cores = len(os.sched_getaffinity(0))
     assert subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip() == str(cores)
+
+
+def test_a_run_with_workers_prints_only_estpipe_lines(data, tmp_path):
+    """stderr of `estimate --workers 3` is estpipe's progress and nothing of dask's: no warning
+    that port 8787 is taken (here by this test; on a shared machine by anyone's cluster), no
+    traceback of a heartbeat cut short by the close."""
+    import socket
+
+    taken = socket.socket()
+    try:
+        taken.bind(("127.0.0.1", 8787))
+        taken.listen()
+    except OSError:
+        pass  # someone else holds it, which is the same test
+    try:
+        proc = subprocess.run([sys.executable, "-m", "estpipe", "estimate", str(data), "--workers", "3", "--steps", "1",
+                               "--out", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=300)
+    finally:
+        taken.close()
+    assert proc.returncode == 0, proc.stderr
+    others = [line for line in proc.stderr.splitlines() if not line.startswith(("estpipe: ", "step "))]
+    assert others == [], proc.stderr
+
+
+class _Worker:
+    def __init__(self, status):
+        self.status = status
+
+
+def _record(msg: str, *args) -> logging.LogRecord:
+    return logging.LogRecord("distributed.worker", logging.ERROR, __file__, 1, msg, args, None)
+
+
+def test_worker_log_filter():
+    """What the workers of estpipe's own cluster keep off its stderr: a UserError's "Compute
+    Failed", and anything once the worker is closing; everything else passes."""
+    from distributed.core import Status
+
+    from estpipe.execution.dask_backend import _WorkerLogFilter
+
+    heartbeat = _record("Failed to communicate with scheduler during heartbeat.")
+    user_error = _record("Compute Failed\nKey: %s\nState: %s\nTask: %s\nException: %r\nTraceback: %r\n",
+                         "k", "executing", "t", "UserError('f.h5: dataset X ...')", "tb")
+    other_error = _record("Compute Failed\nKey: %s\nState: %s\nTask: %s\nException: %r\nTraceback: %r\n",
+                          "k", "executing", "t", "ValueError('bug')", "tb")
+    running, closing = _WorkerLogFilter(_Worker(Status.running)), _WorkerLogFilter(_Worker(Status.closing))
+    assert running.filter(heartbeat) and running.filter(other_error) and not running.filter(user_error)
+    assert not closing.filter(heartbeat) and not closing.filter(other_error)

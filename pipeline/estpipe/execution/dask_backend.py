@@ -11,6 +11,7 @@ lineage on the surviving workers and the evaluation goes on.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -64,27 +65,62 @@ class BlasThreads:
         pass
 
 
-def _drop_user_error_records(record: logging.LogRecord) -> bool:
-    """A logging filter: False for the worker's "Compute Failed" record (with its traceback) of a
-    task that raised a UserError. That error travels to the client, which prints its one line."""
-    args = record.args if isinstance(record.args, tuple) else ()
-    return not (str(record.msg).startswith("Compute Failed") and len(args) > 3
-                and str(args[3]).startswith(f"{UserError.__name__}("))
+class _WorkerLogFilter:
+    """A logging filter in a worker of estpipe's own LocalCluster, whose log lines land on
+    estpipe's stderr. It drops (1) the "Compute Failed" record (with its traceback) of a task that
+    raised a UserError: that error travels to the client, which prints its one line; and (2) any
+    record once the worker is closing: the run is over, and a heartbeat or transfer cut short by
+    the close logs a traceback of a closed stream that means nothing. While the worker runs,
+    everything else is shown."""
+
+    def __init__(self, worker):
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from distributed.core import Status
+
+        if getattr(self.worker, "status", None) in (Status.closing, Status.closing_gracefully, Status.closed):
+            return False
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (str(record.msg).startswith("Compute Failed") and len(args) > 3
+                    and str(args[3]).startswith(f"{UserError.__name__}("))
 
 
-class QuietUserErrors:
-    """A dask WorkerPlugin that installs `_drop_user_error_records` on a worker's logger."""
+class QuietWorkerLogs:
+    """A dask WorkerPlugin that puts a `_WorkerLogFilter` on the handlers of a worker's
+    "distributed" logger (every distributed.* record passes them)."""
 
-    name = "estpipe-quiet-user-errors"
+    name = "estpipe-quiet-worker-logs"
 
     def setup(self, worker=None):
-        logging.getLogger("distributed.worker").addFilter(_drop_user_error_records)
+        quiet = _WorkerLogFilter(worker)
+        for handler in logging.getLogger("distributed").handlers:
+            handler.addFilter(quiet)
 
     def teardown(self, worker=None):
         pass
 
     def transition(self, key, start, finish, **kwargs):
         pass
+
+
+@contextlib.contextmanager
+def quiet_distributed_logs():
+    """While estpipe closes a cluster it started: the run is decided, and what dask logs in this
+    process as the workers go (closed comms, a nanny killing a slow worker) is noise. CRITICAL
+    records still pass."""
+    handlers = list(logging.getLogger("distributed").handlers)
+
+    def critical_only(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.CRITICAL
+
+    for handler in handlers:
+        handler.addFilter(critical_only)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(critical_only)
 
 
 def _worker_plugin(plugin_class, *args):
@@ -198,6 +234,10 @@ class DaskEvaluator(Evaluator):
 
     def close(self) -> None:
         self.residents = []
+        with quiet_distributed_logs() if self.cluster is not None else contextlib.nullcontext():
+            self._close()
+
+    def _close(self) -> None:
         try:
             self.client.close()
         finally:
@@ -260,7 +300,10 @@ def start_local_cluster(workers: int, path, partitions, K, M, has_chosen, has_cl
     from distributed import Client, LocalCluster
 
     env = {v: str(threads) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
-    dashboard = _dashboard_address()
+    # The scheduler serves HTTP (the dashboard, or without bokeh its other routes) even when
+    # asked for no dashboard, and then on port 8787, warning on stderr when that is taken (by
+    # another cluster on this machine): any free port on loopback instead.
+    dashboard = _has_bokeh()
     # Resident partitions must never be spilled to disk: they are the working set. Work stealing
     # off: an idle worker stole a queued evaluation from a busy one and fetched its partition
     # (hundreds of MB) to run it, so one evaluation took seconds and the data were held twice
@@ -281,7 +324,7 @@ def start_local_cluster(workers: int, path, partitions, K, M, has_chosen, has_cl
         with dask.config.set(config):
             cluster = LocalCluster(
                 n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                dashboard_address=dashboard, env=env,
+                dashboard_address="127.0.0.1:0", env=env,
             )
     except BaseException:
         interrupts.unregister(stop_workers)
@@ -294,7 +337,7 @@ def start_local_cluster(workers: int, path, partitions, K, M, has_chosen, has_cl
     try:
         client = Client(cluster, set_as_default=False)
         client.register_plugin(_worker_plugin(BlasThreads, threads), name=BlasThreads.name)
-        client.register_plugin(_worker_plugin(QuietUserErrors), name=QuietUserErrors.name)
+        client.register_plugin(_worker_plugin(QuietWorkerLogs), name=QuietWorkerLogs.name)
         where = f"LocalCluster of {workers} worker processes at {cluster.scheduler_address}, {threads} BLAS thread{'s' if threads > 1 else ''} per worker"
         log(f"dask: {where}; dashboard: {cluster.dashboard_link if dashboard else 'off (install bokeh for it)'}")
         evaluator = DaskEvaluator(client, path, partitions, model, derivatives, fingerprint, where, cluster=cluster,
@@ -303,21 +346,22 @@ def start_local_cluster(workers: int, path, partitions, K, M, has_chosen, has_cl
         return evaluator
     except BaseException:
         try:
-            if client is not None:
-                client.close()  # before the cluster, so the scheduler sees no wanted results lost
-            cluster.close()
+            with quiet_distributed_logs():
+                if client is not None:
+                    client.close()  # before the cluster, so the scheduler sees no wanted results lost
+                cluster.close()
         finally:
             interrupts.unregister(stop_workers)
             restore_environ(environ_before)
         raise
 
 
-def _dashboard_address() -> str | None:
+def _has_bokeh() -> bool:
     try:
         import bokeh  # noqa: F401
     except ImportError:
-        return None
-    return "127.0.0.1:0"
+        return False
+    return True
 
 
 def connect_existing(address: str | None, scheduler_file: str | None, timeout: float, path, plan, K, M,
