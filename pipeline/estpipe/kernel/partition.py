@@ -26,6 +26,7 @@ two kernels never share buffers.
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -33,6 +34,7 @@ import numpy as np
 from estpipe.data.format import ChoiceData
 from estpipe.dual import Workspace, chunk_ranges, chunk_size
 from estpipe.errors import UserError
+from estpipe.kernel.blas import restart_stale_openblas
 from estpipe.kernel.covariance import UnitSums
 from estpipe.kernel.generic import generic_tile_pullback, generic_tile_sums
 from estpipe.kernel.logit_fast import logit_probabilities, logit_tile_pullback, logit_tile_sums
@@ -65,6 +67,8 @@ class PartitionKernel:
     fast: use the hand-fused logit path when the model is logit (tests turn it off to compare).
     chunk: partials per dual block (default: chunks.chunk_size's rule).
     threads: threads over tiles (default: the BLAS thread count)."""
+
+    _pool_pid: int | None = None  # the process that started _pool
 
     def __init__(self, data: ChoiceData, model: str = "logit", derivatives: str = "dual",
                  tile_rows: int | None = None, fast: bool = True, chunk: int | None = None,
@@ -127,11 +131,27 @@ class PartitionKernel:
         threads = min(self.threads, len(tiles))
         if threads <= 1:
             return [work(self._workspaces[0], tiles)]
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="estpipe-tiles")
+        pool = self._tile_pool()
+        # An OpenBLAS loaded before estpipe keeps its workers spinning ~0.1 s after each threaded
+        # call, taking a core from the tile threads: restart them with the short timeout (blas.py).
+        restart_stale_openblas(_blas_controller())
         with _blas_controller().limit(limits=1, user_api="blas"):
-            futures = [self._pool.submit(work, self._workspaces[i], tiles[i::threads]) for i in range(threads)]
+            futures = [pool.submit(work, self._workspaces[i], tiles[i::threads]) for i in range(threads)]
             return [f.result() for f in futures]
+
+    def _tile_pool(self) -> ThreadPoolExecutor:
+        """The tile threads, started on first use, and again in a forked child: it inherits the
+        pool but not its threads, and would wait for them forever."""
+        if self._pool is None or self._pool_pid != os.getpid():
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="estpipe-tiles")
+            self._pool_pid = os.getpid()
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the tile threads (an evaluation after this starts them again)."""
+        if self._pool is not None and self._pool_pid == os.getpid():
+            self._pool.shutdown()
+        self._pool = None
 
     # -- evaluations -----------------------------------------------------------------------------
     def sums(self, params, jacobian: bool = True, covariance: bool = False, clustered: bool = True,
