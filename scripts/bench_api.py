@@ -17,6 +17,7 @@ kernel/blas.py), each in a fresh process, and prints one table:
 
     python scripts/bench_api.py                          # 1,000 x 30, K = 20, M = 40
     python scripts/bench_api.py --sets 1000 20000 --repeat 40 --json api.json
+    python scripts/bench_api.py --compare before=/path/to/old/checkout/pipeline   # before/after
 """
 
 from __future__ import annotations
@@ -37,9 +38,14 @@ import subprocess  # noqa: E402
 import time  # noqa: E402
 
 import estpipe  # noqa: E402
-from estpipe.kernel import blas  # noqa: E402
 from estpipe.kernel.benchmark import plain_objective, seed_design  # noqa: E402
 from estpipe.kernel.partition import PartitionKernel, _blas_controller  # noqa: E402
+
+try:  # an estpipe from before the reusable API (PYTHONPATH=<old checkout>/pipeline): its figures
+    from estpipe.kernel import blas  # noqa: E402
+except ImportError:
+    blas = None
+RESTART_ENV = "ESTPIPE_OPENBLAS_RESTART"
 
 ROWS = ("f", "kernel", "one-shot", "reusable")
 
@@ -59,13 +65,14 @@ def measure(sets: int, alternatives: int, params: int, moments: int, repeat: int
     A = np.random.default_rng(1).standard_normal((blas_size, blas_size))
     timeout_at_start = openblas_timeouts()
     kernel = PartitionKernel(data)
-    reusable = estpipe.LogitMoments(X, dm, offsets)
     calls = {
         "f": lambda: plain_objective(b, X, dm, sets, alternatives),
         "kernel": lambda: kernel.sums(b),
         "one-shot": lambda: estpipe.logit_moments(b, X, dm, offsets),
-        "reusable": lambda: reusable(b),
     }
+    reusable = estpipe.LogitMoments(X, dm, offsets) if blas is not None else None
+    if reusable is not None:
+        calls["reusable"] = lambda: reusable(b)
     if extra:
         single = PartitionKernel(data, threads=1)
         calls["kernel-blas"] = lambda: single.sums(b)
@@ -79,19 +86,21 @@ def measure(sets: int, alternatives: int, params: int, moments: int, repeat: int
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    reusable.close()
-    kernel.close()
-    g, G = reusable(b)
     g1, G1 = estpipe.logit_moments(b, X, dm, offsets)
+    g, G = reusable(b) if reusable is not None else (g1, G1)
+    if reusable is not None:
+        reusable.close()
+        kernel.close()
     medians = {name: float(np.median(t)) for name, t in times.items()}
     from threadpoolctl import threadpool_info
 
     return {
         "sets": sets, "alternatives": alternatives, "params": params, "moments": moments, "repeat": repeat,
         "blas_size": blas_size, "estpipe_first": "--estpipe-first" in sys.argv,
-        "restart": os.environ.get(blas.RESTART_ENV, "1") != "0",
+        "restart": blas is not None and os.environ.get(RESTART_ENV, "1") != "0",
+        "estpipe": os.path.dirname(estpipe.__file__), "api": blas is not None,
         "openblas_timeout_at_start": timeout_at_start, "openblas_timeout_at_end": openblas_timeouts(),
-        "restarted": list(blas.restarted), "threads": kernel.threads,
+        "restarted": list(blas.restarted) if blas is not None else [], "threads": kernel.threads,
         "blas": [{k: i.get(k) for k in ("internal_api", "version", "num_threads", "threading_layer", "architecture")}
                  for i in threadpool_info() if i.get("user_api") == "blas"],
         "median_ms": {k: 1e3 * v for k, v in medians.items()},
@@ -99,28 +108,36 @@ def measure(sets: int, alternatives: int, params: int, moments: int, repeat: int
     }
 
 
-def child_env(restart: bool) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", blas.RESTART_ENV)}
+def child_env(restart: bool, pythonpath: str | None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", RESTART_ENV)}
     if _USER_TIMEOUT is not None:
         env["OPENBLAS_THREAD_TIMEOUT"] = _USER_TIMEOUT
     if not restart:
-        env[blas.RESTART_ENV] = "0"
+        env[RESTART_ENV] = "0"
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
     return env
 
 
 def table(runs: list[dict]) -> str:
-    head = (f"{'sets x J':>10} {'import first':>12} {'restart':>7} | {'f ms':>7} {'kernel':>7} {'one-shot':>8} "
-            f"{'reusable':>8} | {'kern/f':>6} {'1shot/k':>7} {'reus/k':>6} {'1shot/f':>7} {'reus/f':>6} | OpenBLAS timeout read")
+    def ms(m, k):
+        return f"{m[k]:.2f}" if k in m else "-"
+
+    def ratio(m, a, b):
+        return f"{m[a] / m[b]:.2f}" if a in m and b in m else "-"
+
+    head = (f"{'estpipe':<8} {'sets x J':>10} {'first':>7} {'restart':>7} | {'f ms':>6} {'kernel':>7} {'one-shot':>8} "
+            f"{'reusable':>8} | {'kern/f':>6} {'1shot/k':>7} {'reus/k':>6} {'1shot/f':>7} {'reus/f':>6} | timeout read")
     lines = [head, "-" * len(head)]
     for r in runs:
         m = r["median_ms"]
         extra = f"  kernel-blas {m['kernel-blas']:.2f} ms" if "kernel-blas" in m else ""
         lines.append(
-            f"{r['sets']:>6} x {r['alternatives']:<2} {'estpipe' if r['estpipe_first'] else 'numpy':>12} "
-            f"{'on' if r['restart'] else 'off':>7} | {m['f']:>7.2f} {m['kernel']:>7.2f} {m['one-shot']:>8.2f} "
-            f"{m['reusable']:>8.2f} | {m['kernel'] / m['f']:>6.2f} {m['one-shot'] / m['kernel']:>7.2f} "
-            f"{m['reusable'] / m['kernel']:>6.2f} {m['one-shot'] / m['f']:>7.2f} {m['reusable'] / m['f']:>6.2f} | "
-            f"{r['openblas_timeout_at_start']} -> {r['openblas_timeout_at_end']}{extra}")
+            f"{r['label']:<8} {r['sets']:>6} x {r['alternatives']:<2} {'estpipe' if r['estpipe_first'] else 'numpy':>7} "
+            f"{('on' if r['restart'] else 'off') if r['api'] else '-':>7} | {ms(m, 'f'):>6} {ms(m, 'kernel'):>7} "
+            f"{ms(m, 'one-shot'):>8} {ms(m, 'reusable'):>8} | {ratio(m, 'kernel', 'f'):>6} "
+            f"{ratio(m, 'one-shot', 'kernel'):>7} {ratio(m, 'reusable', 'kernel'):>6} {ratio(m, 'one-shot', 'f'):>7} "
+            f"{ratio(m, 'reusable', 'f'):>6} | {r['openblas_timeout_at_start']} -> {r['openblas_timeout_at_end']}{extra}")
     blas_info = runs[0]["blas"] if runs else []
     lines.append("BLAS: " + ", ".join(f"{b['internal_api']} {b['version']} ({b['num_threads']} threads, "
                                       f"{b['threading_layer']}, {b['architecture']})" for b in blas_info))
@@ -141,6 +158,9 @@ def main(argv=None) -> int:
                     help="which library the child imports first")
     ap.add_argument("--restart", nargs="+", choices=("on", "off"), default=["off", "on"],
                     help="off: ESTPIPE_OPENBLAS_RESTART=0, as before kernel/blas.py")
+    ap.add_argument("--compare", action="append", default=[], metavar="LABEL=DIR",
+                    help="also run the children on the estpipe under DIR (its source root, e.g. an old "
+                         "checkout's pipeline/), labelled LABEL; repeatable")
     ap.add_argument("--extra", action="store_true", help="also time the kernel on one tile thread with BLAS threads")
     ap.add_argument("--json", help="write all runs here")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -150,20 +170,22 @@ def main(argv=None) -> int:
         print(json.dumps(measure(args.sets[0], args.alternatives, args.params, args.moments, args.repeat,
                                  args.blas_size, args.extra)))
         return 0
+    versions = [("this", os.environ.get("PYTHONPATH"))] + [tuple(c.split("=", 1)) for c in args.compare]
     runs = []
     for sets in args.sets:
-        for order in args.orders:
-            for restart in args.restart:
-                cmd = [sys.executable, os.path.abspath(__file__), "--child", "--sets", str(sets),
-                       "--alternatives", str(args.alternatives), "--params", str(args.params),
-                       "--moments", str(args.moments), "--repeat", str(args.repeat), "--blas-size", str(args.blas_size)]
-                cmd += ["--estpipe-first"] * (order == "estpipe") + ["--extra"] * args.extra
-                out = subprocess.run(cmd, env=child_env(restart == "on"), capture_output=True, text=True)
-                if out.returncode != 0:
-                    sys.stderr.write(out.stderr)
-                    return out.returncode
-                runs.append(json.loads(out.stdout))
-                print(f"done: {sets} sets, {order} first, restart {restart}", file=sys.stderr)
+        for label, pythonpath in versions:
+            for order in args.orders:
+                for restart in args.restart if label == "this" else ["off"]:
+                    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--sets", str(sets),
+                           "--alternatives", str(args.alternatives), "--params", str(args.params),
+                           "--moments", str(args.moments), "--repeat", str(args.repeat), "--blas-size", str(args.blas_size)]
+                    cmd += ["--estpipe-first"] * (order == "estpipe") + ["--extra"] * args.extra
+                    out = subprocess.run(cmd, env=child_env(restart == "on", pythonpath), capture_output=True, text=True)
+                    if out.returncode != 0:
+                        sys.stderr.write(out.stderr)
+                        return out.returncode
+                    runs.append({"label": label, **json.loads(out.stdout)})
+                    print(f"done: {label}, {sets} sets, {order} first, restart {restart}", file=sys.stderr)
     print(table(runs))
     if args.json:
         with open(args.json, "w") as f:
