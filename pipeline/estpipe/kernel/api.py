@@ -32,7 +32,8 @@ class LogitMoments:
     responsible and names it (NaN anywhere in X or dm always makes g NaN).
     threads: threads over tiles (default: the BLAS thread count); tile_rows: rows per tile.
 
-    The thread pool lives until close(); use the object as a context manager:
+    Calls share the buffers, so make one object per thread that evaluates. The thread pool lives
+    until close(); use the object as a context manager:
 
         with LogitMoments(X, dm, offsets) as moments:
             g, G = moments(b)
