@@ -9,7 +9,8 @@ process (f, kernel, one-shot, reusable, f, ...):
 - kernel: PartitionKernel.sums(b), value + Jacobian by dual blocks (the `estpipe bench` dual row);
 - one-shot: estpipe.logit_moments(b, X, dm, offsets), value + Jacobian;
 - reusable: estpipe.LogitMoments(X, dm, offsets) built once, then moments(b);
-- with --extra, kernel-blas: the kernel on one tile thread, BLAS's own threads in its products.
+- with --extra, kernel-blas: the kernel on one tile thread, BLAS's own threads in its products;
+  and gemm: dm' @ [s | ds/db] alone, all rows, BLAS threads (`estpipe bench`'s gemm row, the floor).
 
 and prints medians and ratios. Without --child it runs itself once per size, import order and
 OpenBLAS restart setting (on: the default; off: ESTPIPE_OPENBLAS_RESTART=0, the behaviour before
@@ -76,6 +77,9 @@ def measure(sets: int, alternatives: int, params: int, moments: int, repeat: int
     if extra:
         single = PartitionKernel(data, threads=1)
         calls["kernel-blas"] = lambda: single.sums(b)
+        # `estpipe bench`'s gemm row: the one product every dual evaluation needs, its floor.
+        block, out = np.column_stack([np.full(len(X), 1.0 / alternatives), X]), np.empty((moments, 1 + params))
+        calls["gemm"] = lambda: np.dot(dm.T, block, out=out)
     for fn in calls.values():  # warm-up: buffers, thread pools, the OpenBLAS restart if any
         A @ A
         fn()
@@ -131,7 +135,8 @@ def table(runs: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in runs:
         m = r["median_ms"]
-        extra = f"  kernel-blas {m['kernel-blas']:.2f} ms" if "kernel-blas" in m else ""
+        extra = (f"  kernel-blas {m['kernel-blas']:.2f} ms, gemm {m['gemm']:.2f} ms ({m['gemm'] / m['f']:.2f} x f)"
+                 if "kernel-blas" in m else "")
         lines.append(
             f"{r['label']:<8} {r['sets']:>6} x {r['alternatives']:<2} {'estpipe' if r['estpipe_first'] else 'numpy':>7} "
             f"{('on' if r['restart'] else 'off') if r['api'] else '-':>7} | {ms(m, 'f'):>6} {ms(m, 'kernel'):>7} "
@@ -161,7 +166,7 @@ def main(argv=None) -> int:
     ap.add_argument("--compare", action="append", default=[], metavar="LABEL=DIR",
                     help="also run the children on the estpipe under DIR (its source root, e.g. an old "
                          "checkout's pipeline/), labelled LABEL; repeatable")
-    ap.add_argument("--extra", action="store_true", help="also time the kernel on one tile thread with BLAS threads")
+    ap.add_argument("--extra", action="store_true", help="also time kernel-blas and gemm (see above)")
     ap.add_argument("--json", help="write all runs here")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--estpipe-first", action="store_true", help=argparse.SUPPRESS)

@@ -27,9 +27,10 @@ class LogitMoments:
     set i owning rows offsets[i]:offsets[i+1] (offsets[0] = 0, strictly increasing,
     offsets[-1] = n_rows). They are checked here and kept by reference: float64 C-contiguous
     arrays are not copied, so changing them in place later changes the results.
-    check_finite: look for NaN and infinite values in X and dm here (one pass over the data, as in
-    scipy.linalg). Either way a call whose moments come out NaN or infinite looks for the value
-    responsible and names it (NaN anywhere in X or dm always makes g NaN).
+    check_finite: look for NaN and infinite values in X and dm here (one pass over the data, as
+    scipy.linalg's check_finite). Either way a call whose results come out NaN or infinite names
+    the input value responsible: a NaN in X or dm always shows in g, an infinite value in G (in g
+    too, unless it is an x that only drives its row's probability to 0).
     threads: threads over tiles (default: the BLAS thread count); tile_rows: rows per tile.
 
     Calls share the buffers, so make one object per thread that evaluates. The thread pool lives
