@@ -13,22 +13,23 @@ import os
 # thread, so a worker still spinning from an earlier call (any numpy product outside the kernel)
 # takes one of the cores away from the tile threads: measured on 2 cores, it used a whole core
 # during the dual evaluations and the second tile thread gained nothing. 2^20 cycles (well under
-# a millisecond) still covers back-to-back BLAS calls. Read when OpenBLAS loads, so it works only
-# when estpipe is imported before numpy (the CLI, and the dask workers, which inherit it); an
-# explicit setting wins.
+# a millisecond) still covers back-to-back BLAS calls. OpenBLAS reads it when it loads: when
+# estpipe is imported first (the CLI, and the dask workers, which inherit it). When numpy came
+# first, the kernel makes OpenBLAS read it again before its first threaded tiles (kernel/blas.py).
+# An explicit setting wins.
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
 
 __version__ = "0.1.0"
 
 from estpipe.errors import UserError  # noqa: E402
 
-__all__ = ["UserError", "__version__", "logit_moments"]
+__all__ = ["LogitMoments", "UserError", "__version__", "logit_moments"]
 
 
 def __getattr__(name):
     # The kernel is imported lazily so that `estpipe --help` stays fast.
-    if name == "logit_moments":
-        from estpipe.kernel import logit_moments
+    if name in ("logit_moments", "LogitMoments"):
+        import estpipe.kernel
 
-        return logit_moments
+        return getattr(estpipe.kernel, name)
     raise AttributeError(name)

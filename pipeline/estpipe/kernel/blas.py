@@ -1,0 +1,65 @@
+"""OpenBLAS's idle worker threads against the kernel's tile threads, whatever the import order.
+
+OpenBLAS (its pthreads build, numpy's and scipy's wheels) reads OPENBLAS_THREAD_TIMEOUT when it
+starts its worker threads, and an idle worker busy-waits 2^timeout cycles after each threaded
+call (default 2^28, about 0.1 s). estpipe sets the variable to 20 on import (estpipe/__init__.py),
+which is too late when the caller imported numpy first, as every user script does: then a worker
+left spinning by the caller's own numpy product takes a core from the tile threads (measured on
+2 cores at 1,000 sets x 30: the dual evaluation 5.5 ms instead of 3.3 ms).
+
+What the library read is `openblas_thread_timeout()`. When it differs from the environment,
+`openblas_read_env()` makes OpenBLAS read the environment again and `blas_thread_shutdown_()`
+stops its workers; OpenBLAS starts them again on its next threaded call (threadpoolctl's limit
+around the tiles, or any numpy product), now with the short timeout. OpenBLAS itself runs the same
+shutdown before every fork (its pthread_atfork handler), and restarts lazily in the child. Each
+library is checked once per process, in the thread that runs the kernel; a BLAS call running on
+another thread at that very moment would race with the shutdown, so a program that calls BLAS
+from several threads can turn this off with ESTPIPE_OPENBLAS_RESTART=0.
+
+Nothing happens when the timeout was read correctly (estpipe imported first: the CLI, and dask
+workers, which inherit the variable), for OpenBLAS built with OpenMP (its threads are OpenMP's),
+when a symbol is missing, or for other BLAS libraries (MKL, BLIS).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+RESTART_ENV = "ESTPIPE_OPENBLAS_RESTART"
+_SYMBOLS = ("openblas_thread_timeout", "openblas_read_env", "blas_thread_shutdown_")
+
+# OpenBLAS libraries (by file path) checked in this process, and those whose threads were restarted.
+_checked: set[str] = set()
+restarted: list[str] = []
+
+
+def restart_stale_openblas(controller) -> list[str]:
+    """Restart the worker threads of every OpenBLAS in `controller` (a threadpoolctl
+    ThreadpoolController) that read another OPENBLAS_THREAD_TIMEOUT than the environment's now;
+    each library once per process. Returns the file paths restarted by this call."""
+    if os.environ.get(RESTART_ENV, "1") == "0":
+        return []
+    libs = [lib for lib in controller.lib_controllers if lib.internal_api == "openblas" and lib.filepath not in _checked]
+    if not libs:
+        return []
+    try:
+        wanted = int(os.environ.get("OPENBLAS_THREAD_TIMEOUT", ""))
+    except ValueError:  # unset, or a value OpenBLAS would read as 0 (its default) too
+        wanted = 0
+    done = []
+    for lib in libs:
+        _checked.add(lib.filepath)
+        if getattr(lib, "threading_layer", None) != "pthreads":
+            continue
+        timeout, read_env, shutdown = (getattr(lib.dynlib, name, None) for name in _SYMBOLS)
+        if timeout is None or read_env is None or shutdown is None:
+            continue
+        timeout.restype = ctypes.c_uint
+        if wanted <= 0 or timeout() == wanted:
+            continue
+        read_env()
+        shutdown()
+        done.append(lib.filepath)
+    restarted.extend(done)
+    return done
