@@ -5,7 +5,7 @@ evaluations. So this script imports numpy first (unless --estpipe-first), and be
 call it makes a threaded BLAS product (a --blas-size square matmul). It times, interleaved in one
 process (f, kernel, one-shot, reusable, f, ...):
 
-- f: the plain-numpy evaluation of kernel/benchmark.py (plain_objective);
+- f: the plain-numpy evaluation of estpipe/bench.py (plain_objective);
 - kernel: PartitionKernel.sums(b), value + Jacobian by dual blocks (the `estpipe bench` dual row);
 - one-shot: estpipe.logit_moments(b, X, dm, offsets), value + Jacobian;
 - reusable: estpipe.LogitMoments(X, dm, offsets) built once, then moments(b);
@@ -39,8 +39,8 @@ import subprocess  # noqa: E402
 import time  # noqa: E402
 
 import estpipe  # noqa: E402
-from estpipe.kernel.benchmark import plain_objective, seed_design  # noqa: E402
-from estpipe.kernel.partition import PartitionKernel, _blas_controller  # noqa: E402
+from estpipe.bench import plain_objective, seed_design  # noqa: E402
+from estpipe.kernel.engine import PartitionKernel, _blas_controller  # noqa: E402
 
 try:  # an estpipe from before the reusable API (PYTHONPATH=<old checkout>/pipeline): its figures
     from estpipe.kernel import blas  # noqa: E402

@@ -30,7 +30,7 @@ from bench_common import run_measured  # noqa: E402
 def ensure_data(path: Path, sets: int, alternatives: int, K: int, M: int) -> None:
     if path.exists():
         return
-    from estpipe.simulate import simulate_choice_data
+    from estpipe.data.simulate import simulate_choice_data
 
     t0 = time.perf_counter()
     simulate_choice_data(path, sets=sets, alternatives=(alternatives, alternatives), params=K, moments=M, seed=0)
@@ -76,7 +76,7 @@ def bench_statsmodels(args) -> dict:
     from statsmodels.discrete.conditional_models import ConditionalLogit
 
     from estpipe.data.format import read_choice_data
-    from estpipe.gmm import EstimateOptions, estimate
+    from estpipe.orchestration import EstimateOptions, estimate
 
     path = Path(args.dir) / f"bench_justid_{args.sm_sets}x{args.alternatives}_K{args.params}.h5"
     ensure_data(path, args.sm_sets, args.alternatives, args.params, args.params)

@@ -15,8 +15,8 @@ import pytest
 
 from estpipe.cli.app import main
 from estpipe.data.format import ChoiceData, write_choice_data
-from estpipe.gmm import EstimateOptions, estimate
-from estpipe.simulate import simulate_choice_data
+from estpipe.orchestration import EstimateOptions, estimate
+from estpipe.data.simulate import simulate_choice_data
 
 
 def run_cli(argv, capsys) -> tuple[int, str, str]:

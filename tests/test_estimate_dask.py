@@ -21,8 +21,8 @@ import pytest
 
 from estpipe.data.format import ChoiceDataFile
 from estpipe.execution import InProcessEvaluator, make_evaluator, plan_partitions
-from estpipe.gmm import EstimateOptions, Reporter, estimate
-from estpipe.simulate import simulate_choice_data
+from estpipe.orchestration import EstimateOptions, Reporter, estimate
+from estpipe.data.simulate import simulate_choice_data
 
 K, M = 4, 8
 

@@ -9,10 +9,10 @@ from scipy import stats
 
 from estpipe.data.format import ChoiceDataFile
 from estpipe.execution import InProcessEvaluator, plan_partitions
-from estpipe.gmm import EstimateOptions, estimate
-from estpipe.gmm.inference import chi2_sf, z_table
-from estpipe.gmm.optimize import MomentOracle
-from estpipe.simulate import simulate_choice_data
+from estpipe.orchestration import EstimateOptions, estimate
+from estpipe.estimation.inference import chi2_sf, z_table
+from estpipe.estimation.optimizers import MomentOracle
+from estpipe.data.simulate import simulate_choice_data
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import pytest
 from scipy import stats
 
 from estpipe.data.format import ChoiceData, write_choice_data
-from estpipe.gmm import EstimateOptions, estimate
-from estpipe.simulate import simulate_choice_data
+from estpipe.orchestration import EstimateOptions, estimate
+from estpipe.data.simulate import simulate_choice_data
 
 REPO = Path(__file__).resolve().parents[1]
 

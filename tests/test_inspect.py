@@ -9,7 +9,7 @@ import pytest
 
 from estpipe.cli.app import main
 from estpipe.data.format import ChoiceDataFile
-from estpipe.simulate import simulate_choice_data
+from estpipe.data.simulate import simulate_choice_data
 
 
 def _inspect(capsys, *args) -> tuple[int, str, str]:

@@ -23,9 +23,9 @@ import pytest
 from estpipe import interrupts
 from estpipe.cli.app import main
 from estpipe.data.format import ChoiceDataFile
-from estpipe.gmm import EstimateOptions
-from estpipe.gmm.checkpoint import load_checkpoint
-from estpipe.simulate import simulate_choice_data
+from estpipe.orchestration import EstimateOptions
+from estpipe.orchestration.checkpoint import load_checkpoint
+from estpipe.data.simulate import simulate_choice_data
 
 SIGNALS = [pytest.param(signal.SIGINT, id="SIGINT"), pytest.param(signal.SIGTERM, id="SIGTERM"),
            pytest.param(signal.SIGHUP, id="SIGHUP")]
@@ -328,7 +328,7 @@ def test_main_in_process_restores_the_previous_handlers(tmp_path, capsys):
 
 
 def test_import_installs_nothing():
-    done = subprocess.run([sys.executable, "-c", "import signal, estpipe, estpipe.simulate, estpipe.gmm; "
+    done = subprocess.run([sys.executable, "-c", "import signal, estpipe, estpipe.data.simulate, estpipe.orchestration; "
                            "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler, "
                            "signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)"], capture_output=True, text=True)
     assert done.stdout.split() == ["True", "True"], done.stderr

@@ -216,7 +216,7 @@ def test_run_after_a_crash_resumes_from_the_checkpoint(tmp_path):
 
     import numpy as np
 
-    from estpipe.gmm import EstimateOptions, estimate
+    from estpipe.orchestration import EstimateOptions, estimate
 
     path = write_spec(tmp_path, """
 [data]

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from estpipe.data.format import ChoiceDataFile
 from estpipe.errors import UserError
-from estpipe.load import load_choice_data
+from estpipe.data.load import load_choice_data
 
 REPO = Path(__file__).resolve().parents[1]
 MODECHOICE = REPO / "data" / "modechoice.csv"

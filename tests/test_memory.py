@@ -13,11 +13,11 @@ import pytest
 
 from estpipe.data.format import read_choice_data
 from estpipe.execution.memory import PROCESS_BYTES, kernel_buffer_bytes, plan_memory
-from estpipe.execution.partitions import plan_partitions
-from estpipe.gmm import EstimateOptions
-from estpipe.gmm.estimate import _cap_workers
+from estpipe.execution.planning import plan_partitions
+from estpipe.orchestration import EstimateOptions
+from estpipe.orchestration.estimate import _cap_workers
 from estpipe.kernel import PartitionKernel
-from estpipe.simulate import simulate_choice_data
+from estpipe.data.simulate import simulate_choice_data
 
 
 @pytest.mark.parametrize(

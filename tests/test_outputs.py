@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from estpipe.gmm import EstimateOptions, estimate
-from estpipe.simulate import simulate_choice_data
+from estpipe.orchestration import EstimateOptions, estimate
+from estpipe.data.simulate import simulate_choice_data
 
 
 def _mount(where: Path, options: str) -> None:

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from estpipe.execution.partitions import default_partitions, plan_partitions
+from estpipe.execution.planning import default_partitions, plan_partitions
 
 
 def _offsets(sizes):

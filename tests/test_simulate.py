@@ -1,4 +1,4 @@
-"""`estpipe.simulate`: reproducibility across chunk sizes, choices drawn from the true logit,
+"""`estpipe.data.simulate`: reproducibility across chunk sizes, choices drawn from the true logit,
 set sizes, instruments, clusters, refused options, and no partial file on failure."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
-import estpipe.simulate as simulate_module
+import estpipe.data.simulate as simulate_module
 from estpipe.data.format import ChoiceDataFile
 from estpipe.errors import UserError
-from estpipe.simulate import CLUSTER_SHOCK_SD, TRUTH_UTILITY_SD, simulate_choice_data
+from estpipe.data.simulate import CLUSTER_SHOCK_SD, TRUTH_UTILITY_SD, simulate_choice_data
 
 
 def _datasets(path) -> dict[str, bytes]:

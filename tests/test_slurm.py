@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from estpipe.errors import UserError
-from estpipe.gmm import EstimateOptions, estimate
+from estpipe.orchestration import EstimateOptions, estimate
 from estpipe.jobs import load_job_spec
 from estpipe.jobs.run import run_job
 
@@ -236,7 +236,7 @@ def test_jobqueue_worker_that_cannot_start_in_time_is_reported_with_its_reason(s
 
 
 def test_estimate_with_jobqueue_slurm_equals_in_process(slurm, tmp_path, monkeypatch):
-    from estpipe.simulate import simulate_choice_data
+    from estpipe.data.simulate import simulate_choice_data
 
     data = tmp_path / "data.h5"
     simulate_choice_data(data, sets=500, alternatives=(10, 10), params=4, moments=8, seed=3)

@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 
 from estpipe.data.format import ChoiceData, read_choice_data, write_choice_data
 from estpipe.errors import UserError
-from estpipe.gmm import EstimateOptions, estimate
-from estpipe.gmm.linalg import minimal_dependent_columns, relative_singular_values
+from estpipe.orchestration import EstimateOptions, estimate
+from estpipe.estimation.linalg import minimal_dependent_columns, relative_singular_values
 from estpipe.kernel import PartitionKernel
-from estpipe.simulate import simulate_choice_data
+from estpipe.data.simulate import simulate_choice_data
 
 MODES = [
     pytest.param("gauss-newton", "dual", 1e-8, id="gauss-newton-dual"),
@@ -144,7 +144,7 @@ def test_columns_near_1e150_estimate_like_any_unit(base):
 def _modechoice(tmp_path, scale_cost=1.0, scale_time=1.0):
     import pandas as pd
 
-    from estpipe.load import load_choice_data
+    from estpipe.data.load import load_choice_data
 
     df = pd.read_csv(Path(__file__).parents[1] / "data" / "modechoice.csv")
     df["invc"] = df["invc"] * scale_cost

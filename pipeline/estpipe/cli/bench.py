@@ -30,7 +30,7 @@ def command(
     seed: Annotated[int, typer.Option(help="Seed of the data generator.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    from estpipe.kernel.benchmark import run_bench
+    from estpipe.bench import run_bench
 
     if moments < params:
         raise UserError(f"--moments {moments} is smaller than --params {params}: GMM needs M >= K")

@@ -40,7 +40,7 @@ def command(
     asc_base: Annotated[Optional[str], typer.Option("--asc-base", help="Base level of --alt-col (default: the first level).")] = None,
     cluster_col: Annotated[Optional[str], typer.Option("--cluster-col", help="Cluster id column (integers or text) for clustered errors.")] = None,
 ) -> None:
-    from estpipe.load import load_choice_data
+    from estpipe.data.load import load_choice_data
 
     summary = load_choice_data(
         input,

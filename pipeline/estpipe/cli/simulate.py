@@ -24,7 +24,7 @@ EPILOG = "Example: `estpipe simulate data.h5 --sets 100000 --alternatives 2:30 -
 
 
 def parse_alternatives(text: str) -> tuple[int, int]:
-    """'30' -> (30, 30); '2:30' -> (2, 30). Range checks are in estpipe.simulate."""
+    """'30' -> (30, 30); '2:30' -> (2, 30). Range checks are in estpipe.data.simulate."""
     parts = text.split(":")
     try:
         if len(parts) == 1:
@@ -47,7 +47,7 @@ def command(
     seed: Annotated[int, typer.Option(help="Seed of the random generators.")] = 0,
     cluster_size: Annotated[int | None, typer.Option("--cluster-size", help="Group contiguous sets into clusters of this many sets.")] = None,
 ) -> None:
-    from estpipe.simulate import simulate_choice_data
+    from estpipe.data.simulate import simulate_choice_data
 
     lo_hi = parse_alternatives(alternatives)
     # SIGINT, SIGTERM and SIGHUP are estpipe.interrupts' (the temporary file is registered there).

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from estpipe.execution.evaluator import Evaluator, EvaluatorStats, InProcessEvaluator
 from estpipe.execution.memory import available_memory, check_fits_machine, cpu_count, plan_memory
-from estpipe.execution.partitions import Partition, default_partitions, plan_partitions
+from estpipe.execution.planning import Partition, default_partitions, plan_partitions
 
 
 def make_evaluator(path, options, partitions, *, K, M, has_chosen, has_cluster, fingerprint, log) -> Evaluator:

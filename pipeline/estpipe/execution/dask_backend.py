@@ -23,7 +23,7 @@ from estpipe import interrupts
 from estpipe.errors import UserError
 from estpipe.execution.evaluator import Evaluator
 from estpipe.execution.memory import available_memory, check_fits_machine, check_fits_workers, plan_memory
-from estpipe.execution.partitions import Partition
+from estpipe.execution.planning import Partition
 from estpipe.execution.tasks import TaskResult, blas_report, load_partition
 from estpipe.text import count
 

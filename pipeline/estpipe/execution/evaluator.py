@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from estpipe.execution.partitions import Partition
+from estpipe.execution.planning import Partition
 from estpipe.execution.tasks import (TaskResult, blas_report, load_partition, partition_absmax, partition_pullback,
                                      partition_sums, partition_within_covariance)
 from estpipe.kernel import MomentSums

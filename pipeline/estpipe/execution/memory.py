@@ -18,7 +18,7 @@ import numpy as np
 import psutil
 
 from estpipe.errors import UserError
-from estpipe.execution.partitions import Partition
+from estpipe.execution.planning import Partition
 
 # RSS of an idle Python process with numpy/scipy/h5py imported, and of a dask worker process.
 PROCESS_BYTES = 150 * 2**20

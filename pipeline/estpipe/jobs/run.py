@@ -1,7 +1,7 @@
 """Run a job spec on this machine: make the data when it is missing, then `estpipe estimate` with a
 checkpoint and --resume, so running the job again after a crash continues from the checkpoint.
 
-The estimation is `estpipe estimate` itself (`estpipe.gmm.run_estimate`, the function behind the
+The estimation is `estpipe estimate` itself (`estpipe.orchestration.run_estimate`, the function behind the
 CLI command), so the table, the results file and the exit codes are exactly estimate's. Back ends: local (in-process or a
 LocalCluster of `workers`), dask (an existing scheduler), and slurm/pbs (dask-jobqueue workers as
 batch jobs, for interactive use from a login node; `estpipe submit` is the batch way).
@@ -31,7 +31,7 @@ def prepare_data(spec: JobSpec) -> Path:
         return data.path
     data.path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(data, LoadSpec):
-        from estpipe.load import load_choice_data
+        from estpipe.data.load import load_choice_data
 
         if not data.input.exists():
             raise UserError(f"job spec {spec.source}: data.input {str(data.input)!r} does not exist; give the CSV or Parquet file to load")
@@ -44,7 +44,7 @@ def prepare_data(spec: JobSpec) -> Path:
         for note in summary.notes:
             _log(f"note: {note}")
     else:
-        from estpipe.simulate import simulate_choice_data
+        from estpipe.data.simulate import simulate_choice_data
 
         _log(f"data: simulating {count(data.sets, 'set')} -> {data.path}")
         simulate_choice_data(
@@ -56,7 +56,7 @@ def prepare_data(spec: JobSpec) -> Path:
 
 def estimate_options(spec: JobSpec, *, scheduler: str | None = None, json: bool = False):
     """The `estpipe estimate` options (D's EstimateOptions) for this job on this machine."""
-    from estpipe.gmm import EstimateOptions
+    from estpipe.orchestration import EstimateOptions
 
     backend = spec.backend
     values = {name: value for name, value in vars(spec.estimate).items() if value is not None}
@@ -110,7 +110,7 @@ def check_outputs(spec: JobSpec) -> None:
 
 def run_job(spec: JobSpec, *, json: bool = False, stdout=None) -> int:
     """Make the data if needed and run the estimation; returns estimate's exit code (0, or 3)."""
-    from estpipe.gmm import run_estimate
+    from estpipe.orchestration import run_estimate
 
     check_outputs(spec)
     prepare_data(spec)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from estpipe.kernel.sums import MomentSums
-from estpipe.kernel.partition import DERIVATIVES, PartitionKernel
+from estpipe.kernel.engine import DERIVATIVES, PartitionKernel
 from estpipe.kernel.reference import logit_moments_reference, logit_sums_reference
 from estpipe.kernel.api import LogitMoments, logit_moments
 

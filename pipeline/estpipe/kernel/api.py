@@ -12,7 +12,7 @@ import numpy as np
 
 from estpipe.data.format import ChoiceData
 from estpipe.errors import UserError
-from estpipe.kernel.partition import PartitionKernel
+from estpipe.kernel.engine import PartitionKernel
 
 # Rows per block when looking for NaN or infinite values: a bounded temporary, whatever the data.
 _CHECK_ROWS = 65536

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from estpipe.gmm.linalg import pow2
+from estpipe.estimation.linalg import pow2
 
 FD_STEP = float(np.sqrt(np.finfo(float).eps))
 

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from estpipe.data.format import ChoiceData
-from estpipe.kernel.partition import PartitionKernel
+from estpipe.kernel.engine import PartitionKernel
 from estpipe.text import count
 
 

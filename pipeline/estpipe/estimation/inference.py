@@ -10,9 +10,9 @@ from statistics import NormalDist
 import numpy as np
 
 from estpipe.errors import UserError
-from estpipe.gmm.linalg import (RANK_TOL, combinations_text, minimal_dependent_columns, pinv_columns,
+from estpipe.estimation.linalg import (RANK_TOL, combinations_text, minimal_dependent_columns, pinv_columns,
                                relative_singular_values)
-from estpipe.gmm.weighting import WeightMatrix
+from estpipe.estimation.weighting import WeightMatrix
 
 
 def check_identification(B: np.ndarray, param_names: list[str], where: str, explain=None) -> None:

@@ -36,9 +36,9 @@ from estpipe.data.format import ChoiceData
 from estpipe.dual import Workspace, chunk_ranges, chunk_size
 from estpipe.errors import UserError
 from estpipe.kernel.blas import restart_stale_openblas
-from estpipe.kernel.covariance import UnitSums
+from estpipe.kernel.units import UnitSums
 from estpipe.kernel.generic import generic_tile_pullback, generic_tile_sums
-from estpipe.kernel.logit_fast import logit_probabilities, logit_tile_pullback, logit_tile_sums
+from estpipe.kernel.fused_logit import logit_probabilities, logit_tile_pullback, logit_tile_sums
 from estpipe.kernel.sums import MomentSums
 from estpipe.kernel.tiles import DEFAULT_TILE_ROWS, plan_tiles
 from estpipe.models import get_model

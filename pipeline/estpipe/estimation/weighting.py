@@ -27,7 +27,7 @@ import numpy as np
 from scipy.linalg import LinAlgError, cholesky, solve_triangular
 
 from estpipe.errors import UserError
-from estpipe.gmm.linalg import GRAM_TOL, minimal_dependent_principal
+from estpipe.estimation.linalg import GRAM_TOL, minimal_dependent_principal
 from estpipe.text import count
 
 

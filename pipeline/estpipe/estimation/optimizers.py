@@ -16,8 +16,8 @@ import numpy as np
 from scipy.optimize import least_squares, minimize
 
 from estpipe.execution.evaluator import Evaluator
-from estpipe.gmm.scaling import Scaling
-from estpipe.gmm.weighting import WeightMatrix
+from estpipe.estimation.scaling import Scaling
+from estpipe.estimation.weighting import WeightMatrix
 from estpipe.kernel import MomentSums
 from estpipe.text import count
 

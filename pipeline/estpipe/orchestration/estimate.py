@@ -20,15 +20,15 @@ import numpy as np
 from estpipe.data.format import ChoiceDataFile
 from estpipe.errors import EXIT_NOT_CONVERGED, EXIT_OK, EXIT_USER, UserError
 from estpipe.execution import make_evaluator
-from estpipe.execution.partitions import default_partitions, plan_partitions
-from estpipe.gmm.checkpoint import Checkpoint, load_checkpoint
-from estpipe.gmm.inference import check_identification, covariance_of_estimates, default_explanation, j_test
-from estpipe.gmm.linalg import combinations_text, minimal_dependent_principal
-from estpipe.gmm.optimize import GmmObjective, IterationRecord, MomentOracle, run_optimizer
-from estpipe.gmm.options import EstimateOptions
-from estpipe.gmm.results import Results, StepRecord
-from estpipe.gmm.scaling import Scaling
-from estpipe.gmm.weighting import WeightMatrix
+from estpipe.execution.planning import default_partitions, plan_partitions
+from estpipe.orchestration.checkpoint import Checkpoint, load_checkpoint
+from estpipe.estimation.inference import check_identification, covariance_of_estimates, default_explanation, j_test
+from estpipe.estimation.linalg import combinations_text, minimal_dependent_principal
+from estpipe.estimation.optimizers import GmmObjective, IterationRecord, MomentOracle, run_optimizer
+from estpipe.orchestration.options import EstimateOptions
+from estpipe.estimation.results import Results, StepRecord
+from estpipe.estimation.scaling import Scaling
+from estpipe.estimation.weighting import WeightMatrix
 from estpipe.outputs import check_writable, write_error
 from estpipe.text import count
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from estpipe.gmm.checkpoint import write_json_atomic
-from estpipe.gmm.inference import z_table
+from estpipe.orchestration.checkpoint import write_json_atomic
+from estpipe.estimation.inference import z_table
 from estpipe.text import count
 
 
