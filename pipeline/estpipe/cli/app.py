@@ -18,7 +18,7 @@ import typer
 import typer.core
 
 from estpipe import interrupts
-from estpipe.errors import EXIT_INTERNAL, EXIT_USER, UserError
+from estpipe.errors import EXIT_INTERNAL, EXIT_USER, UserError, cli_flag, vocabulary
 
 app = typer.Typer(
     name="estpipe",
@@ -82,7 +82,7 @@ def usage_error_line(exc, args: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    with interrupts.handled():
+    with interrupts.handled(), vocabulary(cli_flag):
         _main(argv)
 
 

@@ -16,7 +16,9 @@ import numpy as np
 from scipy.optimize import least_squares, minimize
 
 from estpipe.execution.evaluator import Evaluator
+from estpipe.errors import term
 from estpipe.estimation.scaling import Scaling
+from estpipe.registry import Registry
 from estpipe.estimation.weighting import WeightMatrix
 from estpipe.kernel import MomentSums
 from estpipe.text import count
@@ -201,13 +203,84 @@ def _at_rounding_floor(r, message: str) -> tuple[bool, str]:
     return False, message
 
 
-def run_optimizer(objective: GmmObjective, x0: np.ndarray, optimizer: str, tol: float, max_iter: int, step: int,
-                  on_iteration=None) -> OptimizeResult:
-    """Minimize Q from x0 (P,), in the model's parameters, with `optimizer` ("gauss-newton",
-    "bfgs" or "l-bfgs-b"), which works on the standardized parameters theta.
+class Optimizer:
+    """One optimizer (`optimizer=`): minimize(objective, theta0, tol, max_iter, accepted) ->
+    (theta, success, status, message). `needs_jacobian`: it needs the Jacobian of a residual
+    (least squares), not only a gradient; `accepted(theta)` is called after every accepted
+    iteration and raises StopIteration to stop."""
+
+    name = ""
+    description = ""
+    needs_jacobian = False
+
+    def minimize(self, objective, theta0, tol: float, max_iter: int, accepted):
+        raise NotImplementedError
+
+
+class GaussNewton(Optimizer):
+    name = "gauss-newton"
+    description = "scipy least_squares on the whitened residual L'g, Jacobian L'G; --tol is its xtol and ftol"
+    needs_jacobian = True
+
+    def minimize(self, objective, theta0, tol, max_iter, accepted):
+        r = least_squares(
+            objective.residual, theta0, jac=objective.residual_jacobian, method="trf", xtol=tol, ftol=tol,
+            gtol=GAUSS_NEWTON_GTOL, max_nfev=10 * max_iter + 10,
+            callback=lambda intermediate_result: accepted(intermediate_result.x),
+        )
+        if r.status == -2:
+            success, message = False, f"stopped after {term('max_iter')} {count(max_iter, 'iteration')} without converging"
+        elif r.status == 0:
+            success, message = False, f"stopped after {count(r.nfev, 'evaluation')} of the residual without converging"
+        else:
+            success, message = bool(r.status > 0), str(r.message)
+        return r.x, success, int(r.status), message
+
+
+class QuasiNewton(Optimizer):
+    """scipy minimize with the exact gradient; --tol is its gtol."""
+
+    method = ""
+
+    def minimize(self, objective, theta0, tol, max_iter, accepted):
+        opts = {"gtol": tol, "maxiter": max_iter}
+        if self.method == "L-BFGS-B":
+            # L-BFGS-B also stops when the objective falls by less than ftol * max(|f|, 1); leave
+            # the decision to gtol, as for BFGS.
+            opts["ftol"] = np.finfo(float).eps
+        r = minimize(objective.value_and_gradient, theta0, jac=True, method=self.method, options=opts,
+                     callback=lambda intermediate_result: accepted(intermediate_result.x))
+        success, message = bool(r.success), str(r.message)
+        if not success and r.nit < max_iter:
+            success, message = _at_rounding_floor(r, message)
+        if not success and r.nit >= max_iter:
+            message = f"stopped after {term('max_iter')} {count(max_iter, 'iteration')} without converging ({message})"
+        return r.x, success, int(r.status), message
+
+
+class Bfgs(QuasiNewton):
+    name = "bfgs"
+    description = "scipy BFGS on Q with the exact gradient"
+    method = "BFGS"
+
+
+class Lbfgsb(QuasiNewton):
+    name = "l-bfgs-b"
+    description = "scipy L-BFGS-B on Q with the exact gradient"
+    method = "L-BFGS-B"
+
+
+OPTIMIZERS: Registry[Optimizer] = Registry("optimizer", [GaussNewton(), Bfgs(), Lbfgsb()])
+
+
+def run_optimizer(objective: GmmObjective, x0: np.ndarray, optimizer: str | Optimizer, tol: float, max_iter: int,
+                  step: int, on_iteration=None) -> OptimizeResult:
+    """Minimize Q from x0 (P,), in the model's parameters, with `optimizer` (an OPTIMIZERS entry
+    or its name), which works on the standardized parameters theta.
 
     on_iteration(IterationRecord) is called after every accepted iteration (progress, checkpoint).
     """
+    optimizer = OPTIMIZERS.get(optimizer) if isinstance(optimizer, str) else optimizer
     oracle, scaling = objective.oracle, objective.scaling
     evals0 = oracle.evaluations
     t0 = time.perf_counter()
@@ -227,39 +300,10 @@ def run_optimizer(objective: GmmObjective, x0: np.ndarray, optimizer: str, tol: 
         state["theta"] = theta
         if on_iteration is not None:
             on_iteration(rec)
+        if state["nit"] >= max_iter and optimizer.needs_jacobian:
+            raise StopIteration  # least_squares has no iteration limit of its own
 
-    if optimizer == "gauss-newton":
-        def callback(intermediate_result):
-            accepted(intermediate_result.x)
-            if state["nit"] >= max_iter:
-                raise StopIteration
-
-        r = least_squares(
-            objective.residual, theta0, jac=objective.residual_jacobian, method="trf", xtol=tol, ftol=tol,
-            gtol=GAUSS_NEWTON_GTOL, max_nfev=10 * max_iter + 10, callback=callback,
-        )
-        if r.status == -2:
-            success, message = False, f"stopped after --max-iter {count(max_iter, 'iteration')} without converging"
-        elif r.status == 0:
-            success, message = False, f"stopped after {count(r.nfev, 'evaluation')} of the residual without converging"
-        else:
-            success, message = bool(r.status > 0), str(r.message)
-        theta = r.x
-        status = int(r.status)
-    else:
-        method = {"bfgs": "BFGS", "l-bfgs-b": "L-BFGS-B"}[optimizer]
-        opts = {"gtol": tol, "maxiter": max_iter}
-        if method == "L-BFGS-B":
-            # L-BFGS-B also stops when the objective falls by less than ftol * max(|f|, 1); leave
-            # the decision to gtol, as for BFGS.
-            opts["ftol"] = np.finfo(float).eps
-        r = minimize(objective.value_and_gradient, theta0, jac=True, method=method, options=opts,
-                     callback=lambda intermediate_result: accepted(intermediate_result.x))
-        theta, status, success, message = r.x, int(r.status), bool(r.success), str(r.message)
-        if not success and r.nit < max_iter:
-            success, message = _at_rounding_floor(r, message)
-        if not success and r.nit >= max_iter:
-            message = f"stopped after --max-iter {count(max_iter, 'iteration')} without converging ({message})"
+    theta, success, status, message = optimizer.minimize(objective, theta0, tol, max_iter, accepted)
     theta = np.asarray(theta, dtype=np.float64)
     _, grad = objective.value_and_gradient(theta)
     return OptimizeResult(x=scaling.b(theta), fun=objective.objective(theta), jac=grad, success=success,

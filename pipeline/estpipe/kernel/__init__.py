@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from estpipe.kernel.sums import MomentSums
-from estpipe.kernel.engine import DERIVATIVES, PartitionKernel
+from estpipe.kernel.derivatives import DERIVATIVES
+from estpipe.kernel.engine import PartitionKernel
 from estpipe.kernel.reference import logit_moments_reference, logit_sums_reference
 from estpipe.kernel.api import LogitMoments, logit_moments
 

@@ -34,8 +34,8 @@ import numpy as np
 
 from estpipe.data.format import ChoiceData
 from estpipe.dual import Workspace, chunk_ranges, chunk_size
-from estpipe.errors import UserError
 from estpipe.kernel.blas import restart_stale_openblas
+from estpipe.kernel.derivatives import DERIVATIVES
 from estpipe.kernel.units import UnitSums
 from estpipe.kernel.generic import generic_tile_pullback, generic_tile_sums
 from estpipe.kernel.fused_logit import logit_probabilities, logit_tile_pullback, logit_tile_sums
@@ -43,7 +43,6 @@ from estpipe.kernel.sums import MomentSums
 from estpipe.kernel.tiles import DEFAULT_TILE_ROWS, plan_tiles
 from estpipe.models import get_model
 
-DERIVATIVES = ("dual", "adjoint", "fd")
 STRIPE_FACTOR = 8
 _CONTROLLER = None
 
@@ -74,8 +73,7 @@ class PartitionKernel:
     def __init__(self, data: ChoiceData, model: str = "logit", derivatives: str = "dual",
                  tile_rows: int | None = None, fast: bool = True, chunk: int | None = None,
                  threads: int | None = None):
-        if derivatives not in DERIVATIVES:
-            raise UserError(f"unknown derivatives {derivatives!r}; allowed: {', '.join(DERIVATIVES)} (--derivatives)")
+        DERIVATIVES.get(derivatives)
         self.data = data
         self.model = get_model(model)
         self.derivatives = derivatives

@@ -1,0 +1,62 @@
+"""The facts of a choice-data file, read once into one value that travels.
+
+A `ChoiceProblem` holds what every layer above the file needs to know about the data without its
+rows: the path, the sizes, the names, the set offsets and cluster ids (8 bytes per set each), the
+true parameters of a simulation and the fingerprint. It is read once (`read_problem`) and passed
+whole, instead of K, M, has_chosen, has_cluster and the fingerprint one by one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True, eq=False)
+class ChoiceProblem:
+    """path: the file (absolute); n_sets, n_rows, K (covariates), M (moments); x_names (K,),
+    moment_names (M,); offsets: (n_sets + 1,) int64; cluster: (n_sets,) int64 or None;
+    has_chosen; truth: (K,) or None; fingerprint; provenance (dict)."""
+
+    path: Path
+    n_sets: int
+    n_rows: int
+    K: int
+    M: int
+    x_names: list[str]
+    moment_names: list[str]
+    offsets: np.ndarray
+    cluster: np.ndarray | None
+    has_chosen: bool
+    truth: np.ndarray | None
+    fingerprint: str
+    provenance: dict = field(default_factory=dict)
+
+    @property
+    def has_cluster(self) -> bool:
+        return self.cluster is not None
+
+    @property
+    def n_clusters(self) -> int | None:
+        return None if self.cluster is None else int(len(np.unique(self.cluster)))
+
+    def summary(self) -> dict:
+        """path, sizes and fingerprint: the results file's `data` record."""
+        return {"path": str(self.path), "n_sets": self.n_sets, "n_rows": self.n_rows, "K": self.K, "M": self.M,
+                "fingerprint": self.fingerprint}
+
+
+def read_problem(path: str | os.PathLike) -> ChoiceProblem:
+    """The facts of the choice-data file at `path` (checked as ChoiceDataFile checks them)."""
+    from estpipe.data.format import ChoiceDataFile
+
+    with ChoiceDataFile(path) as f:
+        return ChoiceProblem(
+            path=Path(path).resolve(), n_sets=f.n_sets, n_rows=f.n_rows, K=f.K, M=f.M,
+            x_names=list(f.param_names), moment_names=list(f.moment_names), offsets=f.offsets,
+            cluster=f.read_cluster(), has_chosen=f.has_chosen, truth=f.truth, fingerprint=f.fingerprint(),
+            provenance=dict(f.provenance),
+        )
