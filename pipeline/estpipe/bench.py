@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from estpipe.data.format import ChoiceData
+from estpipe.kernel.blas import blas_libraries
 from estpipe.kernel.engine import PartitionKernel
 from estpipe.text import count
 
@@ -81,13 +82,6 @@ def plain_objective(b, X, dm, n_sets, alternatives) -> float:
     s = e / e.sum(axis=1, keepdims=True)
     g = dm.T @ s.ravel() / n_sets
     return float(g @ g)
-
-
-def _blas_info() -> list[dict]:
-    from threadpoolctl import threadpool_info
-
-    keys = ("internal_api", "version", "num_threads", "prefix", "architecture")
-    return [{k: info.get(k) for k in keys} for info in threadpool_info() if info.get("user_api") == "blas"]
 
 
 def run_bench(sets=1000, alternatives=30, params=20, moments=40, repeat=30, tile_rows=None, seed=0,
@@ -165,5 +159,5 @@ def run_bench(sets=1000, alternatives=30, params=20, moments=40, repeat=30, tile
         tile_rows=max(t.row_stop - t.row_start for t in k.tiles), n_tiles=k.n_tiles,
         data_bytes=data.nbytes, buffer_bytes=k.buffer_nbytes, residual_bytes=kernels["adjoint"].residual_nbytes,
         eval_alloc_peak_bytes=int(peak), threads=k.threads,
-        blas=_blas_info(), rows=rows, max_rel_error=errors,
+        blas=blas_libraries(), rows=rows, max_rel_error=errors,
     )

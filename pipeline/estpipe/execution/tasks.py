@@ -19,6 +19,7 @@ import numpy as np
 from estpipe.data.format import MAX_ABS_VALUE, ChoiceDataFile
 from estpipe.errors import UserError
 from estpipe.kernel import MomentSums, PartitionKernel
+from estpipe.kernel.blas import blas_libraries
 
 
 @dataclass(eq=False)
@@ -145,12 +146,7 @@ def partition_within_covariance(part: ResidentPartition, inv_scale: np.ndarray) 
 
 
 def blas_report() -> dict:
-    """The BLAS libraries of this process and their thread counts (threadpoolctl), plus the pid."""
-    from threadpoolctl import threadpool_info
-
-    libs = [
-        {"library": i.get("internal_api"), "version": i.get("version"), "threads": i.get("num_threads")}
-        for i in threadpool_info()
-        if i.get("user_api") == "blas"
-    ]
+    """Run where partitions are evaluated: this process's pid and its BLAS libraries (library,
+    version, threads), as the results file's `versions.blas` lists them."""
+    libs = [{"library": b["internal_api"], "version": b["version"], "threads": b["num_threads"]} for b in blas_libraries()]
     return {"pid": os.getpid(), "blas": libs}

@@ -19,6 +19,10 @@ from several threads can turn this off with ESTPIPE_OPENBLAS_RESTART=0.
 Nothing happens when the timeout was read correctly (estpipe imported first: the CLI, and dask
 workers, which inherit the variable), for OpenBLAS built with OpenMP (its threads are OpenMP's),
 when a symbol is missing, or for other BLAS libraries (MKL, BLIS).
+
+This module is also where estpipe asks about its BLAS: `controller()` (the one threadpoolctl
+controller the kernel limits threads with), `blas_threads()` and `blas_libraries()` (what the
+results file, `estpipe bench` and the workers' reports show).
 """
 
 from __future__ import annotations
@@ -32,6 +36,35 @@ _SYMBOLS = ("openblas_thread_timeout", "openblas_read_env", "blas_thread_shutdow
 # OpenBLAS libraries (by file path) checked in this process, and those whose threads were restarted.
 _checked: set[str] = set()
 restarted: list[str] = []
+_CONTROLLER = None
+
+
+def controller():
+    """This process's threadpoolctl ThreadpoolController, made once: making one scans the loaded
+    libraries (milliseconds), too slow for every evaluation."""
+    global _CONTROLLER
+    if _CONTROLLER is None:
+        from threadpoolctl import ThreadpoolController
+
+        _CONTROLLER = ThreadpoolController()
+    return _CONTROLLER
+
+
+def blas_threads() -> int:
+    """The largest thread count among the BLAS libraries loaded (1 when none is found)."""
+    return max([lib.num_threads for lib in controller().select(user_api="blas").lib_controllers] or [1])
+
+
+BLAS_FIELDS = ("internal_api", "version", "num_threads", "prefix", "architecture")
+
+
+def blas_libraries() -> list[dict]:
+    """The BLAS libraries loaded in this process now, with their thread counts: one dict per
+    library with threadpoolctl's BLAS_FIELDS. A fresh scan, unlike `controller()`, so a library
+    loaded later (scipy's OpenBLAS) and a limit set since (a dask worker's) are seen."""
+    from threadpoolctl import threadpool_info
+
+    return [{k: info.get(k) for k in BLAS_FIELDS} for info in threadpool_info() if info.get("user_api") == "blas"]
 
 
 def restart_stale_openblas(controller) -> list[str]:

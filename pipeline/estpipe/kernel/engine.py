@@ -34,7 +34,8 @@ import numpy as np
 
 from estpipe.data.format import ChoiceData
 from estpipe.dual import Workspace, chunk_ranges, chunk_size
-from estpipe.kernel.blas import restart_stale_openblas
+from estpipe.kernel.blas import blas_threads, restart_stale_openblas
+from estpipe.kernel.blas import controller as _blas_controller
 from estpipe.kernel.derivatives import DERIVATIVES
 from estpipe.kernel.units import UnitSums
 from estpipe.kernel.generic import generic_tile_pullback, generic_tile_sums
@@ -44,21 +45,6 @@ from estpipe.kernel.tiles import DEFAULT_TILE_ROWS, plan_tiles
 from estpipe.models import get_model
 
 STRIPE_FACTOR = 8
-_CONTROLLER = None
-
-
-def _blas_controller():
-    global _CONTROLLER
-    if _CONTROLLER is None:
-        from threadpoolctl import ThreadpoolController
-
-        _CONTROLLER = ThreadpoolController()
-    return _CONTROLLER
-
-
-def blas_threads() -> int:
-    """The largest thread count among the BLAS libraries loaded (1 when none is found)."""
-    return max([lib.num_threads for lib in _blas_controller().select(user_api="blas").lib_controllers] or [1])
 
 
 class PartitionKernel:
