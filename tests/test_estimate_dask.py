@@ -14,6 +14,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -107,6 +108,36 @@ def test_only_sums_leave_the_workers(cluster, data):
     assert 0 < sent <= P * (block + 1024), sent
     assert P * block <= pickled <= P * (block + 2048), pickled
     assert sent < data_bytes / 100 and pickled < data_bytes / 100
+
+
+class _UnpicklableSums:
+    """A partition's kernel that answers as the one it wraps, with sums that hold a lock (which
+    pickle refuses)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, 0
+
+    def sums(self, *args, **kwargs):
+        out = self.kernel.sums(*args, **kwargs)
+        out.lock = threading.Lock()
+        self.calls += 1
+        return out
+
+
+def test_in_process_results_are_never_pickled(data):
+    """In-process, results never leave the process: nothing pickles them to count their bytes
+    (a result holding a lock still comes back), and the telemetry says 0 bytes came back."""
+    params = np.array([0.3, -0.2, 0.5, 0.1])
+    with _evaluator(data, EstimateOptions(), 2) as ev:
+        assert isinstance(ev, InProcessEvaluator) and len(ev.residents) == 2
+        ref = ev.sums(params, covariance=True)
+        for resident in ev.residents:
+            resident.kernel = _UnpicklableSums(resident.kernel)
+        out = ev.sums(params, covariance=True)
+        assert [r.kernel.calls for r in ev.residents] == [1, 1]
+        assert ev.stats.evaluations == 2 and ev.stats.result_bytes == ev.stats.last_result_bytes == 0
+    np.testing.assert_array_equal(out.gG, ref.gG)
+    np.testing.assert_array_equal(out.S, ref.S)
 
 
 class _KillAWorker(Reporter):

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from estpipe.data.format import ChoiceDataFile
-from estpipe.execution import InProcessEvaluator, plan_partitions
+from estpipe.data.problem import read_problem
+from estpipe.execution import InProcessEvaluator, PartitionSource, plan_partitions
 from estpipe.orchestration import EstimateOptions, estimate
 from estpipe.estimation.inference import chi2_sf, z_table
 from estpipe.estimation.optimizers import MomentOracle
@@ -35,9 +35,8 @@ class _Recording(InProcessEvaluator):
 
 
 def _recording(path):
-    with ChoiceDataFile(path) as f:
-        parts = plan_partitions(f.offsets, 2)
-    return _Recording(str(path), parts, "logit", "dual")
+    problem = read_problem(path)
+    return _Recording().load(PartitionSource.of(problem, "logit", "dual"), plan_partitions(problem.offsets, 2))
 
 
 def test_covariance_after_jacobian_adds_only_the_covariance(small):

@@ -3,9 +3,12 @@ dask-jobqueue), all behind one Evaluator interface."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from estpipe.execution.evaluator import Evaluator, EvaluatorStats, InProcessEvaluator
 from estpipe.execution.memory import available_memory, check_fits_machine, cpu_count, plan_memory
 from estpipe.execution.planning import Partition, default_partitions, plan_partitions
+from estpipe.execution.tasks import PartitionSource
 
 
 def make_evaluator(path, options, partitions, *, K, M, has_chosen, has_cluster, fingerprint, log) -> Evaluator:
@@ -33,8 +36,9 @@ def make_evaluator(path, options, partitions, *, K, M, has_chosen, has_cluster, 
                          model=options.model, derivatives=options.derivatives, threads=cpu_count())
     check_fits_machine(memory, available_memory(), "this process",
                        "run on a cluster (--scheduler, --jobqueue) whose workers together have enough memory")
-    return InProcessEvaluator(str(path), partitions, options.model, options.derivatives)
+    source = PartitionSource(str(Path(path).resolve()), fingerprint, options.model, options.derivatives)
+    return InProcessEvaluator().load(source, partitions)
 
 
-__all__ = ["Evaluator", "EvaluatorStats", "InProcessEvaluator", "Partition", "default_partitions", "make_evaluator",
-           "plan_partitions"]
+__all__ = ["Evaluator", "EvaluatorStats", "InProcessEvaluator", "Partition", "PartitionSource", "default_partitions",
+           "make_evaluator", "plan_partitions"]

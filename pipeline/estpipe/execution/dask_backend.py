@@ -16,6 +16,7 @@ import itertools
 import json
 import logging
 import os
+import pickle
 import uuid
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from estpipe.errors import UserError
 from estpipe.execution.evaluator import Evaluator
 from estpipe.execution.memory import available_memory, check_fits_machine, check_fits_workers, plan_memory
 from estpipe.execution.planning import Partition
-from estpipe.execution.tasks import TaskResult, blas_report, load_partition
+from estpipe.execution.tasks import PartitionSource, TaskResult, blas_report, load_partition
 from estpipe.text import count
 
 # Seconds to wait for an existing cluster's workers once the scheduler answered.
@@ -149,8 +150,7 @@ def _worker_available_bytes(dask_worker=None) -> int:
 class DaskEvaluator(Evaluator):
     """Partitions resident on the workers of a dask cluster reached through `client`."""
 
-    def __init__(self, client, path: str, partitions: list[Partition], model: str, derivatives: str,
-                 fingerprint: str, description: str, cluster=None, check_memory=None, direct: bool = False,
+    def __init__(self, client, description: str, cluster=None, direct: bool = False,
                  environ: dict[str, str] | None = None):
         super().__init__()
         self.client = client
@@ -161,29 +161,26 @@ class DaskEvaluator(Evaluator):
         # less per evaluation); only where the client surely reaches the workers (a LocalCluster)
         self.direct = direct
         self.cluster = cluster
-        self.partitions = partitions
+        self.description = description
         self._token = uuid.uuid4().hex[:8]
         self._counter = itertools.count()
-        addresses = worker_addresses(client)
-        self.addresses = addresses
-        self.workers = len(addresses)
-        assignment = [i % len(addresses) for i in range(len(partitions))]
-        if check_memory is not None:
-            check_memory(assignment, addresses)
-        self.description = description
-        path = str(Path(path).resolve())
-        # Round-robin placement keeps the workers' memory even; allow_other_workers lets dask
-        # rebuild a partition on any worker when its own is lost.
-        self.residents = [
-            client.submit(
-                load_partition, path, p.start, p.stop, model, derivatives,
-                key=f"estpipe-partition-{fingerprint}-{p.start}-{p.stop}-{model}-{derivatives}",
-                workers=[addresses[w]], allow_other_workers=True, pure=True,
-            )
-            for p, w in zip(partitions, assignment)
-        ]
+        self.addresses = worker_addresses(client)
+        self.workers = len(self.addresses)
+        self.residents = []
+        self.holders = []
+
+    def load(self, source: PartitionSource, partitions: list[Partition], assignment: list[int]) -> "DaskEvaluator":
+        """One task per partition, pinned to worker assignment[i] (allow_other_workers lets dask
+        rebuild a partition on any worker when its own is lost), whose future the client keeps
+        for the run: the partition stays on that worker."""
         from distributed import wait
 
+        client, addresses = self.client, self.addresses
+        self.residents = [
+            client.submit(load_partition, source, p.start, p.stop, key=source.key(p.start, p.stop),
+                          workers=[addresses[w]], allow_other_workers=True, pure=True)
+            for p, w in zip(partitions, assignment)
+        ]
         # wait, not gather: the partitions must stay on the workers
         with client.as_current():
             wait(self.residents)
@@ -193,7 +190,9 @@ class DaskEvaluator(Evaluator):
             # the client still wants its results makes the scheduler warn it is losing them
             self.residents = []
             raise failed[0]  # the worker's exception, UserError included
+        self.partitions = partitions
         self.holders = [addresses[w] for w in assignment]
+        return self
 
     def _holders(self) -> list[str]:
         """The worker holding each partition: where it was loaded, or, once a worker has left,
@@ -221,6 +220,10 @@ class DaskEvaluator(Evaluator):
         results = self.client.gather(futures, direct=self.direct)
         del futures
         return results
+
+    def _result_bytes(self, results: list[TaskResult]) -> int:
+        """What came back over the network: the results pickled as dask sends them."""
+        return sum(len(pickle.dumps(r, protocol=5)) for r in results)
 
     def blas(self) -> list[dict]:
         """A task pinned to each worker reports its BLAS threads (checked inside a task)."""
@@ -340,10 +343,10 @@ def start_local_cluster(workers: int, path, partitions, K, M, has_chosen, has_cl
         client.register_plugin(_worker_plugin(QuietWorkerLogs), name=QuietWorkerLogs.name)
         where = f"LocalCluster of {workers} worker processes at {cluster.scheduler_address}, {threads} BLAS thread{'s' if threads > 1 else ''} per worker"
         log(f"dask: {where}; dashboard: {cluster.dashboard_link if dashboard else 'off (install bokeh for it)'}")
-        evaluator = DaskEvaluator(client, path, partitions, model, derivatives, fingerprint, where, cluster=cluster,
-                                  direct=True, environ=environ_before)
+        evaluator = DaskEvaluator(client, where, cluster=cluster, direct=True, environ=environ_before)
         evaluator.interrupt_action = stop_workers
-        return evaluator
+        return evaluator.load(PartitionSource(str(Path(path).resolve()), fingerprint, model, derivatives), partitions,
+                              assignment)
     except BaseException:
         try:
             with quiet_distributed_logs():
@@ -399,7 +402,11 @@ def connect_existing(address: str | None, scheduler_file: str | None, timeout: f
         log(f"dask: {where}; dashboard: {client.dashboard_link}")
         check = _memory_checker(partitions, K, M, has_chosen, has_cluster, client, new_processes=False,
                                 model=model, derivatives=derivatives)
-        return DaskEvaluator(client, path, partitions, model, derivatives, fingerprint, where, check_memory=check)
+        evaluator = DaskEvaluator(client, where)
+        assignment = [i % evaluator.workers for i in range(len(partitions))]
+        check(assignment, evaluator.addresses)
+        return evaluator.load(PartitionSource(str(Path(path).resolve()), fingerprint, model, derivatives), partitions,
+                              assignment)
     except BaseException:
         client.close()
         raise
@@ -430,10 +437,12 @@ def start_jobqueue(kind: str, workers: int, timeout: float, path, partitions, K,
         log(f"dask: {where}; dashboard: {client.dashboard_link}")
         check = _memory_checker(partitions, K, M, has_chosen, has_cluster, client, new_processes=False,
                                 model=model, derivatives=derivatives)
-        evaluator = DaskEvaluator(client, path, partitions, model, derivatives, fingerprint, where, cluster=cluster,
-                                  check_memory=check)
+        evaluator = DaskEvaluator(client, where, cluster=cluster)
         evaluator.interrupt_action = getattr(cluster, "_estpipe_cancel_action", None)
-        return evaluator
+        assignment = [i % evaluator.workers for i in range(len(partitions))]
+        check(assignment, evaluator.addresses)
+        return evaluator.load(PartitionSource(str(Path(path).resolve()), fingerprint, model, derivatives), partitions,
+                              assignment)
     except BaseException:
         cluster.close()
         interrupts.unregister(getattr(cluster, "_estpipe_cancel_action", None))

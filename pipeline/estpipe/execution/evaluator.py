@@ -3,6 +3,10 @@
 Above this line there is one code path: `sums(params, ...)` is the MomentSums of the whole data
 (summed over partitions), `pullback(params, v)` is n G' v. How partitions are held and where they
 are evaluated is the back end's business.
+
+An evaluator only maps and reduces. Its partitions are loaded by one explicit step,
+`load(source, partitions, assignment)`, after the workers are there (execution/clusters.py) and
+the memory is checked; closing the evaluator closes its cluster.
 """
 
 from __future__ import annotations
@@ -14,15 +18,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from estpipe.execution.planning import Partition
-from estpipe.execution.tasks import (TaskResult, blas_report, load_partition, partition_absmax, partition_pullback,
-                                     partition_sums, partition_within_covariance)
+from estpipe.execution.tasks import (PartitionSource, TaskResult, blas_report, load_partition, partition_absmax,
+                                     partition_pullback, partition_sums, partition_within_covariance)
 from estpipe.kernel import MomentSums
 
 
 @dataclass
 class EvaluatorStats:
-    """Counters of map/reduces: how many, wall time, kernel time on the critical path (the
-    busiest process: the sum of its partitions' kernel times), and bytes of results that came back."""
+    """The telemetry of the map/reduces: how many, wall time, kernel time on the critical path
+    (the busiest process: the sum of its partitions' kernel times), and bytes of results that
+    came back over the network (pickled; 0 in-process, where nothing is sent), in all and in the
+    last one."""
 
     evaluations: int = 0
     wall_seconds: float = 0.0
@@ -59,10 +65,21 @@ class Evaluator(ABC):
 
     def __init__(self):
         self.stats = EvaluatorStats()
+        self.partitions = []
+
+    @abstractmethod
+    def load(self, source: PartitionSource, partitions: list[Partition], assignment: list[int]) -> "Evaluator":
+        """Load every partition once, partition i on worker assignment[i], where it stays for the
+        run; returns self. A partition that cannot be loaded raises its error (a UserError for bad
+        values) and nothing stays loaded."""
 
     @abstractmethod
     def _map(self, fn, *args) -> list[TaskResult]:
         """Run fn(resident, *args) on every partition where it lives; results in partition order."""
+
+    def _result_bytes(self, results: list[TaskResult]) -> int:
+        """Bytes the results took to come back: none travel by default (in-process)."""
+        return 0
 
     def sums(self, params, jacobian: bool = True, covariance: bool = False, clustered: bool = True,
              seed_scale=None, moment_scale=None, fd_steps=None) -> MomentSums:
@@ -75,7 +92,7 @@ class Evaluator(ABC):
         total = results[0].value
         for r in results[1:]:
             total = total + r.value
-        self.stats.record(time.perf_counter() - t0, results, sum(_result_bytes(r) for r in results))
+        self.stats.record(time.perf_counter() - t0, results, self._result_bytes(results))
         return total
 
     def pullback(self, params, v, seed_scale=None, fd_steps=None) -> np.ndarray:
@@ -85,7 +102,7 @@ class Evaluator(ABC):
         t0 = time.perf_counter()
         results = self._map(partition_pullback, params, v, seed_scale, fd_steps)
         total = np.sum([r.value for r in results], axis=0)
-        self.stats.record(time.perf_counter() - t0, results, sum(_result_bytes(r) for r in results))
+        self.stats.record(time.perf_counter() - t0, results, self._result_bytes(results))
         return total
 
     def column_absmax(self) -> tuple[np.ndarray, np.ndarray]:
@@ -114,27 +131,26 @@ class Evaluator(ABC):
         self.close()
 
 
-def _result_bytes(r: TaskResult) -> int:
-    import pickle
-
-    return len(pickle.dumps(r, protocol=5))
-
-
 class InProcessEvaluator(Evaluator):
-    """The embedded back end (`--workers 1`): partitions held in this process, BLAS on every core."""
+    """The embedded back end (`workers` 1): partitions held in this process, BLAS on every core.
+    Results are never pickled: they do not leave the process."""
 
-    def __init__(self, path: str, partitions: list[Partition], model: str, derivatives: str):
+    def __init__(self):
         super().__init__()
-        self.partitions = partitions
         self.workers = 1
         self.description = "in-process"
-        self._residents = [load_partition(path, p.start, p.stop, model, derivatives) for p in partitions]
+        self.residents = []
+
+    def load(self, source: PartitionSource, partitions: list[Partition], assignment: list[int] | None = None):
+        self.residents = [load_partition(source, p.start, p.stop) for p in partitions]
+        self.partitions = partitions
+        return self
 
     def _map(self, fn, *args) -> list[TaskResult]:
-        return [fn(r, *args) for r in self._residents]
+        return [fn(r, *args) for r in self.residents]
 
     def blas(self) -> list[dict]:
         return [blas_report()]
 
     def close(self) -> None:
-        self._residents = []
+        self.residents = []

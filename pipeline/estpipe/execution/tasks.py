@@ -106,14 +106,38 @@ def check_values(path, dataset: str, values: np.ndarray, columns: list[str], row
                     f"column {columns[j]} (e.g. to thousands) and write the file again")
 
 
-def load_partition(path: str, start: int, stop: int, model: str, derivatives: str) -> ResidentPartition:
-    """Read sets start:stop of the file at `path` (once), check their values and build their kernel."""
+@dataclass(frozen=True)
+class PartitionSource:
+    """What every resident partition of a run is built from: the file (its absolute path and
+    fingerprint) and everything that changes a kernel (model, derivatives). Whatever is added
+    to a kernel's recipe is added here, so that `key` names it too."""
+
+    path: str
+    fingerprint: str
+    model: str
+    derivatives: str
+
+    @classmethod
+    def of(cls, problem, model: str, derivatives: str) -> "PartitionSource":
+        """The source of a ChoiceProblem's partitions (estpipe.data.problem)."""
+        return cls(str(problem.path), problem.fingerprint, model, derivatives)
+
+    def key(self, start: int, stop: int) -> str:
+        """The dask key of sets start:stop loaded from this source. Equal keys are the same
+        partition (a task of that key already on the cluster is reused), so the key holds every
+        field."""
+        return f"estpipe-partition-{self.fingerprint}-{start}-{stop}-{self.model}-{self.derivatives}"
+
+
+def load_partition(source: PartitionSource, start: int, stop: int) -> ResidentPartition:
+    """Read sets start:stop of the source's file (once), check their values and build their kernel."""
+    path = source.path
     with ChoiceDataFile(path) as f:
         data = f.read_sets(start, stop, empty=populated_empty)
         row0, x_names, moment_names = int(f.offsets[start]), f.param_names, f.moment_names
     check_values(path, "X", data.X, x_names, row0, data.offsets, start)
     check_values(path, "dm", data.dm, moment_names, row0, data.offsets, start)
-    kernel = PartitionKernel(data, model=model, derivatives=derivatives)
+    kernel = PartitionKernel(data, model=source.model, derivatives=source.derivatives)
     return ResidentPartition(path=str(Path(path)), start=start, stop=stop, kernel=kernel, nbytes=int(data.nbytes))
 
 
