@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from estpipe.data.format import ChoiceDataFile
-from estpipe.execution import InProcessEvaluator, make_evaluator, plan_partitions
+from estpipe.data.problem import read_problem
+from estpipe.execution import InProcessEvaluator, plan_partitions, start_backend
 from estpipe.orchestration import EstimateOptions, Reporter, estimate
 from estpipe.data.simulate import simulate_choice_data
 
@@ -63,10 +64,9 @@ def data(tmp_path_factory):
 
 
 def _evaluator(path, options, n_partitions):
-    with ChoiceDataFile(path) as f:
-        parts = plan_partitions(f.offsets, n_partitions, f.read_cluster())
-        return make_evaluator(path, options, parts, K=f.K, M=f.M, has_chosen=f.has_chosen, has_cluster=f.has_cluster,
-                              fingerprint=f.fingerprint(), log=lambda m: None)
+    problem = read_problem(path)
+    return start_backend(problem, options, lambda n_workers: plan_partitions(problem.offsets, n_partitions, problem.cluster),
+                         log=lambda m: None)
 
 
 @pytest.mark.parametrize("n_partitions", [pytest.param(p, id=f"{p}-partitions") for p in (1, 3, 7)])

@@ -8,6 +8,7 @@ its state: a job can report COMPLETED without having run.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -209,24 +210,24 @@ def worker_logs(tmp_path):
 
 
 def test_jobqueue_worker_above_node_memory_is_reported_at_once(slurm, worker_logs):
-    from estpipe.execution.jobqueue import start_jobqueue_cluster
+    from estpipe.execution.jobqueue import JobQueue
 
     t0 = time.perf_counter()
     with pytest.raises(UserError, match=r"Slurm refused the dask worker job: .*(Memory|node configuration)"):
-        start_jobqueue_cluster("slurm", 1, memory="100TB", queue="debug", log_dir=worker_logs, wait_timeout=60,
-                               interface="lo", scheduler_host="127.0.0.1")
+        JobQueue("slurm", 1, 60, memory="100TB", queue="debug", log_dir=worker_logs, interface="lo",
+                 scheduler_host="127.0.0.1").start()
     assert time.perf_counter() - t0 < 20
 
 
 def test_jobqueue_worker_that_cannot_start_in_time_is_reported_with_its_reason(slurm, worker_logs):
-    from estpipe.execution.jobqueue import start_jobqueue_cluster
+    from estpipe.execution.jobqueue import JobQueue
 
     cpus = int(re.search(r"CPUTot=(\d+)", subprocess.run(["scontrol", "show", "node", "localhost"], capture_output=True, text=True).stdout).group(1))
     t0 = time.perf_counter()
     # Two jobs of every CPU each: the second waits for resources that free only when the first ends.
     with pytest.raises(UserError, match=r"only [01] of 2 dask worker jobs connected within 10 s: .*PENDING \((Resources|Priority)\)"):
-        start_jobqueue_cluster("slurm", 2, cores=cpus, memory="500MB", queue="debug", log_dir=worker_logs,
-                               wait_timeout=10, interface="lo", scheduler_host="127.0.0.1")
+        JobQueue("slurm", 2, 10, cores=cpus, memory="500MB", queue="debug", log_dir=worker_logs, interface="lo",
+                 scheduler_host="127.0.0.1").start()
     assert time.perf_counter() - t0 < 40
     # Nothing is left behind in the queue.
     deadline = time.monotonic() + 20
@@ -255,3 +256,29 @@ def test_estimate_with_jobqueue_slurm_equals_in_process(slurm, tmp_path, monkeyp
     assert remote.workers == 2 and "slurm" in remote.backend
     np.testing.assert_allclose(remote.params, local.params, rtol=1e-8)
     assert shutil.which("squeue")
+
+
+def test_estimate_jobqueue_waits_connect_timeout_and_says_why(slurm, tmp_path):
+    """`estimate --jobqueue slurm --workers 2 --connect-timeout 8` with worker jobs of every CPU
+    each: the second cannot start while the first runs. The wait ends after --connect-timeout
+    (formerly a fixed 120 s) with one line and Slurm's reason, and nothing stays queued."""
+    from estpipe.data.simulate import simulate_choice_data
+
+    data = tmp_path / "data.h5"
+    simulate_choice_data(data, sets=200, alternatives=(3, 3), params=2, moments=3, seed=3)
+    cpus = re.search(r"CPUTot=(\d+)", subprocess.run(["scontrol", "show", "node", "localhost"], capture_output=True, text=True).stdout).group(1)
+    env = dict(os.environ, DASK_JOBQUEUE__SLURM__INTERFACE="lo", DASK_JOBQUEUE__SLURM__CORES=cpus,
+               DASK_JOBQUEUE__SLURM__MEMORY="500MB", DASK_JOBQUEUE__SLURM__QUEUE="debug")
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "estpipe", "estimate", str(data), "--jobqueue", "slurm", "--workers", "2",
+                           "--connect-timeout", "8"], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    seconds = time.perf_counter() - t0
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("estpipe: error:")]
+    assert len(errors) == 1 and re.match(r"estpipe: error: only [01] of 2 dask worker jobs connected within 8 s: "
+                                         r".*PENDING \((Resources|Priority)\)", errors[0]), done.stderr
+    assert seconds < 40, seconds
+    deadline = time.monotonic() + 20
+    while subprocess.run(["squeue", "-h", "-n", "dask-worker"], capture_output=True, text=True).stdout.strip():
+        assert time.monotonic() < deadline, "worker jobs left in the queue"
+        time.sleep(0.25)

@@ -3,42 +3,47 @@ dask-jobqueue), all behind one Evaluator interface."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from estpipe.execution.clusters import BACKENDS, Cluster, backend_name, cluster_for, wait_for_workers
 from estpipe.execution.evaluator import Evaluator, EvaluatorStats, InProcessEvaluator
-from estpipe.execution.memory import available_memory, check_fits_machine, cpu_count, plan_memory
+from estpipe.execution.memory import check_memory
 from estpipe.execution.planning import Partition, default_partitions, plan_partitions
 from estpipe.execution.tasks import PartitionSource
 
 
-def make_evaluator(path, options, partitions, *, K, M, has_chosen, has_cluster, fingerprint, log) -> Evaluator:
-    """The back end the options choose (DESIGN.md, "Data flow"), with every partition loaded:
-    --scheduler / --scheduler-file: an existing cluster; --jobqueue KIND --workers N: batch-job
-    workers; --workers N > 1: a LocalCluster; otherwise in-process. Memory is checked first.
+def start_backend(problem, options, plan, log) -> Evaluator:
+    """The back end the options choose (DESIGN.md, "Data flow"), started, with every partition
+    loaded: `scheduler` / `scheduler_file`: an existing cluster; `jobqueue` KIND with `workers`
+    N: batch-job workers; `workers` N > 1: a LocalCluster; otherwise in-process.
 
-    partitions: the list, or plan(n_workers) -> the list, called once the number of workers is
-    known (for an existing cluster, only once connected: one partition per worker present)."""
-    from estpipe.execution import dask_backend as db
+    problem: the ChoiceProblem; options: reads workers, scheduler, scheduler_file, jobqueue,
+    connect_timeout, model and derivatives; plan(n_workers) -> the partitions, called once the
+    number of workers is known (for an existing cluster, once connected: one partition per worker
+    present); log(message) for progress. Memory is checked before anything loads, and for
+    processes of this machine before any starts. Partition i goes to worker i mod n."""
+    cluster = cluster_for(options)
+    source = PartitionSource.of(problem, options.model, options.derivatives)
 
-    plan = partitions if callable(partitions) else (lambda n_workers: partitions)
-    common = dict(path=path, K=K, M=M, has_chosen=has_chosen, has_cluster=has_cluster,
-                  model=options.model, derivatives=options.derivatives, fingerprint=fingerprint, log=log)
-    if options.scheduler or options.scheduler_file:
-        return db.connect_existing(options.scheduler, options.scheduler_file, options.connect_timeout, plan=plan,
-                                   **common)
-    if options.jobqueue:
-        return db.start_jobqueue(options.jobqueue, options.workers, options.connect_timeout,
-                                 partitions=plan(options.workers), **common)
-    if options.workers > 1:
-        return db.start_local_cluster(options.workers, partitions=plan(options.workers), **common)
-    partitions = plan(1)
-    memory = plan_memory(partitions, [0] * len(partitions), 1, K, M, has_chosen, has_cluster, new_processes=False,
-                         model=options.model, derivatives=options.derivatives, threads=cpu_count())
-    check_fits_machine(memory, available_memory(), "this process",
-                       "run on a cluster (--scheduler, --jobqueue) whose workers together have enough memory")
-    source = PartitionSource(str(Path(path).resolve()), fingerprint, options.model, options.derivatives)
-    return InProcessEvaluator().load(source, partitions)
+    def placed(n_workers: int):
+        partitions = plan(n_workers)
+        assignment = [i % n_workers for i in range(len(partitions))]
+        check_memory(problem, partitions, assignment, cluster.available_memory(), model=source.model,
+                     derivatives=source.derivatives, threads=cluster.threads, new_processes=cluster.new_processes)
+        return partitions, assignment
+
+    if cluster.planned_workers is not None:
+        partitions, assignment = placed(cluster.planned_workers)
+    cluster.start()
+    try:
+        dashboard = cluster.dashboard()
+        if dashboard is not None:
+            log(f"dask: {cluster.description}; dashboard: {dashboard}")
+        if cluster.planned_workers is None:
+            partitions, assignment = placed(len(cluster.workers()))
+        return cluster.evaluator().load(source, partitions, assignment)
+    except BaseException:
+        cluster.close()
+        raise
 
 
-__all__ = ["Evaluator", "EvaluatorStats", "InProcessEvaluator", "Partition", "PartitionSource", "default_partitions",
-           "make_evaluator", "plan_partitions"]
+__all__ = ["BACKENDS", "Cluster", "Evaluator", "EvaluatorStats", "InProcessEvaluator", "Partition", "PartitionSource",
+           "backend_name", "cluster_for", "default_partitions", "plan_partitions", "start_backend", "wait_for_workers"]

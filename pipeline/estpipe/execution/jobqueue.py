@@ -1,9 +1,11 @@
-"""dask workers as batch jobs (dask-jobqueue), for `estpipe estimate --jobqueue slurm|pbs --workers N`.
+"""dask workers as batch jobs (dask-jobqueue), for `estpipe estimate --jobqueue slurm|pbs --workers N`
+and `estpipe run` of a slurm or pbs job spec.
 
-`start_jobqueue_cluster` returns a dask-jobqueue cluster whose N workers are connected, or raises a
-`UserError` with the batch system's reason within a bounded wait. dask-jobqueue alone does not do
-that: when sbatch refuses a worker job (say, memory above the node's) it only logs the error in the
-background, `scale()` returns, and waiting for workers hangs until its timeout. So:
+`JobQueue` is the execution.clusters Cluster whose N workers are batch jobs: started, it has
+them connected, or it raises a `UserError` with the batch system's reason within a bounded wait.
+dask-jobqueue alone does not do that: when sbatch refuses a worker job (say, memory above the
+node's) it only logs the error in the background, `scale()` returns, and waiting for workers hangs
+until its timeout. So:
 
 1. Slurm: the worker job script is checked first with `sbatch --test-only` (nothing is submitted),
    which gives sbatch's own reason at once.
@@ -21,14 +23,16 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import weakref
 from pathlib import Path
 from typing import Literal
 
 from estpipe import interrupts
-from estpipe.errors import UserError
+from estpipe.errors import UserError, term
+from estpipe.execution.clusters import _DaskCluster, wait_for_workers
+from estpipe.execution.dask_backend import quiet_distributed_logs
 from estpipe.outputs import check_writable_folder
+from estpipe.text import count
 
 KINDS = ("slurm", "pbs")
 DEFAULT_WAIT = 120.0
@@ -113,8 +117,8 @@ def _mark_failed(cluster) -> None:
             job.status = Status.failed
 
 
-def close_jobqueue_cluster(cluster) -> None:
-    """Close a cluster from `start_jobqueue_cluster`, cancelling its worker jobs."""
+def _close(cluster) -> None:
+    """Close a dask-jobqueue cluster, cancelling its worker jobs."""
     _mark_failed(cluster)
     try:
         cluster.close()
@@ -143,22 +147,8 @@ def _job_canceller(cluster):
     return action
 
 
-def start_jobqueue_cluster(
-    kind: Literal["slurm", "pbs"],
-    workers: int,
-    *,
-    cores: int | None = None,
-    memory: str | None = None,
-    walltime: str | None = None,
-    queue: str | None = None,
-    account: str | None = None,
-    env_lines: tuple[str, ...] | list[str] = (),
-    log_dir: str | Path | None = None,
-    wait_timeout: float = DEFAULT_WAIT,
-    interface: str | None = None,
-    scheduler_host: str | None = None,
-):
-    """Start `workers` dask workers as batch jobs (one job each) and wait until they are connected.
+class JobQueue(_DaskCluster):
+    """`workers` dask workers as batch jobs (one job each), connected within `timeout` seconds.
 
     kind: "slurm" (SLURMCluster, `queue` is the partition) or "pbs" (PBSCluster).
     cores, memory: per worker; walltime: per worker job; env_lines: shell lines run in each job
@@ -170,80 +160,108 @@ def start_jobqueue_cluster(
     use interface="lo" and scheduler_host="127.0.0.1".
     Workers run the interpreter of this process (sys.executable).
 
-    Returns the dask-jobqueue cluster (use `Client(cluster)`; close with `close_jobqueue_cluster`).
-    Raises UserError with the batch system's reason when a worker job cannot be submitted or the
-    workers have not all connected within `wait_timeout` seconds.
-    """
-    if kind not in KINDS:
-        raise UserError(f"--jobqueue {kind!r} is not supported; use one of {', '.join(KINDS)}")
-    if workers < 1:
-        raise UserError(f"--workers {workers}: --jobqueue needs at least 1 worker")
-    submit = "sbatch" if kind == "slurm" else "qsub"
-    if shutil.which(submit) is None:
-        raise UserError(f"--jobqueue {kind}: {submit} is not on PATH; run on a login node of a {kind} cluster")
-    from dask_jobqueue import PBSCluster, SLURMCluster
+    start() raises UserError with the batch system's reason when a worker job cannot be submitted
+    or the workers have not all connected within `timeout` seconds (nothing is left queued)."""
 
-    log_dir = Path(log_dir or "dask-worker-logs").resolve()
-    check_writable_folder(log_dir, "the dask worker logs")
-    out_name = "%j" if kind == "slurm" else "$PBS_JOBID"
-    directives = (
-        [f"-o {log_dir}/{out_name}.out", f"-e {log_dir}/{out_name}.err"]
-        if kind == "slurm"
-        else [f"-o {log_dir}", f"-e {log_dir}"]
-    )
-    import dask.config
+    def __init__(self, kind: Literal["slurm", "pbs"], workers: int, timeout: float = DEFAULT_WAIT, *,
+                 cores: int | None = None, memory: str | None = None, walltime: str | None = None,
+                 queue: str | None = None, account: str | None = None,
+                 env_lines: tuple[str, ...] | list[str] = (), log_dir: str | Path | None = None,
+                 interface: str | None = None, scheduler_host: str | None = None):
+        self.name = self.kind = kind
+        self.n_workers, self.timeout = workers, timeout
+        self.options = dict(cores=cores, memory=memory, walltime=walltime, queue=queue, account=account)
+        self.env_lines, self.interface, self.scheduler_host = list(env_lines), interface, scheduler_host
+        self.log_dir = Path(log_dir or "dask-worker-logs").resolve()
+        self.cluster = None
 
-    def configured(name, given, default):
-        if given is not None:
-            return given
-        value = dask.config.get(f"jobqueue.{kind}.{name}", None)
-        return default if value is None else value
+    @property
+    def scheduler_address(self) -> str:
+        return self.cluster.scheduler_address
 
-    scheduler_options = {"dashboard_address": ":0", **(dask.config.get(f"jobqueue.{kind}.scheduler-options", None) or {})}
-    if scheduler_host:
-        scheduler_options["host"] = scheduler_host
-    cls = SLURMCluster if kind == "slurm" else PBSCluster
-    options = dict(
-        cores=configured("cores", cores, 1), processes=1, memory=configured("memory", memory, "2GB"),
-        walltime=configured("walltime", walltime, "01:00:00"), python=shlex.quote(sys.executable),
-        job_script_prologue=list(env_lines), job_extra_directives=directives,
-        scheduler_options=scheduler_options,
-    )
-    for name, value in (("queue", queue), ("account", account), ("interface", interface)):
-        if value is not None:
-            options[name] = value
-    errors = _SubmitErrors()
-    watched = [logging.getLogger(name) for name in ("tornado.application", "asyncio", "distributed", "dask_jobqueue")]
-    for logger in watched:
-        logger.addHandler(errors)
-    cluster = cls(**options)
-    cluster._estpipe_cancel_action = interrupts.register(_job_canceller(cluster), f"{kind} dask worker jobs")
-    try:
-        if kind == "slurm":
-            _preflight_slurm(cluster.job_script())
-        cluster.scale(jobs=workers)
-        _wait_for_workers(cluster, kind, workers, errors, wait_timeout, log_dir)
-    except BaseException:
-        close_jobqueue_cluster(cluster)
-        raise
-    finally:
+    def _dask_cluster(self):
+        """The dask-jobqueue cluster, its worker job's script ready, no job submitted yet."""
+        kind = self.kind
+        if kind not in KINDS:
+            raise UserError(f"{term('jobqueue')} {kind!r} is not supported; use one of {', '.join(KINDS)}")
+        if self.n_workers < 1:
+            raise UserError(f"{term('workers')} {self.n_workers}: {term('jobqueue')} needs at least 1 worker")
+        submit = "sbatch" if kind == "slurm" else "qsub"
+        if shutil.which(submit) is None:
+            raise UserError(f"{term('jobqueue')} {kind}: {submit} is not on PATH; run on a login node of a {kind} cluster")
+        import dask.config
+        from dask_jobqueue import PBSCluster, SLURMCluster
+
+        log_dir = self.log_dir
+        check_writable_folder(log_dir, "the dask worker logs")
+        out_name = "%j" if kind == "slurm" else "$PBS_JOBID"
+        directives = (
+            [f"-o {log_dir}/{out_name}.out", f"-e {log_dir}/{out_name}.err"]
+            if kind == "slurm"
+            else [f"-o {log_dir}", f"-e {log_dir}"]
+        )
+
+        def configured(name, default):
+            given = self.options[name]
+            if given is not None:
+                return given
+            value = dask.config.get(f"jobqueue.{kind}.{name}", None)
+            return default if value is None else value
+
+        scheduler_options = {"dashboard_address": ":0", **(dask.config.get(f"jobqueue.{kind}.scheduler-options", None) or {})}
+        if self.scheduler_host:
+            scheduler_options["host"] = self.scheduler_host
+        cls = SLURMCluster if kind == "slurm" else PBSCluster
+        options = dict(
+            cores=configured("cores", 1), processes=1, memory=configured("memory", "2GB"),
+            walltime=configured("walltime", "01:00:00"), python=shlex.quote(sys.executable),
+            job_script_prologue=self.env_lines, job_extra_directives=directives,
+            scheduler_options=scheduler_options,
+        )
+        for name, value in (("queue", self.options["queue"]), ("account", self.options["account"]),
+                            ("interface", self.interface)):
+            if value is not None:
+                options[name] = value
+        return cls(**options)
+
+    def start(self) -> None:
+        from distributed import Client
+
+        kind, workers, timeout = self.kind, self.n_workers, self.timeout
+        errors = _SubmitErrors()
+        watched = [logging.getLogger(name) for name in ("tornado.application", "asyncio", "distributed", "dask_jobqueue")]
         for logger in watched:
-            logger.removeHandler(errors)
-    return cluster
+            logger.addHandler(errors)
+        try:
+            self.cluster = cluster = self._dask_cluster()
+            cluster._estpipe_cancel_action = interrupts.register(_job_canceller(cluster), f"{kind} dask worker jobs")
+            if kind == "slurm":
+                _preflight_slurm(cluster.job_script())
+            cluster.scale(jobs=workers)
+            self.client = Client(cluster, set_as_default=False)
 
+            def job_ids() -> list[str]:
+                return [job.job_id for job in cluster.workers.values() if getattr(job, "job_id", None)]
 
-def _wait_for_workers(cluster, kind: str, workers: int, errors: _SubmitErrors, timeout: float, log_dir: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if errors.messages:
-            raise UserError(f"{kind} refused a dask worker job: {_stderr_of(errors.messages[0])}")
-        seen = len(cluster.scheduler_info.get("workers", {}))
-        if seen >= workers:
-            return
-        if time.monotonic() > deadline:
-            job_ids = [job.job_id for job in cluster.workers.values() if getattr(job, "job_id", None)]
-            raise UserError(
-                f"only {seen} of {workers} dask worker jobs connected within {timeout:.0f} s: "
-                f"{_job_reasons(kind, job_ids, log_dir)}"
-            )
-        time.sleep(0.2)
+            wait_for_workers(
+                self.client, workers, timeout,
+                lambda seen: f"only {seen} of {workers} dask worker jobs connected within {timeout:.0f} s",
+                reason=lambda: _job_reasons(kind, job_ids(), self.log_dir),
+                refused=lambda: f"{kind} refused a dask worker job: {_stderr_of(errors.messages[0])}" if errors.messages else None)
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            for logger in watched:
+                logger.removeHandler(errors)
+        self.description = f"{kind} jobqueue cluster at {cluster.scheduler_address}, {count(workers, 'worker')}"
+
+    def close(self) -> None:
+        client, cluster, self.client, self.cluster = self.client, self.cluster, None, None
+        with quiet_distributed_logs():
+            try:
+                if client is not None:
+                    client.close()
+            finally:
+                if cluster is not None:
+                    _close(cluster)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import psutil
@@ -123,10 +123,12 @@ def available_memory() -> int:
 
 @dataclass
 class MemoryPlan:
-    """Bytes needed per worker (worker i holds the partitions assigned to it) and in total."""
+    """Bytes needed per worker (worker i holds the partitions assigned to it) and in total, and
+    the bytes of data (the partitions' arrays) among them, per worker and in total."""
 
     per_worker: list[int]
     data_bytes: int
+    data_per_worker: list[int] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -140,32 +142,43 @@ def plan_memory(partitions: list[Partition], assignment: list[int], n_workers: i
     buffers for min(its rows, the tile rows) with `threads` threads (the kernel's), plus the
     process itself when we are about to start it."""
     per_worker = [PROCESS_BYTES if new_processes else 0 for _ in range(n_workers)]
-    data = 0
+    data = [0] * n_workers
     for p, w in zip(partitions, assignment):
         b = partition_bytes(p, K, M, has_chosen, has_cluster)
-        data += b
+        data[w] += b
         per_worker[w] += (b + kernel_index_bytes(p, model, derivatives)
                           + kernel_buffer_bytes(p.n_rows, K, M, model, derivatives, threads))
-    return MemoryPlan(per_worker=per_worker, data_bytes=data)
+    return MemoryPlan(per_worker=per_worker, data_bytes=sum(data), data_per_worker=data)
 
 
-def check_fits_machine(plan: MemoryPlan, available: int, where: str, advice: str) -> None:
-    """Refuse (UserError) when all workers on this machine together need more than it has."""
-    if plan.total > available:
-        raise UserError(
-            f"the data will not fit in memory: {where} needs about {gib(plan.total)} "
-            f"({gib(plan.data_bytes)} of data plus buffers), but only {gib(available)} is available; {advice}"
-        )
+@dataclass(frozen=True)
+class MemoryPool:
+    """Memory that some workers draw on: `available` bytes for the workers numbered `workers`
+    (one pool per worker of a cluster; one for all the processes of this machine). `name` says
+    who needs it in a message ("this process", "worker tcp://..."), `advice` how to get more."""
+
+    name: str
+    available: int
+    workers: tuple[int, ...]
+    advice: str
 
 
-def check_fits_workers(plan: MemoryPlan, available: list[int], addresses: list[str]) -> None:
-    """Refuse when any worker of an existing cluster would hold more than it can.
-
-    available[i]: bytes worker i can still take (its memory limit less what it uses now)."""
-    for need, have, addr in zip(plan.per_worker, available, addresses):
-        if need > have:
+def check_memory(problem, partitions: list[Partition], assignment: list[int], pools: list[MemoryPool], *,
+                 model: str, derivatives: str, threads: int, new_processes: bool) -> MemoryPlan:
+    """The memory check, before any partition is loaded: refuse (UserError) when the workers of
+    a pool would need more than it has. problem: the ChoiceProblem (sizes, chosen, cluster);
+    assignment[i]: the worker of partition i; threads: the kernel threads of each worker;
+    new_processes: the workers are processes this run is about to start (each charged
+    PROCESS_BYTES)."""
+    n_workers = max((w for pool in pools for w in pool.workers), default=-1) + 1
+    plan = plan_memory(partitions, assignment, n_workers, problem.K, problem.M, problem.has_chosen, problem.has_cluster,
+                       new_processes, model=model, derivatives=derivatives, threads=threads)
+    for pool in pools:
+        need = sum(plan.per_worker[w] for w in pool.workers)
+        if need > pool.available:
+            data = sum(plan.data_per_worker[w] for w in pool.workers)
             raise UserError(
-                f"the data will not fit in memory: worker {addr} would need about {gib(need)} for its "
-                f"partitions ({gib(plan.data_bytes)} of data in all), but has only {gib(have)} available; "
-                "add workers or machines (or give each worker more memory)"
+                f"the data will not fit in memory: {pool.name} needs about {gib(need)} ({gib(data)} of data plus "
+                f"buffers), but only {gib(pool.available)} is available; {pool.advice}"
             )
+    return plan

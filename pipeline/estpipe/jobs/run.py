@@ -80,18 +80,19 @@ def _cluster_for(spec: JobSpec):
     if backend.kind not in ("slurm", "pbs"):
         yield None
         return
-    from estpipe.execution.jobqueue import close_jobqueue_cluster, start_jobqueue_cluster
+    from estpipe.execution.jobqueue import JobQueue
 
-    cluster = start_jobqueue_cluster(
-        backend.kind, backend.workers, cores=backend.cores, memory=backend.memory, walltime=backend.walltime,
-        queue=backend.partition or backend.queue, account=backend.account, env_lines=backend.setup,
-        log_dir=spec.output.logs, wait_timeout=backend.worker_timeout, interface=backend.interface,
+    cluster = JobQueue(
+        backend.kind, backend.workers, backend.worker_timeout, cores=backend.cores, memory=backend.memory,
+        walltime=backend.walltime, queue=backend.partition or backend.queue, account=backend.account,
+        env_lines=backend.setup, log_dir=spec.output.logs, interface=backend.interface,
     )
+    cluster.start()
     try:
         _log(f"{backend.kind}: {backend.workers} dask-jobqueue workers at {cluster.scheduler_address}")
         yield cluster.scheduler_address
     finally:
-        close_jobqueue_cluster(cluster)
+        cluster.close()
 
 
 def check_outputs(spec: JobSpec) -> None:

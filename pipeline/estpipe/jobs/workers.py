@@ -15,9 +15,12 @@ from pathlib import Path
 from estpipe.errors import UserError
 
 
-def wait_for_workers(scheduler_file: str | Path, count: int, timeout: float) -> int:
-    """Wait until the scheduler in `scheduler_file` has `count` workers; return the number seen."""
+def wait_for_job_workers(scheduler_file: str | Path, count: int, timeout: float) -> int:
+    """Wait until the scheduler in `scheduler_file` has `count` workers, all within `timeout`
+    seconds (execution.clusters.wait_for_workers' rule); return the number seen."""
     from distributed import Client
+
+    from estpipe.execution.clusters import wait_for_workers
 
     scheduler_file = Path(scheduler_file)
     deadline = time.monotonic() + timeout
@@ -26,16 +29,11 @@ def wait_for_workers(scheduler_file: str | Path, count: int, timeout: float) -> 
             raise UserError(f"no dask scheduler wrote {scheduler_file} within {timeout:.0f} s; see the job log")
         time.sleep(0.2)
     left = max(1.0, deadline - time.monotonic())
-    with Client(scheduler_file=str(scheduler_file), timeout=left) as client:
-        try:
-            client.wait_for_workers(count, timeout=max(1.0, deadline - time.monotonic()))
-        except TimeoutError:
-            seen = len(client.scheduler_info()["workers"])
-            raise UserError(
-                f"only {seen} of {count} dask workers joined {scheduler_file} within {timeout:.0f} s; "
-                "see the job log for why the others did not start"
-            ) from None
-        return len(client.scheduler_info()["workers"])
+    with Client(scheduler_file=str(scheduler_file), timeout=left, set_as_default=False) as client:
+        return len(wait_for_workers(
+            client, count, max(1.0, deadline - time.monotonic()),
+            lambda seen: f"only {seen} of {count} dask workers joined {scheduler_file} within {timeout:.0f} s; "
+                         "see the job log for why the others did not start"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=300.0)
     args = parser.parse_args(argv)
     try:
-        seen = wait_for_workers(args.scheduler_file, args.count, args.timeout)
+        seen = wait_for_job_workers(args.scheduler_file, args.count, args.timeout)
     except UserError as exc:
         print(f"estpipe: error: {exc}", file=sys.stderr)
         sys.exit(2)

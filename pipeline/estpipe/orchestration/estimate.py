@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from estpipe.data.format import ChoiceDataFile
+from estpipe.data.problem import read_problem
 from estpipe.errors import EXIT_NOT_CONVERGED, EXIT_OK, EXIT_USER, UserError
-from estpipe.execution import make_evaluator
+from estpipe.execution import start_backend
 from estpipe.execution.planning import default_partitions, plan_partitions
 from estpipe.orchestration.checkpoint import Checkpoint, load_checkpoint
 from estpipe.estimation.inference import check_identification, covariance_of_estimates, default_explanation, j_test
@@ -148,12 +148,12 @@ def estimate(path: str | os.PathLike, options: EstimateOptions | None = None, *,
     _check_output_paths(options)
     t_start = time.perf_counter()
     path = Path(path)
-    with ChoiceDataFile(path) as f:
-        n_sets, n_rows, K, M = f.n_sets, f.n_rows, f.K, f.M
-        x_names, moment_names = f.param_names, f.moment_names
-        has_chosen, has_cluster, truth = f.has_chosen, f.has_cluster, f.truth
-        offsets, cluster = f.offsets, f.read_cluster()
-        fingerprint = f.fingerprint()
+    problem = read_problem(path)
+    n_sets, n_rows, K, M = problem.n_sets, problem.n_rows, problem.K, problem.M
+    x_names, moment_names = problem.x_names, problem.moment_names
+    has_chosen, has_cluster, truth = problem.has_chosen, problem.has_cluster, problem.truth
+    offsets, cluster = problem.offsets, problem.cluster
+    fingerprint = problem.fingerprint
     model = resolve_model(options.model)
     P = model.n_params(K)
     names = model.param_names(x_names)
@@ -181,8 +181,7 @@ def estimate(path: str | os.PathLike, options: EstimateOptions | None = None, *,
         # the back end calls this once it knows its workers (an existing cluster's, once connected)
         return plan_partitions(offsets, options.partitions or default_partitions(n_workers), cluster if has_cluster else None)
 
-    evaluator = make_evaluator(path, options, plan, K=K, M=M, has_chosen=has_chosen, has_cluster=has_cluster,
-                               fingerprint=fingerprint, log=reporter.log)
+    evaluator = start_backend(problem, options, plan, reporter.log)
     partitions = evaluator.partitions
     try:
         reporter.log(f"{count(n_sets, 'set')}, {n_rows} rows, K = {K}, M = {M}; {evaluator.description}; "
