@@ -69,6 +69,16 @@ def test_an_existing_cluster_without_workers_fails_at_the_timeout_naming_the_add
     assert cluster.client is None  # closed again
 
 
+@pytest.mark.parametrize("content", [pytest.param(b"\x89HDF\r\n\x1a\n\x00", id="binary"),
+                                     pytest.param(b'{"adress": "tcp://127.0.0.1:1"}', id="no-address"),
+                                     pytest.param(b"tcp://127.0.0.1:1", id="not-json")])
+def test_a_file_that_is_not_a_scheduler_file_is_one_line(tmp_path, content):
+    path = tmp_path / "scheduler.json"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=r"scheduler\.json: not a dask scheduler file \(expected JSON with an \"address\"\)"):
+        Existing(None, str(path), timeout=1).start()
+
+
 def test_an_existing_cluster_is_used_once_its_first_worker_has_joined(tmp_path):
     """The worker process takes a few seconds to start: the wait lasts until it has joined."""
     with scheduler_only() as address, dask_workers(address, 1, tmp_path):

@@ -263,7 +263,7 @@ class Existing(_DaskCluster):
             raise UserError(f"{sf}: no such scheduler file; start the scheduler with `dask scheduler --scheduler-file {sf}` first")
         try:
             return json.loads(sf.read_text())["address"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
             raise UserError(f"{sf}: not a dask scheduler file (expected JSON with an \"address\"); check "
                             f"{term('scheduler_file')}") from None
 
