@@ -126,7 +126,7 @@ class InProcess(Cluster):
         return InProcessEvaluator()
 
 
-class _DaskCluster(Cluster):
+class DaskCluster(Cluster):
     """What the dask clusters share: a client, the evaluator over it, the workers it sees."""
 
     direct = False  # gather results straight from the workers (only where surely reachable)
@@ -152,7 +152,7 @@ def blas_threads_per_worker(workers: int, cores: int | None = None) -> int:
     return max(1, (cpu_count() if cores is None else cores) // max(1, workers))
 
 
-class Local(_DaskCluster):
+class Local(DaskCluster):
     """`workers` N > 1: a LocalCluster of N worker processes on loopback, BLAS threads set per
     worker. Its memory is this machine's, checked before any process starts."""
 
@@ -245,7 +245,7 @@ def _has_bokeh() -> bool:
     return True
 
 
-class Existing(_DaskCluster):
+class Existing(DaskCluster):
     """`scheduler` ADDRESS or `scheduler_file` FILE: a dask cluster someone else started. Within
     `timeout` seconds the scheduler answers and at least one worker has joined; every worker
     present then is used."""

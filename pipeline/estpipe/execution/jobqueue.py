@@ -29,7 +29,7 @@ from typing import Literal
 
 from estpipe import interrupts
 from estpipe.errors import UserError, term
-from estpipe.execution.clusters import _DaskCluster, wait_for_workers
+from estpipe.execution.clusters import DaskCluster, wait_for_workers
 from estpipe.execution.dask_backend import quiet_distributed_logs
 from estpipe.outputs import check_writable_folder
 from estpipe.text import count
@@ -147,7 +147,7 @@ def _job_canceller(cluster):
     return action
 
 
-class JobQueue(_DaskCluster):
+class JobQueue(DaskCluster):
     """`workers` dask workers as batch jobs (one job each), connected within `timeout` seconds.
 
     kind: "slurm" (SLURMCluster, `queue` is the partition) or "pbs" (PBSCluster).
