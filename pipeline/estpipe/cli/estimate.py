@@ -44,7 +44,8 @@ def command(
     resume: Annotated[bool, typer.Option(help="Continue from --checkpoint when it exists (else start fresh).", rich_help_panel=_OUT)] = False,
     json: Annotated[bool, typer.Option("--json", help="Print the results JSON on stdout instead of the table.", rich_help_panel=_OUT)] = False,
 ) -> None:
-    from estpipe.orchestration import EstimateOptions, run_estimate
+    from estpipe.cli.reporters import run_estimate
+    from estpipe.orchestration import EstimateOptions
 
     options = EstimateOptions(
         workers=workers, scheduler=scheduler, scheduler_file=scheduler_file, jobqueue=jobqueue, partitions=partitions,

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.optimize import least_squares, minimize
 
-from estpipe.execution.evaluator import Evaluator
 from estpipe.errors import term
 from estpipe.estimation.scaling import Scaling
 from estpipe.registry import Registry
@@ -36,7 +35,7 @@ class MomentOracle:
     scaling: the run's Scaling (seed and moment scales go to every evaluation; finite-difference
     steps are on its standardized parameters), or None for the data's own units."""
 
-    def __init__(self, evaluator: Evaluator, clustered: bool, scaling: Scaling | None = None):
+    def __init__(self, evaluator, clustered: bool, scaling: Scaling | None = None):
         self.evaluator = evaluator
         self.clustered = clustered
         self.scaling = scaling

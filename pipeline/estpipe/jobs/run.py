@@ -1,7 +1,7 @@
 """Run a job spec on this machine: make the data when it is missing, then `estpipe estimate` with a
 checkpoint and --resume, so running the job again after a crash continues from the checkpoint.
 
-The estimation is `estpipe estimate` itself (`estpipe.orchestration.run_estimate`, the function behind the
+The estimation is `estpipe estimate` itself (`estpipe.cli.reporters.run_estimate`, the function behind the
 CLI command), so the table, the results file and the exit codes are exactly estimate's. Back ends: local (in-process or a
 LocalCluster of `workers`), dask (an existing scheduler), and slurm/pbs (dask-jobqueue workers as
 batch jobs, for interactive use from a login node; `estpipe submit` is the batch way).
@@ -110,7 +110,7 @@ def check_outputs(spec: JobSpec) -> None:
 
 def run_job(spec: JobSpec, *, json: bool = False, stdout=None) -> int:
     """Make the data if needed and run the estimation; returns estimate's exit code (0, or 3)."""
-    from estpipe.orchestration import run_estimate
+    from estpipe.cli.reporters import run_estimate
 
     check_outputs(spec)
     prepare_data(spec)
