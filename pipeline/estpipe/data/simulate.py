@@ -46,9 +46,13 @@ from threadpoolctl import threadpool_limits
 from estpipe import outputs
 from estpipe.data.format import DEFAULT_CHUNK_ROWS, MAX_COLUMNS, ChoiceDataWriter, estimated_file_bytes, provenance
 from estpipe.errors import UserError
+from estpipe.registry import Choice, Registry
 from estpipe.text import count
 
-DESIGNS = ("logit", "seed")
+DESIGNS: Registry[Choice] = Registry("design", [
+    Choice("logit", "choices from a true logit model"),
+    Choice("seed", "timing data, no estimate"),
+])
 TRUTH_UTILITY_SD = 1.5
 CLUSTER_SHOCK_SD = 0.5
 # Rows per chunk of sets when the caller does not say: four HDF5 row chunks, large enough that

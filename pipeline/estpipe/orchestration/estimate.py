@@ -12,7 +12,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ from estpipe.orchestration.options import EstimateOptions
 from estpipe.estimation.results import Results, StepRecord
 from estpipe.estimation.scaling import Scaling
 from estpipe.estimation.weighting import WeightMatrix
+from estpipe.models import get_model
 from estpipe.outputs import check_writable, write_error
 from estpipe.text import count
 
@@ -54,33 +55,6 @@ class StderrReporter(Reporter):
         print(f"step {r.step} iter {r.iteration:3d}  Q = {r.objective:.10e}  |grad|inf = {r.grad_norm:.3e}  "
               f"|step| = {r.step_norm:.3e}  {r.seconds:7.2f} s  ({count(r.evaluations, 'evaluation')})",
               file=self.stream, flush=True)
-
-
-@dataclass
-class _Model:
-    """The plain logit (P = K, start at zero); used only until estpipe.models provides get_model."""
-
-    name: str = "logit"
-
-    def n_params(self, K: int) -> int:
-        return K
-
-    def param_names(self, x_names: list[str]) -> list[str]:
-        return list(x_names)
-
-    def start(self, K: int) -> np.ndarray:
-        return np.zeros(K)
-
-
-def resolve_model(name: str):
-    """The model registry of estpipe.models (unknown names are refused there with the allowed list)."""
-    try:
-        from estpipe.models import get_model
-    except ImportError:
-        if name != "logit":
-            raise UserError(f"unknown model {name!r}; allowed: logit") from None
-        return _Model()
-    return get_model(name)
 
 
 def _check_output_paths(options: EstimateOptions) -> None:
@@ -154,7 +128,7 @@ def estimate(path: str | os.PathLike, options: EstimateOptions | None = None, *,
         has_chosen, has_cluster, truth = f.has_chosen, f.has_cluster, f.truth
         offsets, cluster = f.offsets, f.read_cluster()
         fingerprint = f.fingerprint()
-    model = resolve_model(options.model)
+    model = get_model(options.model)
     P = model.n_params(K)
     names = model.param_names(x_names)
     if M < P:
