@@ -70,7 +70,7 @@ def estimate_options(spec: JobSpec, *, scheduler: str | None = None, json: bool 
             values["scheduler"] = backend.address
         else:
             values["scheduler_file"] = str(backend.scheduler_file)
-    return EstimateOptions.from_mapping(values)
+    return EstimateOptions(**values)
 
 
 @contextmanager
