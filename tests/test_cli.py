@@ -53,6 +53,44 @@ def test_help_shows_the_designed_options(name, options, capsys, monkeypatch):
         assert option in out
 
 
+def _click_command(name: str):
+    import typer.main
+
+    from estpipe.cli.app import app
+
+    return typer.main.get_command(app).commands[name]
+
+
+def test_every_estimate_option_is_an_option_of_the_estimate_command():
+    """EstimateOptions is the one definition; the command has an option for each field, spelled
+    as errors.cli_flag spells it in messages and estimate_argv in batch scripts."""
+    from dataclasses import fields
+
+    from estpipe.errors import cli_flag
+    from estpipe.orchestration import EstimateOptions
+
+    params = {p.name: p for p in _click_command("estimate").params}
+    for field in fields(EstimateOptions):
+        assert field.name in params, field.name
+        assert cli_flag(field.name) in params[field.name].opts, (field.name, params[field.name].opts)
+
+
+def test_estimate_argv_is_read_back_by_the_estimate_command():
+    """What a job spec fixes reaches `estpipe estimate` unchanged through the batch script's arguments."""
+    from estpipe.cli.estimate import estimate_argv
+    from estpipe.jobs.spec import ESTIMATE_KEYS
+    from estpipe.orchestration import EstimateOptions
+
+    options = EstimateOptions(model="logit-signed", optimizer="l-bfgs-b", derivatives="adjoint", steps=1,
+                              start=[0.1, -2.0, 1e-300], tol=1.5e-7, no_cluster=True, max_iter=7, partitions=3)
+    command = _click_command("estimate")
+    ctx = command.make_context("estimate", ["data.h5", *estimate_argv(options, ESTIMATE_KEYS)])
+    read = EstimateOptions(**{k: v for k, v in ctx.params.items() if k != "data"})
+    for name in ESTIMATE_KEYS:
+        assert getattr(read, name) == getattr(options, name), name
+    assert estimate_argv(EstimateOptions(), ["no_cluster", "partitions"]) == []
+
+
 def test_unknown_command_exits_2():
     proc = _estpipe("frobnicate")
     assert proc.returncode == 2

@@ -129,11 +129,14 @@ def _data_lines(spec: JobSpec) -> list[str]:
 
 
 def _estimate_tail(spec: JobSpec) -> list[str]:
+    from estpipe.cli.estimate import estimate_argv
+
     backend = spec.backend
-    estimate = _command(
-        ['"$PYTHON"', "-m", "estpipe", "estimate", '"$DATA"', "--scheduler-file", '"$SCHEDULER_FILE"',
-         "--checkpoint", '"$CHECKPOINT"', "--resume", "--out", '"$RESULTS"'] + spec.estimate.cli_args()
-    )
+    # The job's own cluster, checkpoint and results (shell variables), then what the spec fixes.
+    options = dataclasses.replace(spec.estimate, scheduler_file='"$SCHEDULER_FILE"', checkpoint='"$CHECKPOINT"',
+                                  resume=True, out='"$RESULTS"')
+    names = ("scheduler_file", "checkpoint", "resume", "out") + spec.estimate_keys
+    estimate = _command(['"$PYTHON"', "-m", "estpipe", "estimate", '"$DATA"'] + estimate_argv(options, names))
     return _data_lines(spec) + [
         "",
         "# Wait (bounded) until every worker has joined, so a worker that cannot start is reported.",

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from estpipe.errors import UserError
+from estpipe.execution.jobqueue import KINDS, close_jobqueue_cluster, start_jobqueue_cluster
 from estpipe.jobs.spec import JobSpec, LoadSpec
+from estpipe.orchestration import EstimateOptions
 from estpipe.outputs import check_writable, check_writable_folder
 from estpipe.text import count
 
@@ -54,34 +57,31 @@ def prepare_data(spec: JobSpec) -> Path:
     return data.path
 
 
-def estimate_options(spec: JobSpec, *, scheduler: str | None = None, json: bool = False):
-    """The `estpipe estimate` options (D's EstimateOptions) for this job on this machine."""
-    from estpipe.orchestration import EstimateOptions
-
+def estimate_options(spec: JobSpec, *, scheduler: str | None = None, json: bool = False) -> EstimateOptions:
+    """The `estpipe estimate` options for this job on this machine: the spec's [estimate], its
+    checkpoint (resumed) and results file, and where the work runs."""
     backend = spec.backend
-    values = {name: value for name, value in vars(spec.estimate).items() if value is not None}
-    values.update(checkpoint=str(spec.output.checkpoint), resume=True, out=str(spec.output.results), json=json)
+    where: dict = {}
     if scheduler is not None:
-        values["scheduler"] = scheduler
+        where["scheduler"] = scheduler
     elif backend.kind == "local":
-        values["workers"] = backend.workers
+        where["workers"] = backend.workers
     elif backend.kind == "dask":
         if backend.address:
-            values["scheduler"] = backend.address
+            where["scheduler"] = backend.address
         else:
-            values["scheduler_file"] = str(backend.scheduler_file)
-    return EstimateOptions(**values)
+            where["scheduler_file"] = str(backend.scheduler_file)
+    return replace(spec.estimate, checkpoint=str(spec.output.checkpoint), resume=True, out=str(spec.output.results),
+                   json=json, **where)
 
 
 @contextmanager
 def _cluster_for(spec: JobSpec):
     """The scheduler address of dask-jobqueue workers for slurm/pbs specs; None otherwise."""
     backend = spec.backend
-    if backend.kind not in ("slurm", "pbs"):
+    if backend.kind not in KINDS:
         yield None
         return
-    from estpipe.execution.jobqueue import close_jobqueue_cluster, start_jobqueue_cluster
-
     cluster = start_jobqueue_cluster(
         backend.kind, backend.workers, cores=backend.cores, memory=backend.memory, walltime=backend.walltime,
         queue=backend.partition or backend.queue, account=backend.account, env_lines=backend.setup,
@@ -104,7 +104,7 @@ def check_outputs(spec: JobSpec) -> None:
     for path, what in targets:
         check_writable_folder(path.parent, what + " folder")
         check_writable(path, what)
-    if spec.backend.kind in ("slurm", "pbs"):
+    if spec.backend.kind in KINDS:
         check_writable_folder(spec.output.logs, "[output] logs")
 
 
