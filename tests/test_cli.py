@@ -91,6 +91,33 @@ def test_estimate_argv_is_read_back_by_the_estimate_command():
     assert estimate_argv(EstimateOptions(), ["no_cluster", "partitions"]) == []
 
 
+@pytest.mark.parametrize("name", ["simulate", "load"])
+def test_data_argv_is_read_back_by_its_command(name, tmp_path):
+    """A job spec's [data] reaches `estpipe simulate` / `estpipe load` in a batch script unchanged:
+    every field of the spec's data is an option of the command, and its argv reads back."""
+    from estpipe.cli.load import load_argv
+    from estpipe.cli.simulate import parse_alternatives, simulate_argv
+    from estpipe.jobs.spec import LoadSpec, SimulateSpec
+
+    if name == "simulate":
+        data = SimulateSpec(path=tmp_path / "d.h5", design="seed", sets=7, alternatives=(2, 9), params=3, moments=5,
+                            seed=4, cluster_size=2)
+        argv = simulate_argv(data.path, **data.arguments())
+    else:
+        data = LoadSpec(path=tmp_path / "d.h5", input=tmp_path / "in.csv", set_col="s", choice_col="c", x=("a", "b"),
+                        z=("a", "b", "q"), alt_col="mode", asc=True, asc_base="car", cluster_col="person")
+        argv = load_argv(data.input, data.path, **data.arguments())
+    params = _click_command(name).make_context(name, list(argv)).params
+    assert params["out"] == data.path
+    for key, value in data.arguments().items():
+        read = params[key]
+        if key == "alternatives":
+            read = parse_alternatives(read)
+        elif isinstance(value, tuple) and isinstance(read, str):
+            read = tuple(read.split(","))
+        assert read == value, key
+
+
 def test_unknown_command_exits_2():
     proc = _estpipe("frobnicate")
     assert proc.returncode == 2

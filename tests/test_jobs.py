@@ -199,6 +199,27 @@ def test_slurm_script_requeues_appends_and_resumes(tmp_path):
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
 
 
+def test_a_load_spec_script_loads_into_the_data_path(tmp_path):
+    (tmp_path / "trips.csv").write_text("trip,chosen,cost,time,mode\n")
+    spec = load_job_spec(write_spec(tmp_path, """
+[data]
+path = "d.h5"
+input = "trips.csv"
+set_col = "trip"
+choice_col = "chosen"
+x = ["cost", "time"]
+alt_col = "mode"
+asc = true
+[backend]
+kind = "slurm"
+"""))
+    lines = render(spec).script.splitlines()
+    load = next(line for line in lines if "-m estpipe load" in line)
+    assert load.strip() == (f'"$PYTHON" -m estpipe load {tmp_path}/trips.csv "$DATA" --set-col trip --choice-col chosen '
+                            "--x cost,time --alt-col mode --asc")
+    assert f"DATA={tmp_path}/d.h5" in lines
+
+
 def test_setup_lines_run_after_the_default_python_so_they_can_replace_it(tmp_path):
     spec = load_job_spec(slurm_spec(tmp_path, 'setup = ["module load python", "PYTHON=python3"]'))
     lines = render(spec).script.splitlines()

@@ -14,7 +14,7 @@ from typing import Annotated, Iterable, Optional
 
 import typer
 
-from estpipe.errors import cli_flag
+from estpipe.cli.argv import option_argv
 
 NAME = "estimate"
 EPILOG = ("Example: `estpipe simulate data.h5 --sets 20000 && estpipe estimate data.h5 --workers 2 "
@@ -60,18 +60,6 @@ def command(
 
 
 def estimate_argv(options, names: Iterable[str]) -> list[str]:
-    """The arguments of this command that set the EstimateOptions fields `names` to their values in
-    `options`, in that order (a batch script's `estpipe estimate`: what its job spec fixes). A flag
-    is given when true and left out when false (its default), like a None value."""
-    argv: list[str] = []
-    for name in names:
-        value = getattr(options, name)
-        if value is None or value is False:
-            continue
-        if value is True:
-            argv.append(cli_flag(name))
-        elif name == "start":
-            argv += [cli_flag(name), ",".join(repr(float(v)) for v in value)]
-        else:
-            argv += [cli_flag(name), repr(value) if isinstance(value, float) else str(value)]
-    return argv
+    """The options of this command that set the EstimateOptions fields `names` to their values in
+    `options`, in that order (a batch script's `estpipe estimate`: what its job spec fixes)."""
+    return option_argv({name: getattr(options, name) for name in names})

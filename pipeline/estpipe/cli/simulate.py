@@ -17,6 +17,7 @@ from typing import Annotated
 
 import typer
 
+from estpipe.cli.argv import option_argv
 from estpipe.errors import UserError
 
 NAME = "simulate"
@@ -35,6 +36,16 @@ def parse_alternatives(text: str) -> tuple[int, int]:
     except ValueError:
         pass
     raise UserError(f"--alternatives {text!r}: expected a set size like 30 or a range like 2:30")
+
+
+def simulate_argv(out, **arguments) -> list[str]:
+    """The arguments of this command that make what simulate_choice_data(out, **arguments) makes
+    (a batch script's `estpipe simulate`), in the order of `arguments`; `out` as given."""
+    values = dict(arguments)
+    if "alternatives" in values:
+        lo, hi = values["alternatives"]
+        values["alternatives"] = str(lo) if lo == hi else f"{lo}:{hi}"
+    return [str(out)] + option_argv(values)
 
 
 def command(

@@ -39,21 +39,14 @@ def prepare_data(spec: JobSpec) -> Path:
         if not data.input.exists():
             raise UserError(f"job spec {spec.source}: data.input {str(data.input)!r} does not exist; give the CSV or Parquet file to load")
         _log(f"data: loading {data.input} -> {data.path}")
-        summary = load_choice_data(
-            data.input, data.path, set_col=data.set_col, choice_col=data.choice_col, x=list(data.x),
-            z=list(data.z) if data.z else None, dm=list(data.dm) if data.dm else None,
-            alt_col=data.alt_col, asc=data.asc, asc_base=data.asc_base, cluster_col=data.cluster_col,
-        )
+        summary = load_choice_data(data.input, data.path, **data.arguments())
         for note in summary.notes:
             _log(f"note: {note}")
     else:
         from estpipe.data.simulate import simulate_choice_data
 
         _log(f"data: simulating {count(data.sets, 'set')} -> {data.path}")
-        simulate_choice_data(
-            data.path, design=data.design, sets=data.sets, alternatives=data.alternatives,
-            params=data.params, moments=data.moments, seed=data.seed, cluster_size=data.cluster_size,
-        )
+        simulate_choice_data(data.path, **data.arguments())
     return data.path
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -64,17 +64,9 @@ class SimulateSpec:
     seed: int = 0
     cluster_size: int | None = None
 
-    def cli_args(self) -> list[str]:
-        """The same data as `estpipe simulate` arguments (used in batch scripts)."""
-        lo, hi = self.alternatives
-        args = [
-            "simulate", str(self.path), "--design", self.design, "--sets", str(self.sets),
-            "--alternatives", str(lo) if lo == hi else f"{lo}:{hi}",
-            "--params", str(self.params), "--moments", str(self.moments), "--seed", str(self.seed),
-        ]
-        if self.cluster_size is not None:
-            args += ["--cluster-size", str(self.cluster_size)]
-        return args
+    def arguments(self) -> dict:
+        """The keyword arguments of simulate_choice_data(path, ...) that make this data."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "path"}
 
 
 @dataclass(frozen=True)
@@ -93,22 +85,9 @@ class LoadSpec:
     asc_base: str | None = None
     cluster_col: str | None = None
 
-    def cli_args(self) -> list[str]:
-        args = ["load", str(self.input), str(self.path), "--set-col", self.set_col,
-                "--choice-col", self.choice_col, "--x", ",".join(self.x)]
-        if self.z:
-            args += ["--z", ",".join(self.z)]
-        if self.dm:
-            args += ["--dm", ",".join(self.dm)]
-        if self.alt_col:
-            args += ["--alt-col", self.alt_col]
-        if self.asc:
-            args += ["--asc"]
-        if self.asc_base is not None:
-            args += ["--asc-base", self.asc_base]
-        if self.cluster_col:
-            args += ["--cluster-col", self.cluster_col]
-        return args
+    def arguments(self) -> dict:
+        """The keyword arguments of load_choice_data(input, path, ...) that make this data."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("path", "input")}
 
 
 @dataclass(frozen=True)
