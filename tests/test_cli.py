@@ -118,6 +118,41 @@ def test_data_argv_is_read_back_by_its_command(name, tmp_path):
         assert read == value, key
 
 
+def _registry(where: str):
+    import importlib
+
+    module, name = where.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@pytest.mark.parametrize(("name", "registry"), [
+    pytest.param("estimate", "estpipe.models:MODELS", id="estimate-model"),
+    pytest.param("estimate", "estpipe.estimation.optimizers:OPTIMIZERS", id="estimate-optimizer"),
+    pytest.param("estimate", "estpipe.kernel.derivatives:DERIVATIVES", id="estimate-derivatives"),
+    pytest.param("estimate", "estpipe.execution.jobqueue:KINDS", id="estimate-jobqueue"),
+    pytest.param("simulate", "estpipe.data.simulate:DESIGNS", id="simulate-design"),
+    pytest.param("bench", "estpipe.kernel.derivatives:DERIVATIVES", id="bench-derivatives"),
+    pytest.param("run", "estpipe.execution.jobqueue:KINDS", id="run-backends"),
+])
+def test_help_lists_the_choices_of_the_registries(name, registry, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit):
+        main([name, "--help"])
+    # the page's text without rich's boxes and line breaks
+    text = " ".join(capsys.readouterr().out.replace("\u2502", " ").split())
+    assert "{" + registry + "}" not in text
+    assert _registry(registry).help() in text
+
+
+def test_top_level_help_imports_none_of_the_layers_behind_the_registries():
+    code = ("import sys\nfrom estpipe.entry import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(' '.join(m for m in sys.modules if m.split('.')[0] in ('numpy', 'scipy', 'h5py') or "
+            "m.startswith(('estpipe.kernel', 'estpipe.estimation', 'estpipe.models', 'estpipe.execution'))), file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert " simulate " in proc.stdout and "{" not in proc.stdout
+    assert proc.stderr.strip() == ""
+
+
 def test_unknown_command_exits_2():
     proc = _estpipe("frobnicate")
     assert proc.returncode == 2

@@ -50,7 +50,7 @@ def simulate_argv(out, **arguments) -> list[str]:
 
 def command(
     out: Annotated[Path, typer.Argument(help="Output choice-data file (HDF5); written under a temporary name and renamed at the end.", dir_okay=False)],
-    design: Annotated[str, typer.Option(help="logit (choices from a true logit model) or seed (timing data, no estimate).")] = "logit",
+    design: Annotated[str, typer.Option(help="{estpipe.data.simulate:DESIGNS}.")] = "logit",
     sets: Annotated[int, typer.Option(help="Number of choice sets.")] = 1000,
     alternatives: Annotated[str, typer.Option(help="Alternatives per set: a size like 30, or a range like 2:30 (drawn per set).")] = "30",
     params: Annotated[int, typer.Option(help="Number of covariates K (columns of X).")] = 20,
