@@ -220,6 +220,16 @@ kind = "slurm"
     assert f"DATA={tmp_path}/d.h5" in lines
 
 
+def test_loading_a_specs_data_names_the_specs_fields(tmp_path):
+    (tmp_path / "trips.csv").write_text("trip,chosen,cost\n1,1,2.0\n1,0,3.0\n2,0,1.0\n2,1,4.0\n")
+    path = write_spec(tmp_path, '[data]\npath = "d.h5"\ninput = "trips.csv"\nset_col = "trip"\nchoice_col = "chosen"\n'
+                                'x = ["cost", "time"]\n')
+    done = subprocess.run([sys.executable, "-m", "estpipe", "run", str(path)], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "no column 'time' (asked by data.x)" in done.stderr and done.stderr.count("\n") == 2, done.stderr
+    assert not (tmp_path / "d.h5").exists()
+
+
 def test_setup_lines_run_after_the_default_python_so_they_can_replace_it(tmp_path):
     spec = load_job_spec(slurm_spec(tmp_path, 'setup = ["module load python", "PYTHON=python3"]'))
     lines = render(spec).script.splitlines()

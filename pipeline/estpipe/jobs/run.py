@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from estpipe.errors import UserError
+from estpipe.errors import UserError, vocabulary
 from estpipe.execution.jobqueue import KINDS, close_jobqueue_cluster, start_jobqueue_cluster
 from estpipe.jobs.spec import JobSpec, LoadSpec
 from estpipe.orchestration import EstimateOptions
@@ -27,7 +27,13 @@ def _log(message: str) -> None:
 
 
 def prepare_data(spec: JobSpec) -> Path:
-    """The job's choice-data file: simulated or loaded when it does not exist yet."""
+    """The job's choice-data file: simulated or loaded when it does not exist yet. Messages and
+    notes name the spec's fields (data.x), which are the arguments of simulate and load."""
+    with vocabulary(lambda argument: f"data.{argument}"):
+        return _prepare_data(spec)
+
+
+def _prepare_data(spec: JobSpec) -> Path:
     data = spec.data
     if data.path.exists():
         _log(f"data: {data.path} (exists)")
