@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from estpipe import interrupts
-from estpipe.errors import UserError
+from estpipe.errors import UserError, term
 from estpipe.outputs import file_mode
 
 KIND = "estpipe-checkpoint"
@@ -85,13 +85,13 @@ def load_checkpoint(path: str | os.PathLike, fingerprint: str, options: dict, da
         if d.get("kind") != KIND:
             raise ValueError
     except (ValueError, OSError, AttributeError):
-        raise UserError(f"{path}: not an estpipe checkpoint; give another --checkpoint path or remove this file") from None
+        raise UserError(f"{path}: not an estpipe checkpoint; give another {term('checkpoint')} path or remove this file") from None
     if d.get("version") != VERSION:
         raise UserError(f"{path}: checkpoint version {d.get('version')!r}, this estpipe writes {VERSION}; remove it to start fresh")
     if d["fingerprint"] != fingerprint:
         raise UserError(
             f"{path}: this checkpoint belongs to other data (fingerprint {d['fingerprint']}, but {data_path} has "
-            f"{fingerprint}); remove it or give another --checkpoint to start fresh"
+            f"{fingerprint}); remove it or give another {term('checkpoint')} to start fresh"
         )
     if d["options"] != options:
         diff = sorted(k for k in set(d["options"]) | set(options) if d["options"].get(k) != options.get(k))
