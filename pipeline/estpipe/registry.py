@@ -70,7 +70,7 @@ class Registry(Generic[T]):
 
     def problem(self, name) -> str | None:
         """Why `name` is not a choice (one line, with the allowed ones and a guess), or None."""
-        if isinstance(name, str) and name in self._entries:
+        if name in self:
             return None
         return f"unknown {self.what} {name!r}; allowed: {', '.join(self.names)}{did_you_mean(name, self.names)}"
 
