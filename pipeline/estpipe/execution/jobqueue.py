@@ -29,8 +29,12 @@ from typing import Literal
 from estpipe import interrupts
 from estpipe.errors import UserError
 from estpipe.outputs import check_writable_folder
+from estpipe.registry import Choice, Registry
 
-KINDS = ("slurm", "pbs")
+KINDS: Registry[Choice] = Registry("batch system", argument="jobqueue", entries=[
+    Choice("slurm", "Slurm, sbatch"),
+    Choice("pbs", "PBS Pro or OpenPBS, qsub"),
+])
 DEFAULT_WAIT = 120.0
 
 

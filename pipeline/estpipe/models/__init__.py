@@ -1,6 +1,6 @@
 """Models by name (`model=`): each one maps parameters to utilities with dual-block operations.
 
-    get_model("logit") -> Model      MODELS: name -> Model
+    get_model("logit") -> Model      MODELS: the registry of models (estpipe.registry.Registry)
     Model.name, .n_params(K), .param_names(x_names), .start(K), .utilities(theta, X, seg)
 
 Adding a model is one class written with the operations of estpipe.dual and one entry here.
