@@ -218,7 +218,7 @@ class Optimizer:
 
 class GaussNewton(Optimizer):
     name = "gauss-newton"
-    description = "scipy least_squares on the whitened residual L'g, Jacobian L'G; --tol is its xtol and ftol"
+    description = "scipy least_squares on the whitened residual L'g, Jacobian L'G; tol is its xtol and ftol"
     needs_jacobian = True
 
     def minimize(self, objective, theta0, tol, max_iter, accepted):
@@ -237,7 +237,7 @@ class GaussNewton(Optimizer):
 
 
 class QuasiNewton(Optimizer):
-    """scipy minimize with the exact gradient; --tol is its gtol."""
+    """scipy minimize with the exact gradient; tol is its gtol."""
 
     method = ""
 
