@@ -1,4 +1,5 @@
-"""Shared test set-up: floating-point errors raised (not underflow, see STYLE.md)."""
+"""Shared test set-up: floating-point errors raised, but not underflow (exp of a very negative
+utility underflowing to 0 is correct)."""
 
 from __future__ import annotations
 

@@ -53,6 +53,106 @@ def test_help_shows_the_designed_options(name, options, capsys, monkeypatch):
         assert option in out
 
 
+def _click_command(name: str):
+    import typer.main
+
+    from estpipe.cli.app import app
+
+    return typer.main.get_command(app).commands[name]
+
+
+def test_every_estimate_option_is_an_option_of_the_estimate_command():
+    """EstimateOptions is the one definition; the command has an option for each field, spelled
+    as errors.cli_flag spells it in messages and estimate_argv in batch scripts."""
+    from dataclasses import fields
+
+    from estpipe.errors import cli_flag
+    from estpipe.orchestration import EstimateOptions
+
+    params = {p.name: p for p in _click_command("estimate").params}
+    for field in fields(EstimateOptions):
+        assert field.name in params, field.name
+        assert cli_flag(field.name) in params[field.name].opts, (field.name, params[field.name].opts)
+
+
+def test_estimate_argv_is_read_back_by_the_estimate_command():
+    """What a job spec fixes reaches `estpipe estimate` unchanged through the batch script's arguments."""
+    from estpipe.cli.estimate import estimate_argv
+    from estpipe.jobs.spec import ESTIMATE_KEYS
+    from estpipe.orchestration import EstimateOptions
+
+    options = EstimateOptions(model="logit-signed", optimizer="l-bfgs-b", derivatives="adjoint", steps=1,
+                              start=[0.1, -2.0, 1e-300], tol=1.5e-7, no_cluster=True, max_iter=7, partitions=3)
+    command = _click_command("estimate")
+    ctx = command.make_context("estimate", ["data.h5", *estimate_argv(options, ESTIMATE_KEYS)])
+    read = EstimateOptions(**{k: v for k, v in ctx.params.items() if k != "data"})
+    for name in ESTIMATE_KEYS:
+        assert getattr(read, name) == getattr(options, name), name
+    assert estimate_argv(EstimateOptions(), ["no_cluster", "partitions"]) == []
+
+
+@pytest.mark.parametrize("name", ["simulate", "load"])
+def test_data_argv_is_read_back_by_its_command(name, tmp_path):
+    """A job spec's [data] reaches `estpipe simulate` / `estpipe load` in a batch script unchanged:
+    every field of the spec's data is an option of the command, and its argv reads back."""
+    from estpipe.cli.load import load_argv
+    from estpipe.cli.simulate import parse_alternatives, simulate_argv
+    from estpipe.jobs.spec import LoadSpec, SimulateSpec
+
+    if name == "simulate":
+        data = SimulateSpec(path=tmp_path / "d.h5", design="seed", sets=7, alternatives=(2, 9), params=3, moments=5,
+                            seed=4, cluster_size=2)
+        argv = simulate_argv(data.path, **data.arguments())
+    else:
+        data = LoadSpec(path=tmp_path / "d.h5", input=tmp_path / "in.csv", set_col="s", choice_col="c", x=("a", "b"),
+                        z=("a", "b", "q"), alt_col="mode", asc=True, asc_base="car", cluster_col="person")
+        argv = load_argv(data.input, data.path, **data.arguments())
+    params = _click_command(name).make_context(name, list(argv)).params
+    assert params["out"] == data.path
+    for key, value in data.arguments().items():
+        read = params[key]
+        if key == "alternatives":
+            read = parse_alternatives(read)
+        elif isinstance(value, tuple) and isinstance(read, str):
+            read = tuple(read.split(","))
+        assert read == value, key
+
+
+def _registry(where: str):
+    import importlib
+
+    module, name = where.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@pytest.mark.parametrize(("name", "registry"), [
+    pytest.param("estimate", "estpipe.models:MODELS", id="estimate-model"),
+    pytest.param("estimate", "estpipe.estimation.optimizers:OPTIMIZERS", id="estimate-optimizer"),
+    pytest.param("estimate", "estpipe.kernel.derivatives:DERIVATIVES", id="estimate-derivatives"),
+    pytest.param("estimate", "estpipe.execution.jobqueue:KINDS", id="estimate-jobqueue"),
+    pytest.param("simulate", "estpipe.data.simulate:DESIGNS", id="simulate-design"),
+    pytest.param("bench", "estpipe.kernel.derivatives:DERIVATIVES", id="bench-derivatives"),
+    pytest.param("run", "estpipe.execution.jobqueue:KINDS", id="run-backends"),
+])
+def test_help_lists_the_choices_of_the_registries(name, registry, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit):
+        main([name, "--help"])
+    # the page's text without rich's boxes and line breaks
+    text = " ".join(capsys.readouterr().out.replace("\u2502", " ").split())
+    assert "{" + registry + "}" not in text
+    assert _registry(registry).help() in text
+
+
+def test_top_level_help_imports_none_of_the_layers_behind_the_registries():
+    code = ("import sys\nfrom estpipe.entry import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(' '.join(m for m in sys.modules if m.split('.')[0] in ('numpy', 'scipy', 'h5py') or "
+            "m.startswith(('estpipe.kernel', 'estpipe.estimation', 'estpipe.models', 'estpipe.execution'))), file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert " simulate " in proc.stdout and "{" not in proc.stdout
+    assert proc.stderr.strip() == ""
+
+
 def test_unknown_command_exits_2():
     proc = _estpipe("frobnicate")
     assert proc.returncode == 2

@@ -219,8 +219,8 @@ def test_existing_cluster_gets_one_partition_per_worker(data):
     present when the run starts, so no worker of a 3-worker job sits idle."""
     with local_cluster(3) as c:
         r = estimate(data, EstimateOptions(scheduler=c.scheduler_address, steps=1))
-    assert (r.workers, r.partitions) == (3, 3)
-    assert "3 partitions" in r.backend
+    assert (r.telemetry.workers, r.telemetry.partitions) == (3, 3)
+    assert "3 partitions" in r.telemetry.backend
 
 
 BLAS_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONHASHSEED", "__DASK_PARENT_PID")
@@ -233,7 +233,7 @@ def test_an_estimate_with_workers_leaves_the_environment_alone(data, monkeypatch
         monkeypatch.delenv(name, raising=False)
     before = dict(os.environ)
     r = estimate(data, EstimateOptions(workers=2, steps=1))
-    assert r.workers == 2
+    assert r.telemetry.workers == 2
     assert dict(os.environ) == before
     cores = len(os.sched_getaffinity(0))
     assert subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip() == str(cores)

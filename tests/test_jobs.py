@@ -11,6 +11,8 @@ import pytest
 
 from estpipe.errors import UserError
 from estpipe.jobs import load_job_spec, render, render_pbs, render_slurm
+from estpipe.jobs.run import estimate_options
+from estpipe.models import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "jobs"
@@ -86,15 +88,36 @@ results = "r.json"
         "data.sets: -5 is not allowed; a whole number >= 1",
         "data.desing: unknown key for simulated data (no `input` is given) (did you mean 'design'?)",
         "data.alternatives: '30:2' is not allowed",
-        "estimate.optimizer: 'newton' is not allowed; one of gauss-newton, bfgs, l-bfgs-b (did you mean 'gauss-newton'?)",
+        # [estimate] is checked by the code that checks `estpipe estimate`, with its messages
+        "estimate.optimizer: unknown optimizer 'newton'; allowed: gauss-newton, bfgs, l-bfgs-b (did you mean 'gauss-newton'?)",
         "estimate.max_iters: unknown key (did you mean 'max_iter'?)",
-        "estimate.steps: 3 is not allowed; one of 1, 2",
+        "estimate.steps must be 1 or 2, got 3",
         "backend.queue: unknown key for kind 'slurm' (Slurm calls it partition)",
         "backend.walltime: '2h' is not allowed",
         "backend.memory: 'lots' is not allowed",
     ]:
         assert expected in body, expected
     assert len(lines) == 12
+
+
+@pytest.mark.parametrize("model", MODELS.names)
+def test_every_model_the_command_line_accepts_a_spec_accepts(tmp_path, model):
+    """A spec used to refuse model = "logit-signed", which `estpipe estimate --model` took."""
+    spec = load_job_spec(write_spec(tmp_path, f'[data]\npath = "d.h5"\n[estimate]\nmodel = "{model}"\noptimizer = "bfgs"\n'
+                                              '[backend]\nkind = "slurm"\n'))
+    assert estimate_options(spec).model == model
+    estimate = next(line for line in render(spec).script.splitlines() if "-m estpipe estimate" in line)
+    assert estimate.endswith(f"--model {model} --optimizer bfgs")
+
+
+def test_estimate_problems_are_the_command_lines_naming_spec_fields(tmp_path):
+    path = write_spec(tmp_path, '[data]\npath = "d.h5"\n[estimate]\nderivatives = "adjoint"\ntol = "small"\nstart = [1, "a"]\n')
+    assert [line.strip() for line in problems_of(path)[1:]] == [
+        "estimate.start: entry 2 ('a') is not a number; give numbers, one per parameter",
+        "estimate.tol must be a positive number, got 'small'",
+        "estimate.derivatives adjoint gives only the gradient of Q, but gauss-newton needs the moment Jacobian G; "
+        "use estimate.optimizer bfgs or l-bfgs-b with adjoint, or estimate.derivatives dual",
+    ]
 
 
 def test_unknown_backend_gets_its_message(tmp_path):
@@ -174,6 +197,37 @@ def test_slurm_script_requeues_appends_and_resumes(tmp_path):
     assert f"DATA='{tmp_path}/data dir/data.h5'" in lines
     assert "srun --ntasks=3 --cpus-per-task=2" in script
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+
+
+def test_a_load_spec_script_loads_into_the_data_path(tmp_path):
+    (tmp_path / "trips.csv").write_text("trip,chosen,cost,time,mode\n")
+    spec = load_job_spec(write_spec(tmp_path, """
+[data]
+path = "d.h5"
+input = "trips.csv"
+set_col = "trip"
+choice_col = "chosen"
+x = ["cost", "time"]
+alt_col = "mode"
+asc = true
+[backend]
+kind = "slurm"
+"""))
+    lines = render(spec).script.splitlines()
+    load = next(line for line in lines if "-m estpipe load" in line)
+    assert load.strip() == (f'"$PYTHON" -m estpipe load {tmp_path}/trips.csv "$DATA" --set-col trip --choice-col chosen '
+                            "--x cost,time --alt-col mode --asc")
+    assert f"DATA={tmp_path}/d.h5" in lines
+
+
+def test_loading_a_specs_data_names_the_specs_fields(tmp_path):
+    (tmp_path / "trips.csv").write_text("trip,chosen,cost\n1,1,2.0\n1,0,3.0\n2,0,1.0\n2,1,4.0\n")
+    path = write_spec(tmp_path, '[data]\npath = "d.h5"\ninput = "trips.csv"\nset_col = "trip"\nchoice_col = "chosen"\n'
+                                'x = ["cost", "time"]\n')
+    done = subprocess.run([sys.executable, "-m", "estpipe", "run", str(path)], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "no column 'time' (asked by data.x)" in done.stderr and done.stderr.count("\n") == 2, done.stderr
+    assert not (tmp_path / "d.h5").exists()
 
 
 def test_setup_lines_run_after_the_default_python_so_they_can_replace_it(tmp_path):

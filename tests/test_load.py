@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from estpipe.data.format import ChoiceDataFile
-from estpipe.errors import UserError
+from estpipe.errors import UserError, cli_flag, vocabulary
 from estpipe.data.load import load_choice_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -450,8 +450,9 @@ def _frame_with_unidentified_columns(rng, n_sets=40):
 def test_unidentified_x_columns_get_notes_whatever_the_batches(tmp_path, batch_rows):
     frame = _frame_with_unidentified_columns(np.random.default_rng(7))
     path = write(frame, tmp_path / "in.csv")
-    summary = load_choice_data(path, tmp_path / "o.h5", set_col="sid", choice_col="choice",
-                               x="x0,income,one,w,x0_again", alt_col="alt", asc=True, batch_rows=batch_rows)
+    with vocabulary(cli_flag):  # the notes as the command line has them
+        summary = load_choice_data(path, tmp_path / "o.h5", set_col="sid", choice_col="choice",
+                                   x="x0,income,one,w,x0_again", alt_col="alt", asc=True, batch_rows=batch_rows)
     assert len(summary.notes) == 3, summary.notes
     income, one, twins = summary.notes  # in --x order, pairs last
     assert one.startswith("column one (--x) is 1 in every row") and "drop one from --x" in one
@@ -469,6 +470,14 @@ def test_notes_on_stderr_and_the_file_is_written(tmp_path):
     lines = run.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("estpipe: note: column income (--x) never varies within a set"), run.stderr
     assert "wrote" in run.stdout and (tmp_path / "o.h5").exists()
+
+
+def test_the_python_api_names_its_own_arguments(tmp_path):
+    path = write(long_frame(np.random.default_rng(9), 30), tmp_path / "in.csv")
+    with pytest.raises(UserError, match=r"^asc needs alt_col: name the column"):
+        load_choice_data(path, tmp_path / "o.h5", set_col="sid", choice_col="choice", x="x0", asc=True)
+    with pytest.raises(UserError, match=r"no column 'nope' \(asked by x\)"):
+        load_choice_data(path, tmp_path / "o.h5", set_col="sid", choice_col="choice", x="x0,nope")
 
 
 def test_x_columns_that_vary_get_no_notes(tmp_path):

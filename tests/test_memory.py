@@ -14,6 +14,7 @@ import pytest
 from estpipe.data.format import read_choice_data
 from estpipe.execution.memory import PROCESS_BYTES, kernel_buffer_bytes, plan_memory
 from estpipe.execution.planning import plan_partitions
+from estpipe.errors import cli_flag, vocabulary
 from estpipe.orchestration import EstimateOptions
 from estpipe.orchestration.estimate import _cap_workers
 from estpipe.kernel import PartitionKernel
@@ -61,7 +62,8 @@ def test_a_small_partition_is_charged_buffers_for_its_own_rows():
 
 def test_surplus_workers_are_capped_at_one_per_set_or_cluster():
     notes = []
-    capped = _cap_workers(EstimateOptions(workers=1000), 3, None, notes.append)
+    with vocabulary(cli_flag):  # the note as the command line spells it
+        capped = _cap_workers(EstimateOptions(workers=1000), 3, None, notes.append)
     assert capped.workers == 3 and notes == ["note: --workers 1000 is more than the 3 partitions this file can have "
                                              "(one set each); starting 3 workers"]
     capped = _cap_workers(EstimateOptions(workers=8), 40, np.repeat([5, 6], 20), notes.append)

@@ -13,7 +13,7 @@ from scipy import stats
 
 import estpipe.data.simulate as simulate_module
 from estpipe.data.format import ChoiceDataFile
-from estpipe.errors import UserError
+from estpipe.errors import UserError, cli_flag, vocabulary
 from estpipe.data.simulate import CLUSTER_SHOCK_SD, TRUTH_UTILITY_SD, simulate_choice_data
 
 
@@ -245,11 +245,18 @@ def test_last_cluster_may_be_shorter(tmp_path):
 )
 def test_bad_options_are_refused_with_a_message_and_no_file(tmp_path, options, words):
     kw = dict(sets=10, alternatives=(3, 3), params=2, moments=3) | options
-    with pytest.raises(UserError) as info:
+    with pytest.raises(UserError) as info, vocabulary(cli_flag):  # the messages as the command line has them
         simulate_choice_data(tmp_path / "out.h5", **kw)
     for w in words:
         assert w in str(info.value)
     assert os.listdir(tmp_path) == []
+
+
+def test_the_python_api_names_its_own_arguments(tmp_path):
+    with pytest.raises(UserError, match=r"^moments 4 is below params 5: .*; use moments 5 or more$"):
+        simulate_choice_data(tmp_path / "out.h5", sets=10, params=5, moments=4)
+    with pytest.raises(UserError, match=r"^design 'logti' is unknown; use one of logit, seed \(did you mean 'logit'\?\)$"):
+        simulate_choice_data(tmp_path / "out.h5", sets=10, design="logti")
 
 
 def test_missing_output_folder_is_a_user_error(tmp_path):

@@ -253,7 +253,7 @@ def test_estimate_with_jobqueue_slurm_equals_in_process(slurm, tmp_path, monkeyp
         monkeypatch.delenv("DASK_JOBQUEUE__SLURM__INTERFACE")
         dask.config.refresh()
     local = estimate(data, EstimateOptions())
-    assert remote.workers == 2 and "slurm" in remote.backend
+    assert remote.telemetry.workers == 2 and "slurm" in remote.telemetry.backend
     np.testing.assert_allclose(remote.params, local.params, rtol=1e-8)
     assert shutil.which("squeue")
 

@@ -12,6 +12,7 @@ while writing into a UserError naming the file and the device. Files get the usu
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import tempfile
@@ -162,3 +163,29 @@ def check_free_space(path: str | os.PathLike, need: int, advice: str) -> None:
     if need > have:
         raise UserError(f"{path}: the file needs about {size_text(need)}, but {device_of(folder)} has only "
                         f"{size_text(have)} free; {advice}")
+
+
+def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
+    """Write JSON to a temporary file in the same folder, flush it to disk, rename over `path`.
+
+    The file gets the usual permissions (0666 less the umask). The temporary file is registered
+    with estpipe.interrupts while it exists, so a signal removes it; `path` is always either the
+    old file or the new one. OSError propagates (the callers decide what a failed write means)."""
+    path = Path(path)
+    with interrupts.deferred():
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+        cleanup = interrupts.register(interrupts.remove_file(tmp), tmp)
+    try:
+        os.fchmod(fd, file_mode())
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=1, allow_nan=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    finally:
+        interrupts.unregister(cleanup)

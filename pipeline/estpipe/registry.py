@@ -6,17 +6,33 @@ layer that implements them; help texts, job-spec checks and error messages read 
     OPTIMIZERS.names                ("gauss-newton", "bfgs", "l-bfgs-b")
     OPTIMIZERS.help()               "gauss-newton (...), bfgs (...) or l-bfgs-b (...)"
 
-An entry is any object with a `name` and a one-line `description`.
+An entry is any object with a `name` and a one-line `description` (a `Choice` when that is all
+there is to it).
 """
 
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 from typing import Generic, Iterable, Iterator, TypeVar
 
 from estpipe.errors import UserError
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """An entry that is only a name and what it means."""
+
+    name: str
+    description: str = ""
+
+
+def did_you_mean(word, choices: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the choice closest to `word`, or '' when none is close."""
+    guess = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f" (did you mean {guess[0]!r}?)" if guess else ""
 
 
 class Registry(Generic[T]):
@@ -41,7 +57,7 @@ class Registry(Generic[T]):
         return tuple(self._entries)
 
     def __contains__(self, name) -> bool:
-        return name in self._entries
+        return isinstance(name, str) and name in self._entries
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
@@ -54,11 +70,9 @@ class Registry(Generic[T]):
 
     def problem(self, name) -> str | None:
         """Why `name` is not a choice (one line, with the allowed ones and a guess), or None."""
-        if name in self._entries:
+        if name in self:
             return None
-        guess = difflib.get_close_matches(str(name), self.names, n=1)
-        hint = f" (did you mean {guess[0]!r}?)" if guess else ""
-        return f"unknown {self.what} {name!r}; allowed: {', '.join(self.names)}{hint}"
+        return f"unknown {self.what} {name!r}; allowed: {', '.join(self.names)}{did_you_mean(name, self.names)}"
 
     def get(self, name: str) -> T:
         problem = self.problem(name)

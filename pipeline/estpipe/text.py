@@ -1,4 +1,4 @@
-"""Counts in messages: "1 evaluation", "2 evaluations"."""
+"""Words in messages: counts ("1 evaluation", "2 evaluations") and alternatives ("a, b or c")."""
 
 from __future__ import annotations
 
@@ -8,3 +8,9 @@ def count(n: int, noun: str, plural: str | None = None, thousands: bool = False)
     thousands: 1,000 separators)."""
     number = f"{n:,}" if thousands else f"{n}"
     return f"{number} {noun if n == 1 else (plural or noun + 's')}"
+
+
+def either(words) -> str:
+    """'a', 'a or b', 'a, b or c'."""
+    words = list(words)
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]

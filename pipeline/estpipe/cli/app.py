@@ -35,9 +35,10 @@ COMMAND_NAMES: list[str] = []
 
 def _register() -> None:
     from estpipe.cli import bench, estimate, inspect, load, run, simulate, submit
+    from estpipe.cli.choices import Command
 
     for module in (simulate, load, inspect, estimate, bench, run, submit):
-        app.command(module.NAME, help=module.__doc__, epilog=getattr(module, "EPILOG", None))(module.command)
+        app.command(module.NAME, cls=Command, help=module.__doc__, epilog=getattr(module, "EPILOG", None))(module.command)
         COMMAND_NAMES.append(module.NAME)
 
 

@@ -4,6 +4,9 @@ Rows: f, the original code's plain-numpy function evaluation (the yardstick); th
 value + Jacobian by dual blocks (fast logit path, and the generic path every model uses); value +
 gradient by reverse mode (adjoint); finite differences. Each row gives the median time per call
 and its ratio to f, with the BLAS library and its threads, and the tile buffers' memory.
+
+The derivative modes timed are those of `estpipe estimate --derivatives`:
+{estpipe.kernel.derivatives:DERIVATIVES}.
 """
 
 from __future__ import annotations

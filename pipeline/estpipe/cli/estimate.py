@@ -10,9 +10,11 @@ stderr. Exit codes: 0 converged, 3 not converged (results still written), 2 a us
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Iterable, Optional
 
 import typer
+
+from estpipe.cli.argv import option_argv
 
 NAME = "estimate"
 EPILOG = ("Example: `estpipe simulate data.h5 --sets 20000 && estpipe estimate data.h5 --workers 2 "
@@ -28,12 +30,12 @@ def command(
     workers: Annotated[int, typer.Option(help="1: in-process (no cluster, BLAS on every core); N > 1: a local dask cluster of N worker processes (or N batch-job workers with --jobqueue).", min=1, rich_help_panel=_BACKEND)] = 1,
     scheduler: Annotated[Optional[str], typer.Option(help="Address of an existing dask scheduler, e.g. tcp://10.0.0.1:8786.", rich_help_panel=_BACKEND)] = None,
     scheduler_file: Annotated[Optional[str], typer.Option("--scheduler-file", help="Scheduler file of an existing dask cluster (dask scheduler --scheduler-file).", rich_help_panel=_BACKEND)] = None,
-    jobqueue: Annotated[Optional[str], typer.Option(help="Start --workers N dask workers as batch jobs: slurm or pbs.", rich_help_panel=_BACKEND)] = None,
+    jobqueue: Annotated[Optional[str], typer.Option(help="Start --workers N dask workers as batch jobs of this batch system: {estpipe.execution.jobqueue:KINDS}.", rich_help_panel=_BACKEND)] = None,
     partitions: Annotated[Optional[int], typer.Option(help="Contiguous partitions of the sets, balanced by rows (default: 1 per worker, 1 in-process).", min=1, rich_help_panel=_BACKEND)] = None,
     connect_timeout: Annotated[float, typer.Option("--connect-timeout", help="Seconds to wait for a scheduler or batch-job workers.", rich_help_panel=_BACKEND)] = 30.0,
-    model: Annotated[str, typer.Option(help="Model name (see estpipe.models).", rich_help_panel=_GMM)] = "logit",
-    optimizer: Annotated[str, typer.Option(help="gauss-newton (scipy least_squares on L'g), bfgs or l-bfgs-b (scipy minimize on Q).", rich_help_panel=_GMM)] = "gauss-newton",
-    derivatives: Annotated[str, typer.Option(help="dual (dual blocks), adjoint (reverse-mode gradient; bfgs and l-bfgs-b only) or fd (finite differences).", rich_help_panel=_GMM)] = "dual",
+    model: Annotated[str, typer.Option(help="{estpipe.models:MODELS}.", rich_help_panel=_GMM)] = "logit",
+    optimizer: Annotated[str, typer.Option(help="{estpipe.estimation.optimizers:OPTIMIZERS}.", rich_help_panel=_GMM)] = "gauss-newton",
+    derivatives: Annotated[str, typer.Option(help="{estpipe.kernel.derivatives:DERIVATIVES}.", rich_help_panel=_GMM)] = "dual",
     steps: Annotated[int, typer.Option(help="1: W = I only; 2: then W = S(b1)^-1 (efficient).", rich_help_panel=_GMM)] = 2,
     start: Annotated[Optional[str], typer.Option(help="Start vector, comma-separated (default: the model's, zeros for logit).", rich_help_panel=_GMM)] = None,
     tol: Annotated[float, typer.Option(help="xtol and ftol of gauss-newton, gtol of bfgs and l-bfgs-b.", rich_help_panel=_GMM)] = 1e-10,
@@ -44,7 +46,8 @@ def command(
     resume: Annotated[bool, typer.Option(help="Continue from --checkpoint when it exists (else start fresh).", rich_help_panel=_OUT)] = False,
     json: Annotated[bool, typer.Option("--json", help="Print the results JSON on stdout instead of the table.", rich_help_panel=_OUT)] = False,
 ) -> None:
-    from estpipe.orchestration import EstimateOptions, run_estimate
+    from estpipe.cli.reporters import run_estimate
+    from estpipe.orchestration import EstimateOptions
 
     options = EstimateOptions(
         workers=workers, scheduler=scheduler, scheduler_file=scheduler_file, jobqueue=jobqueue, partitions=partitions,
@@ -55,3 +58,9 @@ def command(
     code = run_estimate(data, options)
     if code:
         raise typer.Exit(code)
+
+
+def estimate_argv(options, names: Iterable[str]) -> list[str]:
+    """The options of this command that set the EstimateOptions fields `names` to their values in
+    `options`, in that order (a batch script's `estpipe estimate`: what its job spec fixes)."""
+    return option_argv({name: getattr(options, name) for name in names})

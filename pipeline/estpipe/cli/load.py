@@ -18,6 +18,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from estpipe.cli.argv import option_argv
 from estpipe.text import count
 
 NAME = "load"
@@ -25,6 +26,12 @@ EPILOG = (
     "Example: `estpipe load data/modechoice.csv modechoice.h5 --set-col individual "
     "--choice-col choice --x gc,ttme --alt-col mode --asc`"
 )
+
+
+def load_argv(input, out, **arguments) -> list[str]:
+    """The arguments of this command that convert as load_choice_data(input, out, **arguments)
+    does (a batch script's `estpipe load`); `input` and `out` as given."""
+    return [str(input), str(out)] + option_argv(arguments)
 
 
 def command(

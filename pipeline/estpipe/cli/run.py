@@ -3,9 +3,11 @@
 Makes the data when its file is missing (simulate or load, as the spec says), then runs
 `estpipe estimate` with the spec's options, a checkpoint and `--resume`: running the job again
 after a crash or a kill continues from the last checkpoint instead of starting over. Prints the
-same table as `estpipe estimate` and writes the results file named in `[output]`. Back ends:
-`local`, `dask` (an existing scheduler), and `slurm`/`pbs` (dask-jobqueue workers as batch jobs;
-use `estpipe submit` to run the whole job as one batch job).
+same table as `estpipe estimate` and writes the results file named in `[output]`.
+
+Back ends (`[backend] kind`): `local`, `dask` (an existing scheduler), or a batch system whose
+batch jobs are the dask-jobqueue workers: {estpipe.execution.jobqueue:KINDS}. `estpipe submit`
+runs the whole job as one batch job instead.
 """
 
 from __future__ import annotations

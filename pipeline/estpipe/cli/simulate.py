@@ -17,6 +17,7 @@ from typing import Annotated
 
 import typer
 
+from estpipe.cli.argv import option_argv
 from estpipe.errors import UserError
 
 NAME = "simulate"
@@ -37,9 +38,19 @@ def parse_alternatives(text: str) -> tuple[int, int]:
     raise UserError(f"--alternatives {text!r}: expected a set size like 30 or a range like 2:30")
 
 
+def simulate_argv(out, **arguments) -> list[str]:
+    """The arguments of this command that make what simulate_choice_data(out, **arguments) makes
+    (a batch script's `estpipe simulate`), in the order of `arguments`; `out` as given."""
+    values = dict(arguments)
+    if "alternatives" in values:
+        lo, hi = values["alternatives"]
+        values["alternatives"] = str(lo) if lo == hi else f"{lo}:{hi}"
+    return [str(out)] + option_argv(values)
+
+
 def command(
     out: Annotated[Path, typer.Argument(help="Output choice-data file (HDF5); written under a temporary name and renamed at the end.", dir_okay=False)],
-    design: Annotated[str, typer.Option(help="logit (choices from a true logit model) or seed (timing data, no estimate).")] = "logit",
+    design: Annotated[str, typer.Option(help="{estpipe.data.simulate:DESIGNS}.")] = "logit",
     sets: Annotated[int, typer.Option(help="Number of choice sets.")] = 1000,
     alternatives: Annotated[str, typer.Option(help="Alternatives per set: a size like 30, or a range like 2:30 (drawn per set).")] = "30",
     params: Annotated[int, typer.Option(help="Number of covariates K (columns of X).")] = 20,

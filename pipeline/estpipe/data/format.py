@@ -295,10 +295,6 @@ class ChoiceDataFile:
         self.close()
 
 
-def open_choice_data(path: str | os.PathLike) -> ChoiceDataFile:
-    return ChoiceDataFile(path)
-
-
 def read_choice_data(path: str | os.PathLike, start: int = 0, stop: int | None = None) -> ChoiceData:
     """Sets start:stop of a file, in memory."""
     with ChoiceDataFile(path) as f:

@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 
 from estpipe import outputs
 from estpipe.data.format import MAX_ABS_VALUE, ChoiceDataWriter, estimated_file_bytes, provenance
-from estpipe.errors import UserError
+from estpipe.errors import UserError, term
 from estpipe.text import count
 
 DEFAULT_BATCH_ROWS = 65_536
@@ -318,7 +318,7 @@ def _scan_structure(table: _Table, set_col: str, cluster_col: str | None, alt_co
             if len(levels) > MAX_ALT_LEVELS:
                 raise UserError(
                     f"{table.path}: column {alt_col} has more than {MAX_ALT_LEVELS} levels; alternative-specific "
-                    f"constants need a column naming the alternative (a few levels): check --alt-col"
+                    f"constants need a column naming the alternative (a few levels): check {term('alt_col')}"
                 )
         last_set = ids[-1].as_py()
         if starts.size:
@@ -437,7 +437,7 @@ class _Spec:
 
 
 class _XColumnFacts:
-    """What the values pass learns about the --x columns (not the constants --asc adds), batch by
+    """What the values pass learns about the x columns (not the constants `asc` adds), batch by
     batch of whole sets: whether each is the same in every row, the same within every set, or
     equal to another x column in every row. Such a column's parameter is not identified (estimate
     refuses the model); load writes the file and says so. Once a fact is settled for a column
@@ -473,18 +473,18 @@ class _XColumnFacts:
         out = []
         for j, name in enumerate(self.names):
             if self.first is not None and not self.varies[j]:
-                out.append(f"column {name} (--x) is {self.first[j]:g} in every row, so it never varies within a set and "
-                           f"its parameter is not identified; estimate refuses such a model: drop {name} from --x")
+                out.append(f"column {name} ({term('x')}) is {self.first[j]:g} in every row, so it never varies within a set and "
+                           f"its parameter is not identified; estimate refuses such a model: drop {name} from {term('x')}")
             elif not self.varies_within[j]:
-                out.append(f"column {name} (--x) never varies within a set (it describes the set, not the "
+                out.append(f"column {name} ({term('x')}) never varies within a set (it describes the set, not the "
                            f"alternative), so its parameter is not identified; estimate refuses such a model: drop {name} "
-                           "from --x, or enter it multiplied by an attribute of the alternatives")
+                           f"from {term('x')}, or enter it multiplied by an attribute of the alternatives")
         for b in range(len(self.names)):
             twins = [a for a in np.flatnonzero(self.equal[:, b]) if self.varies_within[a] and self.varies_within[b]]
             if twins:
                 a = int(twins[0])
-                out.append(f"columns {self.names[a]} and {self.names[b]} (--x) are equal in every row, so their "
-                           f"parameters are not identified apart; estimate refuses such a model: drop one of them from --x")
+                out.append(f"columns {self.names[a]} and {self.names[b]} ({term('x')}) are equal in every row, so their "
+                           f"parameters are not identified apart; estimate refuses such a model: drop one of them from {term('x')}")
         return out
 
 
@@ -596,19 +596,20 @@ def load_choice_data(
     """
     t0 = time.perf_counter()
     input, out = Path(input), Path(out)
-    x_cols = _columns_list("--x", x)
-    z_cols = _columns_list("--z", z)
-    dm_cols = _columns_list("--dm", dm)
+    x_cols = _columns_list(term("x"), x)
+    z_cols = _columns_list(term("z"), z)
+    dm_cols = _columns_list(term("dm"), dm)
     if not x_cols:
-        raise UserError("--x: give the covariate columns, e.g. --x price,time")
+        raise UserError(f"{term('x')}: give the covariate columns, e.g. {term('x')} price,time")
     if z_cols is not None and dm_cols is not None:
-        raise UserError("--z and --dm together: give instruments with --z (dm = z - z of the chosen row) or ready moment columns with --dm, not both")
+        raise UserError(f"{term('z')} and {term('dm')} together: give instruments with {term('z')} (dm = z - z of the chosen row) "
+                        f"or ready moment columns with {term('dm')}, not both")
     if alt_col is not None and not asc:
-        raise UserError(f"--alt-col {alt_col} does nothing without --asc: add --asc for alternative-specific constants")
+        raise UserError(f"{term('alt_col')} {alt_col} does nothing without {term('asc')}: add {term('asc')} for alternative-specific constants")
     if asc and alt_col is None:
-        raise UserError("--asc needs --alt-col: name the column that says which alternative a row is")
+        raise UserError(f"{term('asc')} needs {term('alt_col')}: name the column that says which alternative a row is")
     if asc_base is not None and not asc:
-        raise UserError("--asc-base needs --asc (and --alt-col)")
+        raise UserError(f"{term('asc_base')} needs {term('asc')} (and {term('alt_col')})")
     if not input.exists():
         raise UserError(f"{input}: no such file; check the path of the input CSV or Parquet file")
     if input.is_dir():
@@ -624,13 +625,13 @@ def load_choice_data(
 
     table = _Table(input, batch_rows)
     spec = _Spec(set_col, choice_col, x_cols, z_cols, dm_cols, alt_col if asc else None, cluster_col)
-    asked = {"--set-col": [set_col], "--choice-col": [choice_col], "--x": x_cols, "--z": z_cols or [],
-             "--dm": dm_cols or [], "--alt-col": [alt_col] if alt_col else [], "--cluster-col": [cluster_col] if cluster_col else []}
-    for option, names in asked.items():
+    asked = {"set_col": [set_col], "choice_col": [choice_col], "x": x_cols, "z": z_cols or [], "dm": dm_cols or [],
+             "alt_col": [alt_col] if alt_col else [], "cluster_col": [cluster_col] if cluster_col else []}
+    for argument, names in asked.items():
         for name in names:
             if name not in table.names:
                 raise UserError(
-                    f"{input}: no column {name!r} (asked by {option}); the columns are: {', '.join(table.names)}"
+                    f"{input}: no column {name!r} (asked by {term(argument)}); the columns are: {', '.join(table.names)}"
                 )
 
     structure = _scan_structure(table, set_col, cluster_col, spec.alt_col)
@@ -643,7 +644,7 @@ def load_choice_data(
             matches = [v for v in levels if _text(v) == asc_base or _same_number(v, asc_base)]
             if not matches:
                 raise UserError(
-                    f"--asc-base {asc_base}: not a level of column {alt_col}; its levels are: {', '.join(map(_text, levels))}"
+                    f"{term('asc_base')} {asc_base}: not a level of column {alt_col}; its levels are: {', '.join(map(_text, levels))}"
                 )
             base = matches[0]
         asc_levels = [v for v in levels if v != base]
@@ -652,10 +653,10 @@ def load_choice_data(
     moment_names = dm_cols if dm_cols is not None else (z_cols if z_cols is not None else x_cols + asc_names)
     K, M = len(param_names), len(moment_names)
     if M < K:
-        source = "--dm" if dm_cols is not None else "--z"
+        source = term("dm") if dm_cols is not None else term("z")
         raise UserError(
             f"M = {count(M, 'moment column')} ({source} {','.join(moment_names)}) but K = {K} parameters "
-            f"({','.join(param_names)}); GMM needs M >= K: add columns to {source} or use fewer in --x"
+            f"({','.join(param_names)}); GMM needs M >= K: add columns to {source} or use fewer in {term('x')}"
         )
 
     outputs.check_free_space(

@@ -45,10 +45,14 @@ from threadpoolctl import threadpool_limits
 
 from estpipe import outputs
 from estpipe.data.format import DEFAULT_CHUNK_ROWS, MAX_COLUMNS, ChoiceDataWriter, estimated_file_bytes, provenance
-from estpipe.errors import UserError
+from estpipe.errors import UserError, term
+from estpipe.registry import Choice, Registry, did_you_mean
 from estpipe.text import count
 
-DESIGNS = ("logit", "seed")
+DESIGNS: Registry[Choice] = Registry("design", [
+    Choice("logit", "choices from a true logit model"),
+    Choice("seed", "timing data, no estimate"),
+])
 TRUTH_UTILITY_SD = 1.5
 CLUSTER_SHOCK_SD = 0.5
 # Rows per chunk of sets when the caller does not say: four HDF5 row chunks, large enough that
@@ -112,8 +116,8 @@ def instrument_names(K: int, M: int) -> list[str]:
     available = 3 * K + K * (K - 1) // 2
     if M > available:
         raise UserError(
-            f"--moments {M} is too many for --params {K}: the logit design builds at most "
-            f"{available} instruments (x, squares, pairwise products, cubes); use --moments {available} or fewer"
+            f"{term('moments')} {M} is too many for {term('params')} {K}: the logit design builds at most "
+            f"{available} instruments (x, squares, pairwise products, cubes); use {term('moments')} {available} or fewer"
         )
     names = itertools.chain(
         (f"x{k + 1}" for k in range(K)),
@@ -188,40 +192,40 @@ def true_params(rng: np.random.Generator, K: int) -> np.ndarray:
 # -- validation -------------------------------------------------------------------------------
 def _check_options(design, sets, alternatives, params, moments, seed, cluster_size, chunk_sets) -> tuple[int, int]:
     if design not in DESIGNS:
-        raise UserError(f"--design {design!r} is unknown; use one of {', '.join(DESIGNS)}")
+        raise UserError(f"{term('design')} {design!r} is unknown; use one of {', '.join(DESIGNS)}{did_you_mean(design, DESIGNS)}")
     if int(sets) < 1:
-        raise UserError(f"--sets {sets}: need at least 1 choice set")
+        raise UserError(f"{term('sets')} {sets}: need at least 1 choice set")
     try:
         lo, hi = (int(a) for a in alternatives)
     except (TypeError, ValueError):
-        raise UserError(f"--alternatives {alternatives!r}: expected a size like 30 or a range like 2:30") from None
+        raise UserError(f"{term('alternatives')} {alternatives!r}: expected a size like 30 or a range like 2:30") from None
     if lo < 2:
         raise UserError(
-            f"--alternatives {lo}{'' if lo == hi else f':{hi}'}: a choice set needs at least 2 alternatives "
+            f"{term('alternatives')} {lo}{'' if lo == hi else f':{hi}'}: a choice set needs at least 2 alternatives "
             "(one alternative carries no information); use e.g. 30 or 2:30"
         )
     if hi < lo:
-        raise UserError(f"--alternatives {lo}:{hi}: the range is empty (the upper end is below the lower); use e.g. {hi}:{lo}")
+        raise UserError(f"{term('alternatives')} {lo}:{hi}: the range is empty (the upper end is below the lower); use e.g. {hi}:{lo}")
     if int(params) < 1:
-        raise UserError(f"--params {params}: need at least 1 covariate")
-    for flag, n in (("--params", int(params)), ("--moments", int(moments))):
+        raise UserError(f"{term('params')} {params}: need at least 1 covariate")
+    for flag, n in ((term("params"), int(params)), (term("moments"), int(moments))):
         if n > MAX_COLUMNS:
             raise UserError(f"{flag} {n:,}: a choice-data file holds at most {MAX_COLUMNS:,} columns in X and in dm "
                             f"(their names are one HDF5 attribute); use {flag} {MAX_COLUMNS} or fewer")
     if int(moments) < int(params):
         raise UserError(
-            f"--moments {moments} is below --params {params}: GMM needs at least as many moments as "
-            f"parameters (M >= K); use --moments {params} or more"
+            f"{term('moments')} {moments} is below {term('params')} {params}: GMM needs at least as many moments as "
+            f"parameters (M >= K); use {term('moments')} {params} or more"
         )
     if int(seed) < 0:
-        raise UserError(f"--seed {seed}: the seed must be a non-negative integer")
+        raise UserError(f"{term('seed')} {seed}: the seed must be a non-negative integer")
     if cluster_size is not None and int(cluster_size) < 1:
-        raise UserError(f"--cluster-size {cluster_size}: a cluster needs at least 1 set")
+        raise UserError(f"{term('cluster_size')} {cluster_size}: a cluster needs at least 1 set")
     if chunk_sets is not None and int(chunk_sets) < 1:
         raise UserError(f"chunk_sets {chunk_sets}: need at least 1 set per chunk")
     # Python integers have no limit, but offsets are int64: refuse before numpy overflows.
     if int(sets) * hi > MAX_ROWS:
-        raise UserError(f"--sets {int(sets):,} with up to {hi:,} alternatives is more rows than a choice-data file can "
+        raise UserError(f"{term('sets')} {int(sets):,} with up to {hi:,} alternatives is more rows than a choice-data file can "
                         f"count ({MAX_ROWS:,}); simulate fewer sets")
     return lo, hi
 
@@ -244,7 +248,7 @@ def _check_memory(chunk_sets: int, hi: int, K: int, M: int) -> None:
         raise UserError(
             f"simulating needs about {gib(need)} of memory for its buffers ({chunk_sets:,} set(s) of up to {hi:,} "
             f"alternatives at a time, K = {K}, M = {M}), but only {gib(have)} is available; use fewer alternatives "
-            "(--alternatives) or fewer columns (--params, --moments)"
+            f"({term('alternatives')}) or fewer columns ({term('params')}, {term('moments')})"
         )
 
 
@@ -333,7 +337,7 @@ def simulate_choice_data(
     need = estimated_file_bytes(sets * (lo + hi) // 2, sets, K, M, logit, cluster_size is not None)
     outputs.check_free_space(
         path, need,
-        "simulate fewer sets (--sets), alternatives or columns (--params, --moments), or write to another folder")
+        f"simulate fewer sets ({term('sets')}), alternatives or columns ({term('params')}, {term('moments')}), or write to another folder")
     # One BLAS thread: the only BLAS call is a small matrix-vector product per chunk, and idle
     # OpenBLAS threads spin after each call, doubling the CPU time and slowing the writer.
     with writer, bar, threadpool_limits(limits=1, user_api="blas"):

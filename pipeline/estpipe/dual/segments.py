@@ -3,7 +3,7 @@
 A tile holds whole sets; set i of the tile owns rows offsets[i]:offsets[i+1] of the tile. When
 every set has the same size J (the seed design, and many real data sets), rows reshape to
 (n_sets, J, ...) and per-set reductions become stacked products, which are much faster than
-`np.add.reduceat` or sums over a middle axis (notes/performance.md).
+`np.add.reduceat` or sums over a middle axis.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Work buffers allocated once and reused on every evaluation (ForwardDiff's config idea).
 
-Fresh multi-megabyte arrays on every call cost page faults that can exceed the arithmetic
-(notes/performance.md). A `Workspace` hands out buffers in the order they are asked for: an
+Fresh multi-megabyte arrays on every call cost page faults that can exceed the arithmetic.
+A `Workspace` hands out buffers in the order they are asked for: an
 evaluation asks for the same sequence of shapes every time (a model is a fixed program), so the
 k-th request of a tile always gets the k-th buffer. `reset()` starts the sequence again for the
 next tile. A buffer grows only when a larger request arrives (the first, largest tile), so after

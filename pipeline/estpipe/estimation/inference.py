@@ -9,7 +9,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from estpipe.errors import UserError
+from estpipe.errors import UserError, term
 from estpipe.estimation.linalg import (RANK_TOL, combinations_text, minimal_dependent_columns, pinv_columns,
                                relative_singular_values)
 from estpipe.estimation.weighting import WeightMatrix
@@ -22,7 +22,7 @@ def check_identification(B: np.ndarray, param_names: list[str], where: str, expl
     together and, through explain(columns, coefficients) -> str, the data fact behind it."""
     if not np.all(np.isfinite(B)):
         raise UserError(f"the moment Jacobian G at {where} has non-finite entries; check the data for huge values "
-                        "or give another --start")
+                        f"or give another {term('start')}")
     rel = relative_singular_values(B, equilibrated=True)
     if rel.size and rel[-1] > RANK_TOL:
         return

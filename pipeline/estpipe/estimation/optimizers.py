@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.optimize import least_squares, minimize
 
-from estpipe.execution.evaluator import Evaluator
 from estpipe.errors import term
 from estpipe.estimation.scaling import Scaling
 from estpipe.registry import Registry
@@ -36,7 +35,7 @@ class MomentOracle:
     scaling: the run's Scaling (seed and moment scales go to every evaluation; finite-difference
     steps are on its standardized parameters), or None for the data's own units."""
 
-    def __init__(self, evaluator: Evaluator, clustered: bool, scaling: Scaling | None = None):
+    def __init__(self, evaluator, clustered: bool, scaling: Scaling | None = None):
         self.evaluator = evaluator
         self.clustered = clustered
         self.scaling = scaling
@@ -219,7 +218,7 @@ class Optimizer:
 
 class GaussNewton(Optimizer):
     name = "gauss-newton"
-    description = "scipy least_squares on the whitened residual L'g, Jacobian L'G; --tol is its xtol and ftol"
+    description = "scipy least_squares on the whitened residual L'g, Jacobian L'G; tol is its xtol and ftol"
     needs_jacobian = True
 
     def minimize(self, objective, theta0, tol, max_iter, accepted):
@@ -238,7 +237,7 @@ class GaussNewton(Optimizer):
 
 
 class QuasiNewton(Optimizer):
-    """scipy minimize with the exact gradient; --tol is its gtol."""
+    """scipy minimize with the exact gradient; tol is its gtol."""
 
     method = ""
 

@@ -1,72 +1,131 @@
-"""The results of `estpipe estimate`: one dataclass whose `to_dict()` has every key of DESIGN.md
-("Results file"), a table for people and JSON for scripts."""
+"""The results of an estimation: what was estimated is stored, what follows from it is derived.
+
+Stored: the parameters, one covariance per standard-error type (`covariances`, the default named
+by `se_type`), the final step's weight, the steps, the J test as one object, the objective and
+log-likelihood, convergence. Derived as properties (linearmodels' results classes are the model):
+standard errors, z, p-values, 95% intervals, the J test's three numbers. How the run went
+(evaluations, seconds, workers, partitions, back end, versions, timings) is its own record,
+`Telemetry`. `to_dict()` has every key of DESIGN.md's results file, with the same meaning.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from estpipe.orchestration.checkpoint import write_json_atomic
-from estpipe.estimation.inference import z_table
+from estpipe.estimation.gmm import GmmEstimate, StepRecord
+from estpipe.estimation.inference import JTest, z_table
+from estpipe.estimation.weighting import WeightMatrix
 from estpipe.text import count
+
+__all__ = ["Results", "StepRecord", "Telemetry"]
 
 
 @dataclass
-class StepRecord:
-    """One GMM step: its weighting, estimate, objective, and how the optimizer ended."""
+class Telemetry:
+    """How a run went: evaluations (map/reduces of this run), evaluations_total (with those before
+    a resume), wall_seconds, workers, partitions, backend (one line), versions, resumed (from
+    which checkpoint, or None), timing (per-evaluation seconds and bytes, from the evaluator's
+    stats), gradient_rule (how gradients were computed: reverse rule, forward projection, ...)."""
 
-    step: int
-    weighting: str
-    params: list[float]
-    objective: float
-    iterations: int
     evaluations: int
-    converged: bool
-    message: str
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
+    evaluations_total: int
+    wall_seconds: float
+    workers: int
+    partitions: int
+    backend: str = ""
+    versions: dict = field(default_factory=dict)
+    resumed: dict | None = None
+    timing: dict = field(default_factory=dict)
+    gradient_rule: str = ""
 
 
 @dataclass
 class Results:
     """Estimates and inference (see DESIGN.md, "Results file", for every key's meaning).
 
-    params, std_errors: (P,); covariance: (P, P); truth: (P,) or None."""
+    params: (P,); covariances: se type -> (P, P); truth: (P,) or None; config: every option of
+    the run; data: the file's path, sizes and fingerprint."""
 
     params: np.ndarray
     param_names: list[str]
-    std_errors: np.ndarray
+    covariances: dict[str, np.ndarray]
     se_type: str
-    covariance: np.ndarray
     n_clusters: int | None
+    weight: WeightMatrix | None
+    j_test: JTest | None
     objective: float
-    j_statistic: float | None
-    j_df: int | None
-    j_pvalue: float | None
     loglik: float | None
     converged: bool
     message: str
     steps: list[StepRecord]
-    evaluations: int  # of this run
-    evaluations_total: int  # with those before a resume (from the checkpoint)
-    wall_seconds: float
-    workers: int
-    partitions: int
     config: dict
     data: dict
-    versions: dict
+    telemetry: Telemetry
     truth: np.ndarray | None = None
-    backend: str = ""
-    resumed: dict | None = None
-    timing: dict = field(default_factory=dict)
 
+    @classmethod
+    def from_estimate(cls, est: GmmEstimate, *, config: dict, data: dict, telemetry: Telemetry,
+                      truth: np.ndarray | None = None) -> "Results":
+        return cls(params=est.params, param_names=est.param_names, covariances={est.se_type: est.covariance},
+                   se_type=est.se_type, n_clusters=est.n_clusters, weight=est.weight, j_test=est.j_test,
+                   objective=est.objective, loglik=est.loglik, converged=est.converged, message=est.message,
+                   steps=est.steps, config=config, data=data, telemetry=telemetry,
+                   truth=truth if truth is not None and len(truth) == len(est.params) else None)
+
+    # -- derived --------------------------------------------------------------------------------------
+    @property
+    def covariance(self) -> np.ndarray:
+        """The covariance of the estimates under the default standard errors (se_type)."""
+        return self.covariances[self.se_type]
+
+    @property
+    def std_errors(self) -> np.ndarray:
+        return np.sqrt(np.diag(self.covariance))
+
+    def _z(self) -> dict[str, np.ndarray]:
+        return z_table(self.params, self.std_errors)
+
+    @property
+    def z(self) -> np.ndarray:
+        return self._z()["z"]
+
+    @property
+    def p_values(self) -> np.ndarray:
+        return self._z()["p"]
+
+    @property
+    def ci95(self) -> tuple[np.ndarray, np.ndarray]:
+        t = self._z()
+        return t["lower"], t["upper"]
+
+    @property
+    def j_statistic(self) -> float | None:
+        return None if self.j_test is None else self.j_test.statistic
+
+    @property
+    def j_df(self) -> int | None:
+        return None if self.j_test is None else self.j_test.df
+
+    @property
+    def j_pvalue(self) -> float | None:
+        return None if self.j_test is None else self.j_test.pvalue
+
+    @property
+    def evaluations(self) -> int:
+        return self.telemetry.evaluations
+
+    @property
+    def wall_seconds(self) -> float:
+        return self.telemetry.wall_seconds
+
+    # -- output ---------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        zt = z_table(self.params, self.std_errors)
+        zt = self._z()
+        t = self.telemetry
         return {
             "params": self.params.tolist(),
             "param_names": list(self.param_names),
@@ -82,33 +141,31 @@ class Results:
             "converged": self.converged,
             "message": self.message,
             "steps": [s.to_dict() for s in self.steps],
-            "evaluations": self.evaluations,
-            "evaluations_total": self.evaluations_total,
-            "wall_seconds": self.wall_seconds,
-            "workers": self.workers,
-            "partitions": self.partitions,
+            "evaluations": t.evaluations,
+            "evaluations_total": t.evaluations_total,
+            "wall_seconds": t.wall_seconds,
+            "workers": t.workers,
+            "partitions": t.partitions,
             "config": self.config,
             "data": self.data,
-            "versions": self.versions,
+            "versions": t.versions,
             "z": zt["z"].tolist(),
             "p_values": zt["p"].tolist(),
             "ci95_lower": zt["lower"].tolist(),
             "ci95_upper": zt["upper"].tolist(),
             "truth": None if self.truth is None else self.truth.tolist(),
-            "backend": self.backend,
-            "resumed": self.resumed,
-            "timing": self.timing,
+            "backend": t.backend,
+            "resumed": t.resumed,
+            "timing": t.timing,
+            "gradient_rule": t.gradient_rule,
         }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
 
-    def write(self, path: str | Path) -> None:
-        write_json_atomic(path, self.to_dict())
-
     def table(self) -> str:
         """A plain-text table: estimate, std. error, z, p, 95% interval (and the truth)."""
-        zt = z_table(self.params, self.std_errors)
+        zt = self._z()
         d = self.data
         steps = len(self.steps)
         lines = [
@@ -122,21 +179,22 @@ class Results:
         if self.truth is not None:
             head += f" {'truth':>10}"
         lines.append(head)
+        se = self.std_errors
         for k, name in enumerate(self.param_names):
-            row = (f"{name:<{w}} {self.params[k]:>11.5g} {self.std_errors[k]:>10.4g} {zt['z'][k]:>8.3f} "
+            row = (f"{name:<{w}} {self.params[k]:>11.5g} {se[k]:>10.4g} {zt['z'][k]:>8.3f} "
                    f"{zt['p'][k]:>7.4f} {zt['lower'][k]:>11.5g} {zt['upper'][k]:>11.5g}")
             if self.truth is not None:
                 row += f" {self.truth[k]:>10.5g}"
             lines.append(row)
         lines.append("")
         tail = f"objective Q = {self.objective:.6g}"
-        if self.j_statistic is not None:
+        if self.j_test is not None:
             tail += f"; J = {self.j_statistic:.4g} (df {self.j_df}, p = {self.j_pvalue:.4g})"
         if self.loglik is not None and math.isfinite(self.loglik):
             tail += f"; loglik = {self.loglik:.6g}"
         lines.append(tail)
         lines.append(
-            f"{'converged' if self.converged else 'NOT converged'}: {self.message}; {count(self.evaluations, 'evaluation')}, "
-            f"{self.wall_seconds:.2f} s, {self.backend}"
+            f"{'converged' if self.converged else 'NOT converged'}: {self.message}; "
+            f"{count(self.evaluations, 'evaluation')}, {self.wall_seconds:.2f} s, {self.telemetry.backend}"
         )
         return "\n".join(lines)

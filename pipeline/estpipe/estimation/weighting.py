@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.linalg import LinAlgError, cholesky, solve_triangular
 
-from estpipe.errors import UserError
+from estpipe.errors import UserError, term
 from estpipe.estimation.linalg import GRAM_TOL, minimal_dependent_principal
 from estpipe.text import count
 
@@ -157,7 +157,7 @@ def check_covariance(S: np.ndarray, moment_names: list[str], n_units: int, where
     eigenvalue (a singular value of the moments' data matrix) is below GRAM_TOL of the largest."""
     if not np.all(np.isfinite(S)):
         raise UserError(f"the moment covariance S at {where} has non-finite entries; the moments overflow there: "
-                        "check the data for huge values or give another --start")
+                        f"check the data for huge values or give another {term('start')}")
     d = np.sqrt(np.clip(np.diag(S), 0.0, None))
     flat = d <= GRAM_TOL * max(float(d.max(initial=0.0)), np.finfo(float).tiny)
     if flat.any():
@@ -181,7 +181,7 @@ def diagnose_covariance(S: np.ndarray, moment_names: list[str], n_units: int) ->
     if n_units <= M:
         return (f"there {'is' if n_units == 1 else 'are'} only {count(n_units, 'independent unit')} (sets or clusters) "
                 f"for M = {M} moments; use more data, "
-                "fewer moments, or --no-cluster")
+                f"fewer moments, or {term('no_cluster')}")
     found = minimal_dependent_principal(S)
     involved = [moment_names[m] for m in (found or range(M))]
     return (f"moments {', '.join(involved)} are linearly dependent (one is a combination of the others); "

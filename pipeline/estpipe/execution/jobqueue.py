@@ -32,9 +32,13 @@ from estpipe.errors import UserError, term
 from estpipe.execution.clusters import DaskCluster, wait_for_workers
 from estpipe.execution.dask_backend import quiet_distributed_logs
 from estpipe.outputs import check_writable_folder
+from estpipe.registry import Choice, Registry
 from estpipe.text import count
 
-KINDS = ("slurm", "pbs")
+KINDS: Registry[Choice] = Registry("batch system", argument="jobqueue", entries=[
+    Choice("slurm", "Slurm, sbatch"),
+    Choice("pbs", "PBS Pro or OpenPBS, qsub"),
+])
 DEFAULT_WAIT = 120.0
 
 

@@ -52,8 +52,9 @@ def _command(words: list[str]) -> str:
     return " ".join(_q(w) if not w.startswith('"$') else w for w in words)
 
 
-def _common_body(spec: JobSpec, python: str, job_id: str, restart: str) -> list[str]:
-    """The shell lines shared by Slurm and PBS, up to (not including) starting the workers."""
+def _common_body(spec: JobSpec, python: str, job_id: str, restart: str, after_variables: tuple[str, ...] = ()) -> list[str]:
+    """The shell lines shared by Slurm and PBS, up to (not including) starting the workers;
+    `after_variables`: lines of the batch system's own once the paths are set."""
     backend, data = spec.backend, spec.data
     lines = [
         "set -euo pipefail",
@@ -70,6 +71,7 @@ def _common_body(spec: JobSpec, python: str, job_id: str, restart: str) -> list[
         f"CHECKPOINT={_q(spec.output.checkpoint)}",
         f"LOGS={_q(spec.output.logs)}",
         f'SCHEDULER_FILE="$LOGS/{spec.name}-{job_id}.scheduler.json"',
+        *after_variables,
         "",
         f'echo "estpipe: job {job_id} (restart {restart}) on $(hostname) at $(date -Is)" >&2',
         'mkdir -p "$LOGS" "$(dirname "$RESULTS")" "$(dirname "$CHECKPOINT")" "$(dirname "$DATA")"',
@@ -112,12 +114,14 @@ def _worker_command(spec: JobSpec, per_process: int) -> str:
 
 
 def _data_lines(spec: JobSpec) -> list[str]:
+    from estpipe.cli.load import load_argv
+    from estpipe.cli.simulate import simulate_argv
+
     data = spec.data
-    words = data.cli_args()
     if isinstance(data, LoadSpec):
-        words[2] = '"$DATA"'  # load INPUT OUT
+        words = ["load"] + load_argv(data.input, '"$DATA"', **data.arguments())
     else:
-        words[1] = '"$DATA"'  # simulate OUT
+        words = ["simulate"] + simulate_argv('"$DATA"', **data.arguments())
     return [
         "",
         "# Make the data when it is missing (while the workers start); it is written under a",
@@ -129,11 +133,14 @@ def _data_lines(spec: JobSpec) -> list[str]:
 
 
 def _estimate_tail(spec: JobSpec) -> list[str]:
+    from estpipe.cli.estimate import estimate_argv
+
     backend = spec.backend
-    estimate = _command(
-        ['"$PYTHON"', "-m", "estpipe", "estimate", '"$DATA"', "--scheduler-file", '"$SCHEDULER_FILE"',
-         "--checkpoint", '"$CHECKPOINT"', "--resume", "--out", '"$RESULTS"'] + spec.estimate.cli_args()
-    )
+    # The job's own cluster, checkpoint and results (shell variables), then what the spec fixes.
+    options = dataclasses.replace(spec.estimate, scheduler_file='"$SCHEDULER_FILE"', checkpoint='"$CHECKPOINT"',
+                                  resume=True, out='"$RESULTS"')
+    names = ("scheduler_file", "checkpoint", "resume", "out") + spec.estimate_keys
+    estimate = _command(['"$PYTHON"', "-m", "estpipe", "estimate", '"$DATA"'] + estimate_argv(options, names))
     return _data_lines(spec) + [
         "",
         "# Wait (bounded) until every worker has joined, so a worker that cannot start is reported.",
@@ -215,10 +222,9 @@ def render_pbs(spec: JobSpec, python: str | None = None) -> RenderedJob:
         f"# Written by `estpipe submit {spec.source.name}`: a dask scheduler here, dask workers on every",
         "# node (pbsdsh), then estpipe estimate with checkpoint and resume (safe to rerun).",
     ]
-    body = _common_body(spec, python, "$PBS_JOBID", "${PBS_RUN_COUNT:-0}")
-    # PBS overwrites -o on a rerun; appending here keeps every run's log.
-    body.insert(body.index('SCHEDULER_FILE="$LOGS/' + spec.name + '-$PBS_JOBID.scheduler.json"') + 1,
-                'mkdir -p "$LOGS"; exec >>"$LOGS/' + spec.name + '-$PBS_JOBID.out" 2>&1')
+    # PBS overwrites -o on a rerun; appending to the log from here on keeps every run's.
+    append_log = f'mkdir -p "$LOGS"; exec >>"$LOGS/{spec.name}-$PBS_JOBID.out" 2>&1'
+    body = _common_body(spec, python, "$PBS_JOBID", "${PBS_RUN_COUNT:-0}", after_variables=(append_log,))
     body += [
         f"# pbsdsh starts one command per node; each runs {per_node} dask worker process(es).",
         "pbsdsh -- " + _worker_command(spec, per_node) + " &",

@@ -1,7 +1,7 @@
 """Run a job spec on this machine: make the data when it is missing, then `estpipe estimate` with a
 checkpoint and --resume, so running the job again after a crash continues from the checkpoint.
 
-The estimation is `estpipe estimate` itself (`estpipe.orchestration.run_estimate`, the function behind the
+The estimation is `estpipe estimate` itself (`estpipe.cli.reporters.run_estimate`, the function behind the
 CLI command), so the table, the results file and the exit codes are exactly estimate's. Back ends: local (in-process or a
 LocalCluster of `workers`), dask (an existing scheduler), and slurm/pbs (dask-jobqueue workers as
 batch jobs, for interactive use from a login node; `estpipe submit` is the batch way).
@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
-from estpipe.errors import UserError
+from estpipe.errors import UserError, vocabulary
+from estpipe.execution.jobqueue import KINDS, JobQueue
 from estpipe.jobs.spec import JobSpec, LoadSpec
+from estpipe.orchestration import EstimateOptions
 from estpipe.outputs import check_writable, check_writable_folder
 from estpipe.text import count
 
@@ -24,7 +27,13 @@ def _log(message: str) -> None:
 
 
 def prepare_data(spec: JobSpec) -> Path:
-    """The job's choice-data file: simulated or loaded when it does not exist yet."""
+    """The job's choice-data file: simulated or loaded when it does not exist yet. Messages and
+    notes name the spec's fields (data.x), which are the arguments of simulate and load."""
+    with vocabulary(lambda argument: f"data.{argument}"):
+        return _prepare_data(spec)
+
+
+def _prepare_data(spec: JobSpec) -> Path:
     data = spec.data
     if data.path.exists():
         _log(f"data: {data.path} (exists)")
@@ -36,52 +45,42 @@ def prepare_data(spec: JobSpec) -> Path:
         if not data.input.exists():
             raise UserError(f"job spec {spec.source}: data.input {str(data.input)!r} does not exist; give the CSV or Parquet file to load")
         _log(f"data: loading {data.input} -> {data.path}")
-        summary = load_choice_data(
-            data.input, data.path, set_col=data.set_col, choice_col=data.choice_col, x=list(data.x),
-            z=list(data.z) if data.z else None, dm=list(data.dm) if data.dm else None,
-            alt_col=data.alt_col, asc=data.asc, asc_base=data.asc_base, cluster_col=data.cluster_col,
-        )
+        summary = load_choice_data(data.input, data.path, **data.arguments())
         for note in summary.notes:
             _log(f"note: {note}")
     else:
         from estpipe.data.simulate import simulate_choice_data
 
         _log(f"data: simulating {count(data.sets, 'set')} -> {data.path}")
-        simulate_choice_data(
-            data.path, design=data.design, sets=data.sets, alternatives=data.alternatives,
-            params=data.params, moments=data.moments, seed=data.seed, cluster_size=data.cluster_size,
-        )
+        simulate_choice_data(data.path, **data.arguments())
     return data.path
 
 
-def estimate_options(spec: JobSpec, *, scheduler: str | None = None, json: bool = False):
-    """The `estpipe estimate` options (D's EstimateOptions) for this job on this machine."""
-    from estpipe.orchestration import EstimateOptions
-
+def estimate_options(spec: JobSpec, *, scheduler: str | None = None, json: bool = False) -> EstimateOptions:
+    """The `estpipe estimate` options for this job on this machine: the spec's [estimate], its
+    checkpoint (resumed) and results file, and where the work runs."""
     backend = spec.backend
-    values = {name: value for name, value in vars(spec.estimate).items() if value is not None}
-    values.update(checkpoint=str(spec.output.checkpoint), resume=True, out=str(spec.output.results), json=json)
+    where: dict = {}
     if scheduler is not None:
-        values["scheduler"] = scheduler
+        where["scheduler"] = scheduler
     elif backend.kind == "local":
-        values["workers"] = backend.workers
+        where["workers"] = backend.workers
     elif backend.kind == "dask":
         if backend.address:
-            values["scheduler"] = backend.address
+            where["scheduler"] = backend.address
         else:
-            values["scheduler_file"] = str(backend.scheduler_file)
-    return EstimateOptions.from_mapping(values)
+            where["scheduler_file"] = str(backend.scheduler_file)
+    return replace(spec.estimate, checkpoint=str(spec.output.checkpoint), resume=True, out=str(spec.output.results),
+                   json=json, **where)
 
 
 @contextmanager
 def _cluster_for(spec: JobSpec):
     """The scheduler address of dask-jobqueue workers for slurm/pbs specs; None otherwise."""
     backend = spec.backend
-    if backend.kind not in ("slurm", "pbs"):
+    if backend.kind not in KINDS:
         yield None
         return
-    from estpipe.execution.jobqueue import JobQueue
-
     cluster = JobQueue(
         backend.kind, backend.workers, backend.worker_timeout, cores=backend.cores, memory=backend.memory,
         walltime=backend.walltime, queue=backend.partition or backend.queue, account=backend.account,
@@ -105,13 +104,13 @@ def check_outputs(spec: JobSpec) -> None:
     for path, what in targets:
         check_writable_folder(path.parent, what + " folder")
         check_writable(path, what)
-    if spec.backend.kind in ("slurm", "pbs"):
+    if spec.backend.kind in KINDS:
         check_writable_folder(spec.output.logs, "[output] logs")
 
 
 def run_job(spec: JobSpec, *, json: bool = False, stdout=None) -> int:
     """Make the data if needed and run the estimation; returns estimate's exit code (0, or 3)."""
-    from estpipe.orchestration import run_estimate
+    from estpipe.cli.reporters import run_estimate
 
     check_outputs(spec)
     prepare_data(spec)

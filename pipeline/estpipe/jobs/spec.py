@@ -3,9 +3,10 @@
     [data]      path = "data.h5" and either a simulate spec (design, sets, alternatives, params,
                 moments, seed, cluster_size) or `input` plus load options (set_col, choice_col, x,
                 z, dm, alt_col, asc, asc_base, cluster_col)
-    [estimate]  the options of `estpipe estimate` (model, optimizer, derivatives, steps, start, tol,
-                max_iter, no_cluster, partitions)
-    [backend]   kind = local | dask | slurm | pbs, and what that kind needs
+    [estimate]  the options of `estpipe estimate` that change the estimate, and max_iter and
+                partitions (ESTIMATE_KEYS), checked by EstimateOptions as on the command line
+    [backend]   kind = local | dask | a batch system of execution.jobqueue.KINDS (slurm, pbs), and
+                what that kind needs
     [output]    results, checkpoint, logs
 
 Relative paths resolve against the spec's folder. `load_job_spec` collects EVERY problem of a spec
@@ -14,25 +15,26 @@ and raises them together in one `UserError`, one line per problem (field, value,
 
 from __future__ import annotations
 
-import difflib
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from estpipe.errors import UserError
+from estpipe.data.simulate import DESIGNS
+from estpipe.errors import UserError, vocabulary
+from estpipe.execution.jobqueue import KINDS
+from estpipe.orchestration.options import RESULT_OPTIONS, EstimateOptions
+from estpipe.registry import did_you_mean
 from estpipe.text import count
 
-BACKEND_KINDS = ("local", "dask", "slurm", "pbs")
-DESIGNS = ("logit", "seed")
-MODELS = ("logit",)
-OPTIMIZERS = ("gauss-newton", "bfgs", "l-bfgs-b")
-DERIVATIVES = ("dual", "adjoint", "fd")
+BACKEND_KINDS = ("local", "dask") + KINDS.names
 
 SIMULATE_KEYS = ("path", "design", "sets", "alternatives", "params", "moments", "seed", "cluster_size")
 LOAD_KEYS = ("path", "input", "set_col", "choice_col", "x", "z", "dm", "alt_col", "asc", "asc_base", "cluster_col")
-ESTIMATE_KEYS = ("model", "optimizer", "derivatives", "steps", "start", "tol", "max_iter", "no_cluster", "partitions")
+# The estimate options a job fixes: those that change the estimate, how long it may run and in how
+# many pieces. Where it runs and where its output goes come from [backend] and [output].
+ESTIMATE_KEYS = RESULT_OPTIONS + ("max_iter", "partitions")
 BATCH_KEYS = ("kind", "nodes", "workers", "cores", "memory", "walltime", "account", "setup", "interface", "worker_timeout")
 BACKEND_KEYS = {
     "local": ("kind", "workers"),
@@ -51,7 +53,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 @dataclass(frozen=True)
 class SimulateSpec:
-    """Data made by `estpipe simulate` (A's `simulate_choice_data`) when `path` is missing."""
+    """Data made by `estpipe simulate` (`simulate_choice_data`) when `path` is missing."""
 
     path: Path
     design: str = "logit"
@@ -62,22 +64,14 @@ class SimulateSpec:
     seed: int = 0
     cluster_size: int | None = None
 
-    def cli_args(self) -> list[str]:
-        """The same data as `estpipe simulate` arguments (used in batch scripts)."""
-        lo, hi = self.alternatives
-        args = [
-            "simulate", str(self.path), "--design", self.design, "--sets", str(self.sets),
-            "--alternatives", str(lo) if lo == hi else f"{lo}:{hi}",
-            "--params", str(self.params), "--moments", str(self.moments), "--seed", str(self.seed),
-        ]
-        if self.cluster_size is not None:
-            args += ["--cluster-size", str(self.cluster_size)]
-        return args
+    def arguments(self) -> dict:
+        """The keyword arguments of simulate_choice_data(path, ...) that make this data."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "path"}
 
 
 @dataclass(frozen=True)
 class LoadSpec:
-    """Data converted by `estpipe load` (B's `load_choice_data`) from `input` when `path` is missing."""
+    """Data converted by `estpipe load` (`load_choice_data`) from `input` when `path` is missing."""
 
     path: Path
     input: Path
@@ -91,49 +85,9 @@ class LoadSpec:
     asc_base: str | None = None
     cluster_col: str | None = None
 
-    def cli_args(self) -> list[str]:
-        args = ["load", str(self.input), str(self.path), "--set-col", self.set_col,
-                "--choice-col", self.choice_col, "--x", ",".join(self.x)]
-        if self.z:
-            args += ["--z", ",".join(self.z)]
-        if self.dm:
-            args += ["--dm", ",".join(self.dm)]
-        if self.alt_col:
-            args += ["--alt-col", self.alt_col]
-        if self.asc:
-            args += ["--asc"]
-        if self.asc_base is not None:
-            args += ["--asc-base", self.asc_base]
-        if self.cluster_col:
-            args += ["--cluster-col", self.cluster_col]
-        return args
-
-
-@dataclass(frozen=True)
-class EstimateSpec:
-    """The options of `estpipe estimate` that a job fixes; None leaves estimate's default."""
-
-    model: str | None = None
-    optimizer: str | None = None
-    derivatives: str | None = None
-    steps: int | None = None
-    start: tuple[float, ...] | None = None
-    tol: float | None = None
-    max_iter: int | None = None
-    no_cluster: bool = False
-    partitions: int | None = None
-
-    def cli_args(self) -> list[str]:
-        args: list[str] = []
-        for name in ("model", "optimizer", "derivatives", "steps", "tol", "max_iter", "partitions"):
-            value = getattr(self, name)
-            if value is not None:
-                args += ["--" + name.replace("_", "-"), repr(value) if isinstance(value, float) else str(value)]
-        if self.start is not None:
-            args += ["--start", ",".join(repr(float(v)) for v in self.start)]
-        if self.no_cluster:
-            args += ["--no-cluster"]
-        return args
+    def arguments(self) -> dict:
+        """The keyword arguments of load_choice_data(input, path, ...) that make this data."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("path", "input")}
 
 
 @dataclass(frozen=True)
@@ -175,7 +129,8 @@ class JobSpec:
     source: Path
     name: str
     data: SimulateSpec | LoadSpec
-    estimate: EstimateSpec
+    estimate: EstimateOptions  # the [estimate] table over estimate's defaults
+    estimate_keys: tuple[str, ...]  # the fields [estimate] sets, in its order (batch scripts pass these)
     backend: BackendSpec
     output: OutputSpec
     raw: dict = field(default_factory=dict, repr=False, compare=False)
@@ -202,6 +157,10 @@ class _Problems:
     def add(self, where: str, message: str) -> None:
         self.lines.append(f"{where}: {message}")
 
+    def line(self, message: str) -> None:
+        """A problem whose message names its field itself."""
+        self.lines.append(message)
+
     def bad(self, where: str, value: Any, allowed: str) -> None:
         self.add(where, f"{_show(value)} is not allowed; {allowed}")
 
@@ -222,11 +181,6 @@ def _show(value: Any) -> str:
     return repr(value)
 
 
-def _did_you_mean(word: str, choices: tuple[str, ...] | list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 class _Table:
     """Typed reads of one TOML table; every mistake goes to the shared problem list."""
 
@@ -241,7 +195,7 @@ class _Table:
             if key not in allowed:
                 self.problems.add(
                     self.where(key),
-                    f"unknown key{context}{_did_you_mean(key, allowed)}; allowed: {', '.join(allowed)}",
+                    f"unknown key{context}{did_you_mean(key, allowed)}; allowed: {', '.join(allowed)}",
                 )
 
     def has(self, key: str) -> bool:
@@ -257,33 +211,21 @@ class _Table:
             self.problems.bad(self.where(key), value, "a non-empty string is required")
             return default
         if choices is not None and value not in choices:
-            self.problems.bad(self.where(key), value, f"one of {', '.join(choices)}{_did_you_mean(value, choices)}")
+            self.problems.bad(self.where(key), value, f"one of {', '.join(choices)}{did_you_mean(value, choices)}")
             return default
         return value
 
-    def integer(self, key: str, default=None, *, minimum: int = 1, choices: tuple[int, ...] | None = None):
+    def integer(self, key: str, default=None, *, minimum: int = 1):
         if key not in self.values:
             return default
         value = self.values[key]
         if isinstance(value, bool) or not isinstance(value, int):
             self.problems.bad(self.where(key), value, f"a whole number >= {minimum} is required")
             return default
-        if choices is not None and value not in choices:
-            self.problems.bad(self.where(key), value, f"one of {', '.join(map(str, choices))}")
-            return default
         if value < minimum:
             self.problems.bad(self.where(key), value, f"a whole number >= {minimum} is required")
             return default
         return value
-
-    def number(self, key: str, default=None, *, positive=True):
-        if key not in self.values:
-            return default
-        value = self.values[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (positive and not value > 0):
-            self.problems.bad(self.where(key), value, "a number > 0 is required" if positive else "a number is required")
-            return default
-        return float(value)
 
     def boolean(self, key: str, default=False):
         if key not in self.values:
@@ -383,7 +325,7 @@ def _data(table: _Table) -> SimulateSpec | LoadSpec | None:
                         alt_col=alt_col, asc=asc, asc_base=None if asc_base is None else str(asc_base),
                         cluster_col=cluster_col)
     table.check_keys(SIMULATE_KEYS, " for simulated data (no `input` is given)")
-    design = table.string("design", "logit", choices=DESIGNS)
+    design = table.string("design", "logit", choices=DESIGNS.names)
     sets = table.integer("sets", 1000)
     alternatives = _alternatives(table)
     params = table.integer("params", 20)
@@ -398,31 +340,20 @@ def _data(table: _Table) -> SimulateSpec | LoadSpec | None:
                         moments=moments, seed=seed, cluster_size=cluster_size)
 
 
-def _estimate(table: _Table) -> EstimateSpec:
-    table.check_keys(ESTIMATE_KEYS)
-    optimizer = table.string("optimizer", choices=OPTIMIZERS)
-    derivatives = table.string("derivatives", choices=DERIVATIVES)
-    if derivatives == "adjoint" and optimizer in (None, "gauss-newton"):
-        table.problems.add("estimate.derivatives", "'adjoint' gives only a gradient, so it needs optimizer 'bfgs' or 'l-bfgs-b'")
-    start = None
-    if table.has("start"):
-        value = table.values["start"]
-        if isinstance(value, list) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-            start = tuple(float(v) for v in value)
-        else:
-            table.problems.bad("estimate.start", value, "a list of numbers, one per parameter")
-    return EstimateSpec(
-        model=table.string("model", choices=MODELS), optimizer=optimizer, derivatives=derivatives,
-        steps=table.integer("steps", choices=(1, 2)), start=start, tol=table.number("tol"),
-        max_iter=table.integer("max_iter"), no_cluster=table.boolean("no_cluster"),
-        partitions=table.integer("partitions"),
-    )
+def _estimate(table: _Table) -> tuple[EstimateOptions, tuple[str, ...]]:
+    """[estimate] as EstimateOptions, checked by the code that checks `estpipe estimate`'s options;
+    its messages name the spec's fields (estimate.optimizer)."""
+    with vocabulary(lambda argument: f"{table.name}.{argument}"):
+        options, problems = EstimateOptions.parse(table.values, allowed=ESTIMATE_KEYS)
+        for problem in problems:
+            table.problems.line(problem.message)
+    return options, tuple(key for key in table.values if key in ESTIMATE_KEYS)
 
 
 def _backend(table: _Table) -> BackendSpec | None:
     kind = table.values.get("kind", "local")
     if kind not in BACKEND_KINDS:
-        table.problems.bad("backend.kind", kind, f"one of {', '.join(BACKEND_KINDS)}{_did_you_mean(str(kind), BACKEND_KINDS)}")
+        table.problems.bad("backend.kind", kind, f"one of {', '.join(BACKEND_KINDS)}{did_you_mean(str(kind), BACKEND_KINDS)}")
         return None
     hint = {"slurm": " (Slurm calls it partition)", "pbs": " (PBS calls it queue)"}.get(kind, "")
     table.check_keys(BACKEND_KEYS[kind], f" for kind {kind!r}{hint if {'queue', 'partition'} & set(table.values) else ''}")
@@ -476,7 +407,7 @@ def parse_job_spec(raw: dict, source: Path) -> JobSpec:
         if key in TABLES or key in TOP_KEYS:
             continue
         kind = "table" if isinstance(value, dict) else "key"
-        problems.add(key, f"unknown {kind}{_did_you_mean(key, TABLES + TOP_KEYS)}; allowed: name = \"...\" and the tables {', '.join(f'[{t}]' for t in TABLES)}")
+        problems.add(key, f"unknown {kind}{did_you_mean(key, TABLES + TOP_KEYS)}; allowed: name = \"...\" and the tables {', '.join(f'[{t}]' for t in TABLES)}")
     name = raw.get("name", source.stem)
     if not isinstance(name, str) or not _NAME.match(name):
         problems.bad("name", name, "letters, digits, '.', '_' and '-' only (it names the batch job)")
@@ -484,11 +415,12 @@ def parse_job_spec(raw: dict, source: Path) -> JobSpec:
     if "data" not in raw:
         problems.add("data", "missing table; give [data] with path = \"...h5\" and a simulate spec or an input to load")
     data = _data(_table(raw, "data", problems, base)) if "data" in raw else None
-    estimate = _estimate(_table(raw, "estimate", problems, base))
+    estimate, estimate_keys = _estimate(_table(raw, "estimate", problems, base))
     backend = _backend(_table(raw, "backend", problems, base))
     output = _output(_table(raw, "output", problems, base), name)
     problems.raise_if_any()
-    return JobSpec(source=source, name=name, data=data, estimate=estimate, backend=backend, output=output, raw=raw)
+    return JobSpec(source=source, name=name, data=data, estimate=estimate, estimate_keys=estimate_keys,
+                   backend=backend, output=output, raw=raw)
 
 
 def load_job_spec(path: str | Path) -> JobSpec:

@@ -1,24 +1,26 @@
-"""One partition's kernel: its data, resident, and what an evaluation returns (MomentSums).
-
-Contract used by the execution back ends (do not change the signatures without updating them):
+"""One partition's kernel: its data, resident, and the additive sums an evaluation returns.
 
     k = PartitionKernel(data, model="logit", derivatives="dual", tile_rows=None)
     k.n_params                                   P, the model's parameter count
-    k.sums(params, jacobian=True, covariance=False, clustered=True) -> MomentSums
-    k.pullback(params, v) -> (P,)                sum_i (dh_i/db)' v, i.e. n G' v (reverse mode)
+    k.evaluate(Request) -> MomentSums           what the request needs (kernel/request.py)
+    k.pullback_of(Request, v) -> (P,)            sum_i (dh_i/dbeta)' v, i.e. n G' v
+    k.sums(params, jacobian=True, ...)           the same as evaluate, from keyword arguments
 
-Derivative modes (DERIVATIVES):
-- dual: forward dual blocks, one GEMM per tile gives the moments and their Jacobian together;
-  pullback is the forward partials of v'h (a GEMV instead of the GEMM).
-- adjoint: the same sums; pullback is the reverse-mode rule (logit: X' (s (w - wbar_i)) with
-  w = dm v, about one more read of the data). Models without a hand-written reverse rule use the
-  forward projection of v'h.
-- fd: one-sided finite differences, P + 1 value evaluations (the baseline).
+The kernel picks its strategy once, from the model: the fused logit kernel, with its reverse rule,
+for the textbook logit (kernel/fused_logit.py), and the generic dual kernel for every other model
+(kernel/generic.py; also for complex-step parameters, which the fused one does not take). The
+derivative mode (kernel/derivatives.py) composes the engine's three passes: `forward` (the
+strategy's sums over the tiles, with partials when the request needs the Jacobian),
+`forward_pullback` and `reverse_pullback`. The only state an evaluation leaves is the adjoint's
+tape, recorded by its value pass; the memo of whole evaluations by parameter vector lives in the
+estimator's oracle.
 
 Threads: the tiles are independent, so a kernel runs them on `threads` threads (default: the
 number of BLAS threads it finds, so a dask worker given one BLAS thread stays serial): the calling
 thread and a pool of threads - 1 (kept until close()), each thread with its own workspace and
-partial sums, while BLAS is held to one thread for the call.
+partial sums, while BLAS is held to one thread for the call. The covariance pass runs on the
+threads too: each tile closes the units inside it and hands on the open ones at its ends, which
+are joined in tile order (kernel/units.py).
 Per-tile products are too small for BLAS's own threading to pay (measured: a 4,096-row tile
 GEMM gains ~10% from a second BLAS thread), and one thread per tile stream parallelises the
 softmax and the other passes too. Buffers are allocated on the first evaluation and reused;
@@ -33,24 +35,44 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import numpy as np
 
 from estpipe.data.format import ChoiceData
-from estpipe.dual import Workspace, chunk_ranges, chunk_size
+from estpipe.dual import Workspace
 from estpipe.kernel.blas import blas_threads, restart_stale_openblas
 from estpipe.kernel.blas import controller as _blas_controller
 from estpipe.kernel.derivatives import DERIVATIVES
-from estpipe.kernel.units import UnitSums
-from estpipe.kernel.generic import generic_tile_pullback, generic_tile_sums
-from estpipe.kernel.fused_logit import logit_probabilities, logit_tile_pullback, logit_tile_sums
+from estpipe.kernel.fused_logit import FusedLogit
+from estpipe.kernel.generic import GenericDual
+from estpipe.kernel.request import Request
 from estpipe.kernel.sums import MomentSums
+from estpipe.kernel.units import UnitSums
 from estpipe.kernel.tiles import DEFAULT_TILE_ROWS, plan_tiles
 from estpipe.models import get_model
+from estpipe.models.logit import Logit
 
 STRIPE_FACTOR = 8
+
+
+def strategy_class(model, fast: bool = True):
+    """The kernel's strategy for `model`, chosen once: the fused logit for the textbook logit
+    itself (not a subclass, not a user's model file that writes the same utilities), else the
+    generic dual strategy."""
+    return FusedLogit if fast and type(model) is Logit else GenericDual
+
+
+def choose_strategy(model, K: int, fast: bool = True, chunk: int | None = None):
+    cls = strategy_class(model, fast)
+    return FusedLogit() if cls is FusedLogit else GenericDual(model, K, chunk)
+
+
+def gradient_rule(model: str, derivatives: str) -> str:
+    """How the gradients of `model` come out under `derivatives` (for logs and results)."""
+    m = get_model(model)
+    return DERIVATIVES.get(derivatives).gradient_rule(strategy_class(m), m)
 
 
 class PartitionKernel:
     """data: ChoiceData (X (n_rows, K), dm (n_rows, M), offsets, chosen, cluster), kept resident.
 
-    fast: use the hand-fused logit path when the model is logit (tests turn it off to compare).
+    fast: use the fused logit strategy when the model is the logit (tests turn it off to compare).
     chunk: partials per dual block (default: chunks.chunk_size's rule).
     threads: threads over tiles (default: the BLAS thread count)."""
 
@@ -59,13 +81,13 @@ class PartitionKernel:
     def __init__(self, data: ChoiceData, model: str = "logit", derivatives: str = "dual",
                  tile_rows: int | None = None, fast: bool = True, chunk: int | None = None,
                  threads: int | None = None):
-        DERIVATIVES.get(derivatives)
         self.data = data
         self.model = get_model(model)
-        self.derivatives = derivatives
+        self.derivative = DERIVATIVES.get(derivatives)
         self.n_params = self.model.n_params(data.K)
-        self.fast = fast and self.model.name == "logit"
-        self.chunks = chunk_ranges(self.n_params, chunk_size(self.n_params, chunk))
+        self.strategy = choose_strategy(self.model, data.K, fast, chunk)
+        # the forward projection and complex steps need the generic strategy whatever the model
+        self.generic = self.strategy if isinstance(self.strategy, GenericDual) else GenericDual(self.model, data.K, chunk)
         self.tiles = plan_tiles(data.offsets, tile_rows)
         # Value-only passes (no Jacobian, no covariance) and the reverse pass hold only a few
         # (rows,) vectors per tile, so they use longer stripes: fewer numpy calls per evaluation.
@@ -73,14 +95,30 @@ class PartitionKernel:
         self.threads = max(1, int(threads if threads is not None else blas_threads()))
         self._workspaces = [Workspace() for _ in range(self.threads)]
         self._pool = None
-        # Reverse mode keeps its forward residual, the probabilities s of the last value-only
-        # evaluation (8 bytes per row), so the pullback at the same parameters (the optimizer's
-        # next call, as in scipy's MemoizeJac) does not recompute them.
-        self._residual = np.empty(data.n_rows) if (self.fast and derivatives == "adjoint") else None
-        self._residual_params = None
+        # The adjoint's tape: the probabilities s of its last value pass (8 bytes per row), which
+        # its reverse rule reads when the pullback comes at the same parameters (the optimizer's
+        # next call: a gradient right after its value).
+        self._tape = np.empty(data.n_rows) if (self.strategy.reverse and self.derivative.name == "adjoint") else None
+        self._tape_params = None
         self._chosen = [self._tile_chosen(t) for t in self.tiles] if data.chosen is not None else None
         self._dm_single = None
         self._absmax = None
+
+    @property
+    def derivatives(self) -> str:
+        return self.derivative.name
+
+    @property
+    def fast(self) -> bool:
+        return isinstance(self.strategy, FusedLogit)
+
+    @property
+    def chunks(self) -> list[tuple[int, int]]:
+        return self.generic.chunks
+
+    @property
+    def gradient_rule(self) -> str:
+        return self.derivative.gradient_rule(self.strategy, self.model)
 
     def __getstate__(self):  # a thread pool does not pickle; a copy gets its own
         state = self.__dict__.copy()
@@ -105,7 +143,8 @@ class PartitionKernel:
 
     @property
     def residual_nbytes(self) -> int:
-        return 0 if self._residual is None else self._residual.nbytes
+        """Bytes of the adjoint's tape (8 per row; 0 without one)."""
+        return 0 if self._tape is None else self._tape.nbytes
 
     def _tile_chosen(self, tile):
         rows = np.flatnonzero(self.data.chosen[tile.rows])
@@ -186,132 +225,122 @@ class PartitionKernel:
     # -- evaluations -----------------------------------------------------------------------------
     def sums(self, params, jacobian: bool = True, covariance: bool = False, clustered: bool = True,
              precision: str = "double", seed_scale=None, moment_scale=None, fd_steps=None) -> MomentSums:
-        """MomentSums of this partition at params (P,): gG (M, 1 + P) with the Jacobian, (M, 1)
-        without; hh/nh/nn and loglik too when covariance=True (per clusters when clustered and the
-        data have cluster ids). Complex params give complex sums (complex-step derivatives).
-
-        seed_scale: (P,) positive, default ones: the Jacobian columns are with respect to
-        beta = seed_scale * params, i.e. dh/db divided by seed_scale (the dual seeds carry
-        1 / seed_scale, so data in huge units never overflow the partials).
-        moment_scale: (M,) positive R, default ones: hh and nh are sums of R h (MomentSums.S_scaled).
-        fd_steps: (P,) finite-difference steps in the units of params (derivatives "fd");
-        default sqrt(eps) max(1, |params_k|).
+        """evaluate(Request.of(params, jacobian, covariance, ...)): MomentSums of this partition at
+        params (P,): gG (M, 1 + P) with the Jacobian, (M, 1) without; hh/nh/nn and loglik too with
+        covariance (per clusters when clustered and the data have cluster ids). Complex params
+        give complex sums (complex-step derivatives). See Request for the scales and steps.
 
         precision="single": the Jacobian's GEMM runs in float32 on a float32 copy of dm made on
         first use (half of dm's bytes, see single_nbytes); for search directions only. The values
         stay float64; the final Jacobian (standard errors) must use "double", the default. Only
-        the fast logit path has it; other paths ignore it."""
-        params = np.asarray(params)
-        if params.shape != (self.n_params,):
-            raise ValueError(f"params must have shape ({self.n_params},), got {params.shape}")
-        if precision not in ("double", "single"):
-            raise ValueError(f"precision must be 'double' or 'single', got {precision!r}")
-        seed_scale = None if seed_scale is None else np.asarray(seed_scale, dtype=np.float64)
-        moment_scale = None if moment_scale is None else np.asarray(moment_scale, dtype=np.float64)
-        if jacobian and self.derivatives == "fd":
-            return self._fd_sums(params, covariance, clustered, seed_scale, moment_scale, fd_steps)
-        d = self.data
-        complex_step = np.iscomplexobj(params)
-        dtype = np.complex128 if complex_step else np.float64
-        fast = self.fast and not complex_step
-        chunks = self.chunks if jacobian else [(0, 0)]
-        single = fast and jacobian and not covariance and precision == "single"
-        if single and self._dm_single is None:
-            self._dm_single = d.dm.astype(np.float32)
-        value_only = fast and not jacobian and not covariance
-        keep = value_only and self._residual is not None
-        if keep:
-            self._residual_params = None
-        inv_scale = None if seed_scale is None else 1.0 / seed_scale
-        prescale = fast and jacobian and self._prescale(inv_scale)
-
-        if covariance:  # once per estimate: serial, since a cluster's sets may span tiles
-            acc = np.zeros((d.M, 1 + len(params) * jacobian), dtype=dtype)
-            units = UnitSums(d.M, moment_scale)
-            cluster = d.cluster if clustered else None
-            loglik = 0.0
-            ws = self._workspaces[0]
-            for i, tile in enumerate(self.tiles):
-                X, dm = d.X[tile.rows], d.dm[tile.rows]
-                chosen = self._chosen[i] if self._chosen is not None else None
-                if fast:
-                    ws.reset()
-                    s, ll = logit_probabilities(X, params, tile.seg, ws, chosen)
-                    H = logit_tile_sums(X, dm, s, tile.seg, ws, acc, jacobian, need_h=True,
-                                        inv_scale=inv_scale, prescale=prescale)
-                else:
-                    H, ll = generic_tile_sums(self.model, params, X, dm, tile.seg, ws, acc, chunks, True, chosen,
-                                              seed_scale)
-                loglik += ll
-                units.add_sets(H, None if cluster is None else cluster[tile.set_start : tile.set_stop])
-            units.finish()
-            return MomentSums(n_sets=d.n_sets, gG=acc, hh=units.hh, nh=units.nh, nn=units.nn,
-                              n_units=units.n_units, loglik=loglik, moment_scale=moment_scale)
-
-        def work(ws, tiles):
-            acc = np.zeros((d.M, 1 + len(params) * jacobian), dtype=dtype)
-            for tile in tiles:
-                X, dm = d.X[tile.rows], d.dm[tile.rows]
-                if fast:
-                    ws.reset()
-                    residual = self._residual[tile.rows] if keep else None
-                    s, _ = logit_probabilities(X, params, tile.seg, ws, out=residual)
-                    logit_tile_sums(X, dm, s, tile.seg, ws, acc, jacobian, need_h=False,
-                                    dm_single=self._dm_single[tile.rows] if single else None,
-                                    inv_scale=inv_scale, prescale=prescale)
-                else:
-                    generic_tile_sums(self.model, params, X, dm, tile.seg, ws, acc, chunks, False,
-                                      seed_scale=seed_scale)
-            return acc
-
-        acc = sum(self._map(work, self.stripes if value_only else self.tiles))
-        if keep:
-            self._residual_params = params.copy()
-        return MomentSums(n_sets=d.n_sets, gG=acc, moment_scale=moment_scale)
+        the fused logit has it; the other strategies ignore it."""
+        return self.evaluate(Request.of(params, jacobian, covariance, clustered=clustered, precision=precision,
+                                        seed_scale=seed_scale, moment_scale=moment_scale, fd_steps=fd_steps))
 
     def pullback(self, params, v, seed_scale=None, fd_steps=None) -> np.ndarray:
-        """sum_i (dh_i/dbeta)' v (P,) for v (M,): n G' v without forming G (reverse mode), with
-        beta = seed_scale * params as in sums()."""
-        params = np.asarray(params, dtype=np.float64)
-        v = np.asarray(v, dtype=np.float64)
-        seed_scale = None if seed_scale is None else np.asarray(seed_scale, dtype=np.float64)
-        if self.derivatives == "fd":
-            return self._fd_sums(params, False, False, seed_scale, None, fd_steps).gG[:, 1:].T @ v
+        """pullback_of(Request.of(params, jacobian=False, ...), v)."""
+        return self.pullback_of(Request.of(np.asarray(params, dtype=np.float64), False, seed_scale=seed_scale,
+                                           fd_steps=fd_steps), v)
+
+    def evaluate(self, request: Request) -> MomentSums:
+        """The additive sums `request` needs, by this kernel's derivative mode."""
+        if np.shape(request.params) != (self.n_params,):
+            raise ValueError(f"params must have shape ({self.n_params},), got {np.shape(request.params)}")
+        return self.derivative.sums(self, request)
+
+    def pullback_of(self, request: Request, v) -> np.ndarray:
+        """sum_i (dh_i/dbeta)' v (P,) for v (M,): n G' v without forming G, beta = seed_scale params."""
+        return self.derivative.pullback(self, request, np.asarray(v, dtype=np.float64))
+
+    # -- the passes the derivative modes compose ------------------------------------------------------
+    def forward(self, request: Request, record: bool = False) -> MomentSums:
+        """The strategy's sums over all tiles: partials when the request needs the Jacobian, unit
+        sums when it needs the covariance. record: keep the probabilities as the adjoint's tape
+        (value passes of a strategy with a reverse rule only)."""
         d = self.data
-        reverse = self.fast and self.derivatives == "adjoint"
-        kept = reverse and self._residual_params is not None and np.array_equal(self._residual_params, params)
-        inv_scale = None if seed_scale is None else 1.0 / seed_scale
-        prescale = reverse and self._prescale(inv_scale)
+        params = request.params
+        strategy = self.generic if request.complex_step else self.strategy
+        dtype = np.complex128 if request.complex_step else np.float64
+        fused = isinstance(strategy, FusedLogit)
+        width = 1 + self.n_params if request.jacobian else 1
+        M = d.M
+        if not (request.jacobian or request.covariance):
+            tape = self._tape if (record and fused and self._tape is not None) else None
+            if tape is not None:
+                self._tape_params = None
+
+            def values(ws, tiles):
+                acc = np.zeros((M, 1), dtype=dtype)
+                for tile in tiles:
+                    strategy.tile_values(d.X[tile.rows], d.dm[tile.rows], tile.seg, request, ws, acc,
+                                         None if tape is None else tape[tile.rows])
+                return acc
+
+            acc = sum(self._map(values, self.stripes if fused else self.tiles))
+            if tape is not None:
+                self._tape_params = np.array(params, copy=True)
+            return MomentSums(n_sets=d.n_sets, gG=acc, moment_scale=request.moment_scale)
+
+        single = fused and request.jacobian and not request.covariance and request.precision == "single"
+        if single and self._dm_single is None:
+            self._dm_single = d.dm.astype(np.float32)
+        prescale = fused and request.jacobian and self._prescale(request.inv_seed_scale)
+        cluster = d.cluster if (request.clustered and request.covariance) else None
+        index = {id(t): i for i, t in enumerate(self.tiles)}
+
+        def work(ws, tiles):
+            acc = np.zeros((M, width), dtype=dtype)
+            units = UnitSums.empty(M, dtype) if request.covariance else None
+            loglik = 0.0
+            for tile in tiles:
+                i = index[id(tile)]
+                X, dm = d.X[tile.rows], d.dm[tile.rows]
+                chosen = self._chosen[i] if (self._chosen is not None and request.covariance) else None
+                extra = {"dm_single": self._dm_single[tile.rows]} if single else {}
+                H, ll = strategy.tile_sums(X, dm, tile.seg, request, ws, acc, request.covariance, chosen,
+                                           prescale=prescale, **extra)
+                if units is not None:
+                    loglik += ll
+                    ids = None if cluster is None else cluster[tile.set_start : tile.set_stop]
+                    units.add_tile(i, H, ids, request.moment_scale)
+            return acc, units, loglik
+
+        parts = self._map(work, self.tiles)
+        acc = sum(p[0] for p in parts)
+        if not request.covariance:
+            return MomentSums(n_sets=d.n_sets, gG=acc, moment_scale=request.moment_scale)
+        units = parts[0][1]
+        for p in parts[1:]:
+            units = units + p[1]
+        units.merge()
+        return MomentSums(n_sets=d.n_sets, gG=acc, hh=units.hh, nh=units.nh, nn=units.nn, n_units=units.n_units,
+                          loglik=float(sum(p[2] for p in parts)), moment_scale=request.moment_scale)
+
+    def forward_pullback(self, request: Request, v: np.ndarray) -> np.ndarray:
+        """n G' v by the forward partials of v'h, for any model."""
+        d = self.data
 
         def work(ws, tiles):
             acc = np.zeros(self.n_params)
             for tile in tiles:
-                X, dm = d.X[tile.rows], d.dm[tile.rows]
-                if reverse:
-                    ws.reset()
-                    s = self._residual[tile.rows] if kept else logit_probabilities(X, params, tile.seg, ws)[0]
-                    logit_tile_pullback(X, dm, s, v, tile.seg, ws, acc, inv_scale, prescale)
-                else:
-                    generic_tile_pullback(self.model, params, X, dm, v, tile.seg, ws, acc, self.chunks, seed_scale)
+                self.generic.tile_pullback(d.X[tile.rows], d.dm[tile.rows], tile.seg, request, v, ws, acc)
             return acc
 
-        return sum(self._map(work, self.stripes if reverse else self.tiles))
+        return sum(self._map(work, self.tiles))
 
-    def _fd_sums(self, params, covariance: bool, clustered: bool, seed_scale=None, moment_scale=None,
-                 fd_steps=None) -> MomentSums:
-        """One-sided finite differences: P + 1 value evaluations, steps fd_steps (P,) or
-        sqrt(eps) max(1, |b_k|); columns divided by seed_scale like the dual ones."""
-        base = self.sums(params, jacobian=False, covariance=covariance, clustered=clustered,
-                         moment_scale=moment_scale)
-        columns = [base.gG[:, 0]]
-        for k in range(self.n_params):
-            if fd_steps is not None:
-                h = float(fd_steps[k])
-            else:
-                h = np.sqrt(np.finfo(float).eps) * max(1.0, abs(float(params[k])))
-            step = params.astype(np.float64, copy=True)
-            step[k] += h
-            column = (self.sums(step, jacobian=False).gG[:, 0] - base.gG[:, 0]) / (step[k] - params[k])
-            columns.append(column if seed_scale is None else column / seed_scale[k])
-        base.gG = np.column_stack(columns)
-        return base
+    def reverse_pullback(self, request: Request, v: np.ndarray) -> np.ndarray:
+        """n G' v by the strategy's reverse rule, reading the tape when it was recorded at these
+        parameters (else the rule recomputes the probabilities)."""
+        d = self.data
+        params = request.params
+        on_tape = self._tape_params is not None and np.array_equal(self._tape_params, params)
+        prescale = self._prescale(request.inv_seed_scale)
+
+        def work(ws, tiles):
+            acc = np.zeros(self.n_params)
+            for tile in tiles:
+                self.strategy.tile_pullback(d.X[tile.rows], d.dm[tile.rows], tile.seg, request, v, ws, acc,
+                                            self._tape[tile.rows] if on_tape else None, prescale)
+            return acc
+
+        return sum(self._map(work, self.stripes))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from estpipe.dual import Segments, Workspace
+from estpipe.kernel.request import Request
 
 
 SAFE_UTILITY = 600.0
@@ -115,3 +116,32 @@ def logit_tile_pullback(X, dm, s, v, seg: Segments, ws: Workspace, acc: np.ndarr
         acc += np.dot(r, np.multiply(X, inv_scale, out=ws.take(X.shape)), out=ws.take((X.shape[1],)))
     else:
         acc += np.dot(r, X, out=ws.take((X.shape[1],))) * inv_scale
+
+
+class FusedLogit:
+    """The strategy for the textbook logit (models.Logit): the sums above, and the reverse rule.
+
+    Its tape is the probabilities s of a value pass (8 bytes per row), which the reverse rule
+    needs. single: the float32 copy of dm for precision="single" Jacobians (made by the engine)."""
+
+    name = "fused-logit"
+    reverse = True
+
+    def tile_sums(self, X, dm, seg: Segments, request: Request, ws: Workspace, acc, need_h: bool, chosen=None,
+                  prescale: bool = False, dm_single=None):
+        ws.reset()
+        s, loglik = logit_probabilities(X, request.params, seg, ws, chosen)
+        H = logit_tile_sums(X, dm, s, seg, ws, acc, request.jacobian, need_h=need_h, dm_single=dm_single,
+                            inv_scale=request.inv_seed_scale, prescale=prescale)
+        return H, loglik
+
+    def tile_values(self, X, dm, seg: Segments, request: Request, ws: Workspace, acc, tape=None) -> None:
+        ws.reset()
+        s, _ = logit_probabilities(X, request.params, seg, ws, out=tape)
+        logit_tile_sums(X, dm, s, seg, ws, acc, False, need_h=False)
+
+    def tile_pullback(self, X, dm, seg: Segments, request: Request, v, ws: Workspace, acc, tape=None,
+                      prescale: bool = False) -> None:
+        ws.reset()
+        s = tape if tape is not None else logit_probabilities(X, request.params, seg, ws)[0]
+        logit_tile_pullback(X, dm, s, v, seg, ws, acc, request.inv_seed_scale, prescale)

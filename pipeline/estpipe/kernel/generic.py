@@ -1,15 +1,43 @@
-"""The generic kernel: any model, derivatives from the dual-block rules alone.
+"""The generic strategy: any model, derivatives from the dual-block rules alone.
 
 Per tile and per chunk of partials: seed the parameters, let the model build its utilities,
-take the segment softmax, and project onto dm with ONE GEMM: dm' [s | ds/db].
+take the segment softmax, and project onto dm with ONE GEMM: dm' [s | ds/db]. It has no reverse
+rule: its pullback is the forward projection of v'h (the same partials against w = dm v, a GEMV
+instead of the GEMM).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from estpipe.dual import Segments, Workspace, project, seed, segment_logsumexp, segment_softmax
+from estpipe.dual import Segments, Workspace, chunk_ranges, chunk_size, project, seed, segment_logsumexp, segment_softmax
+from estpipe.kernel.request import Request
 from estpipe.models.base import Model
+
+
+class GenericDual:
+    """The strategy for every model without a fused one. chunk: partials per dual block."""
+
+    name = "generic-dual"
+    reverse = False
+
+    def __init__(self, model: Model, K: int, chunk: int | None = None):
+        self.model = model
+        P = model.n_params(K)
+        self.chunks = chunk_ranges(P, chunk_size(P, chunk))
+
+    def tile_sums(self, X, dm, seg: Segments, request: Request, ws: Workspace, acc, need_h: bool, chosen=None,
+                  prescale: bool = False):
+        chunks = self.chunks if request.jacobian else [(0, 0)]
+        return generic_tile_sums(self.model, request.params, X, dm, seg, ws, acc, chunks, need_h, chosen,
+                                 request.seed_scale)
+
+    def tile_values(self, X, dm, seg: Segments, request: Request, ws: Workspace, acc, tape=None) -> None:
+        generic_tile_sums(self.model, request.params, X, dm, seg, ws, acc, [(0, 0)], False)
+
+    def tile_pullback(self, X, dm, seg: Segments, request: Request, v, ws: Workspace, acc, tape=None,
+                      prescale: bool = False) -> None:
+        generic_tile_pullback(self.model, request.params, X, dm, v, seg, ws, acc, self.chunks, request.seed_scale)
 
 
 def generic_tile_sums(model: Model, params, X, dm, seg: Segments, ws: Workspace, acc: np.ndarray,

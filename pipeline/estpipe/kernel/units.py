@@ -1,54 +1,86 @@
-"""The sums S needs, from per-set contributions h_i, one tile at a time.
+"""The sums S needs, from per-set contributions h_i, one tile at a time, on any thread.
 
-Units are sets, or clusters (runs of sets with the same id; DESIGN.md). A cluster may span
-tiles (never partitions), so the last unit of a tile stays open until a later tile starts a new
-id or the partition ends. Nothing of size (n_sets, M) is ever held beyond one tile.
+Units are sets, or clusters (runs of sets with the same id; DESIGN.md). A cluster may span tiles
+(never partitions). Each tile closes the units that lie inside it and hands on, as open parts,
+the first and the last unit it touches; `UnitSums.merge` joins the open parts of all tiles in tile
+order, so tiles can be summed on several threads and still give the serial sums exactly. Nothing
+of size (n_sets, M) is ever held beyond one tile.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 
 
+@dataclass
+class OpenUnit:
+    """Part of a unit that may continue in a neighbouring tile: its id, sum of h (M,), set count."""
+
+    id: object
+    h: np.ndarray
+    n: int
+
+
+@dataclass
 class UnitSums:
-    """Accumulates hh = sum_u h_u h_u' (M, M), nh = sum_u n_u h_u (M,), nn = sum_u n_u^2, n_units.
+    """hh = sum_u h_u h_u' (M, M), nh = sum_u n_u h_u (M,), nn = sum_u n_u^2, n_units, over the
+    closed units; plus, per tile (by index), the open parts at its two ends.
 
-    scale: (M,) moment scale R or None; the sums are then of R h_u (exact when R holds powers of
-    two), so that moments in huge units (|dm| ~ 1e150) do not overflow their squares."""
+    The h are R h when a moment scale R is given (exact for powers of two), so that moments in
+    huge units (|dm| ~ 1e150) do not overflow their squares."""
 
-    def __init__(self, M: int, scale: np.ndarray | None = None):
-        self.scale = scale
-        self.hh = np.zeros((M, M))
-        self.nh = np.zeros(M)
-        self.nn = 0.0
-        self.n_units = 0
-        self._open_h = np.zeros(M)
-        self._open_n = 0
-        self._open_id = None
+    hh: np.ndarray
+    nh: np.ndarray
+    nn: float = 0.0
+    n_units: int = 0
+    ends: list[tuple[int, OpenUnit, OpenUnit | None]] = field(default_factory=list)
 
-    def add_sets(self, H: np.ndarray, cluster: np.ndarray | None) -> None:
-        """H: (n_sets_tile, M) per-set h_i; cluster: (n_sets_tile,) ids, or None (sets are units)."""
-        if self.scale is not None:
-            H = H * self.scale
-        if cluster is None:
+    @classmethod
+    def empty(cls, M: int, dtype=np.float64) -> "UnitSums":
+        return cls(hh=np.zeros((M, M), dtype=dtype), nh=np.zeros(M, dtype=dtype))
+
+    def add_tile(self, index: int, H: np.ndarray, ids: np.ndarray | None, scale: np.ndarray | None = None) -> None:
+        """Tile `index`: H (n_sets_tile, M) per-set h_i; ids (n_sets_tile,) cluster ids, or None
+        (sets are units: all close here)."""
+        if scale is not None:
+            H = H * scale
+        if ids is None:
             self._close(H, np.ones(len(H)))
             return
-        bounds = np.flatnonzero(np.r_[True, cluster[1:] != cluster[:-1]])
+        bounds = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
         hu = np.add.reduceat(H, bounds, axis=0)
         nu = np.diff(np.r_[bounds, len(H)])
-        ids = cluster[bounds]
-        if self._open_id is not None and ids[0] == self._open_id:
-            hu[0] += self._open_h
-            nu[0] += self._open_n
-        elif self._open_id is not None:
-            self._close(self._open_h[None, :], np.array([self._open_n]))
-        self._close(hu[:-1], nu[:-1].astype(float))
-        self._open_h, self._open_n, self._open_id = hu[-1].copy(), int(nu[-1]), ids[-1]
+        first = OpenUnit(ids[0], hu[0].copy(), int(nu[0]))
+        last = OpenUnit(ids[bounds[-1]], hu[-1].copy(), int(nu[-1])) if len(bounds) > 1 else None
+        self._close(hu[1:-1], nu[1:-1].astype(float))
+        self.ends.append((index, first, last))
 
-    def finish(self) -> None:
-        if self._open_id is not None:
-            self._close(self._open_h[None, :], np.array([float(self._open_n)]))
-            self._open_id = None
+    def __add__(self, other: "UnitSums") -> "UnitSums":
+        return UnitSums(hh=self.hh + other.hh, nh=self.nh + other.nh, nn=self.nn + other.nn,
+                        n_units=self.n_units + other.n_units, ends=self.ends + other.ends)
+
+    def merge(self) -> "UnitSums":
+        """Join the tiles' open parts in tile order and close them: the partition's unit sums."""
+        carry: OpenUnit | None = None
+        for _, first, last in sorted(self.ends, key=lambda e: e[0]):
+            if carry is not None and carry.id == first.id:
+                first = OpenUnit(first.id, carry.h + first.h, carry.n + first.n)
+            elif carry is not None:
+                self._close_one(carry)
+            if last is None:
+                carry = first
+            else:
+                self._close_one(first)
+                carry = last
+        if carry is not None:
+            self._close_one(carry)
+        self.ends = []
+        return self
+
+    def _close_one(self, unit: OpenUnit) -> None:
+        self._close(unit.h[None, :], np.array([float(unit.n)]))
 
     def _close(self, hu: np.ndarray, nu: np.ndarray) -> None:
         if len(hu) == 0:

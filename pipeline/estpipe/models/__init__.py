@@ -1,6 +1,6 @@
-"""Models by name (`--model`): each one maps parameters to utilities with dual-block operations.
+"""Models by name (`model=`): each one maps parameters to utilities with dual-block operations.
 
-    get_model("logit") -> Model      MODELS: name -> Model
+    get_model("logit") -> Model      MODELS: the registry of models (estpipe.registry.Registry)
     Model.name, .n_params(K), .param_names(x_names), .start(K), .utilities(theta, X, seg)
 
 Adding a model is one class written with the operations of estpipe.dual and one entry here.
@@ -8,20 +8,17 @@ Adding a model is one class written with the operations of estpipe.dual and one 
 
 from __future__ import annotations
 
-from estpipe.errors import UserError
 from estpipe.models.base import Model
 from estpipe.models.logit import Logit
 from estpipe.models.logit_signed import LogitSigned
+from estpipe.registry import Registry
 
-MODELS: dict[str, Model] = {m.name: m for m in (Logit(), LogitSigned())}
+MODELS: Registry[Model] = Registry("model", [Logit(), LogitSigned()])
 
 
 def get_model(name: str) -> Model:
     """The model called `name`; a UserError listing the allowed names for an unknown one."""
-    try:
-        return MODELS[name]
-    except KeyError:
-        raise UserError(f"unknown model {name!r}; allowed: {', '.join(MODELS)} (--model)") from None
+    return MODELS.get(name)
 
 
 __all__ = ["MODELS", "Model", "get_model"]

@@ -10,7 +10,7 @@ from estpipe.models.base import Model
 
 class Logit(Model):
     name = "logit"
-    description = "u = X @ b (the kernel uses a hand-fused fast path, tested against this one)"
+    description = "u = X @ b; the kernel computes it on a hand-fused fast path, tested against this class"
 
     def param_columns(self, K: int) -> list[int | None]:
         return list(range(K))

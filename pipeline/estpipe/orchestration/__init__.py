@@ -1,9 +1,10 @@
 """Running an estimation: read the data's facts, start the back end, checkpoint, results file.
 
-    estimate(path, options) -> Results        run_estimate(path, options) -> exit code
+    estimate(path, options) -> Results
 """
 
-from estpipe.orchestration.estimate import Reporter, StderrReporter, estimate, run_estimate
+from estpipe.estimation.gmm import Reporter
+from estpipe.orchestration.estimate import estimate
 from estpipe.orchestration.options import EstimateOptions
 
-__all__ = ["EstimateOptions", "Reporter", "StderrReporter", "estimate", "run_estimate"]
+__all__ = ["EstimateOptions", "Reporter", "estimate"]

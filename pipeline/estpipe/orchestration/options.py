@@ -1,17 +1,31 @@
 """Every option of `estpipe estimate`, as one dataclass (field names = CLI options, dashes ->
-underscores), checked in the order scipy checks its inputs: choices first, then values."""
+underscores), and its check: the one definition the command line, the Python API and job specs
+share.
+
+`problems()` lists every problem in the order scipy checks its inputs: choices (read from the
+registries of the layers that implement them), then values, then combinations. Each is one line
+that names its argument first, as the current front end spells it (`errors.term`): `--max-iter`
+on the command line, `estimate.max_iter` in a job spec, `max_iter` in Python.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from typing import Iterable, Mapping, NamedTuple
 
-from estpipe.errors import UserError
+from estpipe.errors import UserError, term
+from estpipe.estimation.optimizers import OPTIMIZERS
+from estpipe.execution.jobqueue import KINDS
+from estpipe.kernel.derivatives import DERIVATIVES
+from estpipe.models import MODELS
+from estpipe.registry import did_you_mean
+from estpipe.text import either
 
-OPTIMIZERS = ("gauss-newton", "bfgs", "l-bfgs-b")
-DERIVATIVES = ("dual", "adjoint", "fd")
 STEPS = (1, 2)
-JOBQUEUES = ("slurm", "pbs")
+# The options that name a choice, each checked against its registry (the registry's `argument` is
+# the field; a field whose default is None may stay None: no batch system).
+CHOICES = (MODELS, OPTIMIZERS, DERIVATIVES, KINDS)
 
 # Options that change the estimate; a checkpoint written under other values of these is refused.
 # Where and how the work runs (workers, partitions, scheduler), how long it may run (max_iter) and
@@ -19,9 +33,18 @@ JOBQUEUES = ("slurm", "pbs")
 RESULT_OPTIONS = ("model", "optimizer", "derivatives", "steps", "start", "tol", "no_cluster")
 
 
+class Problem(NamedTuple):
+    """One problem of a set of options: the field (its API name) and one line that names it first."""
+
+    field: str
+    message: str
+
+
 @dataclass
 class EstimateOptions:
-    """The options of `estpipe estimate` (see DESIGN.md, "Command line")."""
+    """The options of `estpipe estimate` (see DESIGN.md, "Command line").
+
+    start: a list of numbers or, as the command line gives it, one comma-separated string."""
 
     workers: int = 1
     scheduler: str | None = None
@@ -43,19 +66,21 @@ class EstimateOptions:
     connect_timeout: float = 30.0
 
     def __post_init__(self):
-        if isinstance(self.start, str):
-            self.start = parse_start(self.start)
-        elif self.start is not None:
-            self.start = [float(v) for v in self.start]
+        # A start that is not numbers stays as given, for problems() to name.
+        if self.start is not None:
+            values, _ = _start_values(self.start)
+            if values is not None:
+                self.start = values
 
     @classmethod
-    def from_mapping(cls, values: dict) -> "EstimateOptions":
-        """From a job spec's [estimate] table (or any mapping); unknown keys are refused."""
-        names = [f.name for f in fields(cls)]
-        unknown = [k for k in values if k.replace("-", "_") not in names]
-        if unknown:
-            raise UserError(f"unknown estimate option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; allowed: {', '.join(names)}")
-        return cls(**{k.replace("-", "_"): v for k, v in values.items()})
+    def parse(cls, values: Mapping, allowed: Iterable[str] | None = None) -> tuple["EstimateOptions", list[Problem]]:
+        """Options from a mapping of field names to values (a job spec's [estimate] table), and
+        every problem: keys not in `allowed` (default: every field), with a guess, then problems()."""
+        allowed = tuple(allowed) if allowed is not None else tuple(f.name for f in fields(cls))
+        unknown = [Problem(key, f"{term(key)}: unknown key{did_you_mean(key, allowed)}; allowed: {', '.join(allowed)}")
+                   for key in values if key not in allowed]
+        options = cls(**{key: value for key, value in values.items() if key in allowed})
+        return options, unknown + options.problems()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,47 +88,94 @@ class EstimateOptions:
     def result_options(self) -> dict:
         return {k: getattr(self, k) for k in RESULT_OPTIONS}
 
-    def validate(self) -> None:
-        """Choices, then values, then combinations; each problem as one line with the fix."""
-        if self.optimizer not in OPTIMIZERS:
-            raise UserError(f"unknown optimizer {self.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
-        if self.derivatives not in DERIVATIVES:
-            raise UserError(f"unknown derivatives {self.derivatives!r}; allowed: {', '.join(DERIVATIVES)}")
-        if self.steps not in STEPS:
-            raise UserError(f"--steps must be 1 or 2, got {self.steps!r}")
-        if self.jobqueue is not None and self.jobqueue not in JOBQUEUES:
-            raise UserError(f"unknown --jobqueue {self.jobqueue!r}; allowed: {', '.join(JOBQUEUES)}")
-        if not isinstance(self.workers, int) or self.workers < 1:
-            raise UserError(f"--workers must be a whole number >= 1, got {self.workers!r}")
-        if self.partitions is not None and (not isinstance(self.partitions, int) or self.partitions < 1):
-            raise UserError(f"--partitions must be a whole number >= 1, got {self.partitions!r}")
-        if not (isinstance(self.tol, (int, float)) and math.isfinite(self.tol) and self.tol > 0):
-            raise UserError(f"--tol must be a positive number, got {self.tol!r}")
-        if not isinstance(self.max_iter, int) or self.max_iter < 1:
-            raise UserError(f"--max-iter must be a whole number >= 1, got {self.max_iter!r}")
-        if not (self.connect_timeout > 0):
-            raise UserError(f"--connect-timeout must be positive, got {self.connect_timeout!r}")
-        if self.derivatives == "adjoint" and self.optimizer == "gauss-newton":
-            raise UserError(
-                "--derivatives adjoint gives only the gradient of Q, but gauss-newton needs the moment "
-                "Jacobian G; use --optimizer bfgs or l-bfgs-b with adjoint, or --derivatives dual"
-            )
-        given = [name for name, v in (("--scheduler", self.scheduler), ("--scheduler-file", self.scheduler_file),
-                                      ("--jobqueue", self.jobqueue)) if v]
+    def problems(self) -> list[Problem]:
+        """Every problem, choices first, then values, then combinations (empty: the options are fine)."""
+        found: list[Problem] = []
+
+        def add(field: str, message: str) -> None:
+            found.append(Problem(field, message))
+
+        # -- choices
+        optional = {f.name for f in fields(self) if f.default is None}
+        for registry in CHOICES:
+            value = getattr(self, registry.argument)
+            if value is None and registry.argument in optional:
+                continue
+            problem = registry.problem(value)
+            if problem is not None:
+                add(registry.argument, f"{term(registry.argument)}: {problem}")
+
+        # -- values
+        if not _whole(self.steps) or self.steps not in STEPS:
+            add("steps", f"{term('steps')} must be {either(map(str, STEPS))}, got {self.steps!r}")
+        if self.start is not None:
+            values, problem = _start_values(self.start)
+            if problem is not None:
+                add("start", problem)
+            elif not all(math.isfinite(v) for v in values):
+                add("start", f"{term('start')} has a non-finite value: {','.join(map(repr, values))}")
+        if not (_number(self.tol) and math.isfinite(self.tol) and self.tol > 0):
+            add("tol", f"{term('tol')} must be a positive number, got {self.tol!r}")
+        for field, value, optional in (("max_iter", self.max_iter, False), ("workers", self.workers, False),
+                                       ("partitions", self.partitions, True)):
+            if not (optional and value is None) and not (_whole(value) and value >= 1):
+                add(field, f"{term(field)} must be a whole number >= 1, got {value!r}")
+        if not (_number(self.connect_timeout) and self.connect_timeout > 0):
+            add("connect_timeout", f"{term('connect_timeout')} must be positive, got {self.connect_timeout!r}")
+        for field in ("no_cluster", "resume", "json"):
+            if not isinstance(getattr(self, field), bool):
+                add(field, f"{term(field)} must be true or false, got {getattr(self, field)!r}")
+
+        # -- combinations
+        if not any(p.field in ("optimizer", "derivatives") for p in found):
+            optimizer, mode = OPTIMIZERS[self.optimizer], DERIVATIVES[self.derivatives]
+            if optimizer.needs_jacobian and not mode.jacobian:
+                free = [o.name for o in OPTIMIZERS.values() if not o.needs_jacobian]
+                full = next(m.name for m in DERIVATIVES.values() if m.jacobian)
+                add("derivatives",
+                    f"{term('derivatives')} {mode.name} gives only the gradient of Q, but {optimizer.name} needs the "
+                    f"moment Jacobian G; use {term('optimizer')} {either(free)} with {mode.name}, or "
+                    f"{term('derivatives')} {full}")
+        given = [field for field in ("scheduler", "scheduler_file", "jobqueue") if getattr(self, field)]
         if len(given) > 1:
-            raise UserError(f"{' and '.join(given)} both choose the cluster; give only one")
+            add(given[0], f"{' and '.join(map(term, given))} both choose the cluster; give only one")
         if self.resume and not self.checkpoint:
-            raise UserError("--resume needs --checkpoint FILE (the checkpoint to continue from)")
-        if self.start is not None and not all(math.isfinite(v) for v in self.start):
-            raise UserError(f"--start has a non-finite value: {','.join(map(repr, self.start))}")
+            add("resume", f"{term('resume')} needs {term('checkpoint')} FILE (the checkpoint to continue from)")
+        return found
+
+    def validate(self) -> None:
+        """Raise the first of problems() as a UserError (one line with the fix)."""
+        found = self.problems()
+        if found:
+            raise UserError(found[0].message)
 
 
-def parse_start(text: str) -> list[float]:
-    """'0.1,-2,3e-1' -> [0.1, -2.0, 0.3]; one line naming the bad entry otherwise."""
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _start_values(value) -> tuple[list[float] | None, str | None]:
+    """The start vector from '0.1,-2,3e-1' or a sequence of numbers, or None and why not."""
+    text = isinstance(value, str)
+    try:
+        entries = value.split(",") if text else list(value)
+    except TypeError:
+        entries = None
+    if not entries:
+        return None, f"{term('start')}: {value!r} is not a list of numbers; give one number per parameter"
     out = []
-    for i, word in enumerate(text.split(",")):
+    for i, entry in enumerate(entries):
         try:
-            out.append(float(word.strip()))
-        except ValueError:
-            raise UserError(f"--start: entry {i + 1} ({word.strip()!r}) is not a number; give comma-separated numbers, e.g. --start 0,0.5,-1") from None
-    return out
+            if isinstance(entry, bool):
+                raise TypeError
+            out.append(float(entry.strip() if isinstance(entry, str) else entry))
+        except (TypeError, ValueError):
+            shown = entry.strip() if isinstance(entry, str) else entry
+            fix = (f"give comma-separated numbers, e.g. {term('start')} 0,0.5,-1" if text
+                   else "give numbers, one per parameter")
+            return None, f"{term('start')}: entry {i + 1} ({shown!r}) is not a number; {fix}"
+    return out, None
