@@ -20,7 +20,8 @@ import time
 import pytest
 
 from estpipe.errors import UserError
-from estpipe.execution.clusters import BACKENDS, Existing, InProcess, Local, backend_name, cluster_for, wait_for_workers
+from estpipe.execution.backends import BACKENDS, backend_name, cluster_for
+from estpipe.execution.clusters import Existing, InProcess, Local, wait_for_workers
 from estpipe.orchestration import EstimateOptions
 
 

@@ -3,7 +3,8 @@ dask-jobqueue), all behind one Evaluator interface."""
 
 from __future__ import annotations
 
-from estpipe.execution.clusters import BACKENDS, Cluster, backend_name, cluster_for, wait_for_workers
+from estpipe.execution.backends import BACKENDS, backend_name, cluster_for
+from estpipe.execution.clusters import Cluster, wait_for_workers
 from estpipe.execution.evaluator import Evaluator, EvaluatorStats, InProcessEvaluator
 from estpipe.execution.memory import check_memory
 from estpipe.execution.planning import Partition, default_partitions, plan_partitions

@@ -10,8 +10,7 @@
 Implementations: InProcess (no cluster), Local (a LocalCluster of N processes on this machine),
 Existing (`scheduler` / `scheduler_file`) and JobQueue (slurm/pbs batch jobs, in
 execution/jobqueue.py). Each waits for its workers through `wait_for_workers`, whose one rule is
-in its docstring. The back ends are named as job specs name them: BACKENDS (local, dask, slurm,
-pbs); `backend_name(options)` is the one the estimate options choose.
+in its docstring. execution/backends.py names them as job specs do (local, dask, slurm, pbs).
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ import json
 import os
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -30,7 +28,6 @@ from estpipe.execution.dask_backend import (BlasThreads, DaskEvaluator, QuietWor
                                             restore_environ, worker_addresses, worker_plugin, workers_available_bytes)
 from estpipe.execution.evaluator import Evaluator, InProcessEvaluator
 from estpipe.execution.memory import MemoryPool, available_memory, cpu_count
-from estpipe.registry import Registry
 
 # Seconds between two looks at the scheduler while waiting for workers.
 POLL_SECONDS = 0.2
@@ -294,50 +291,3 @@ class Existing(DaskCluster):
         client, self.client = self.client, None
         if client is not None:
             client.close()
-
-
-@dataclass(frozen=True)
-class Backend:
-    """A back end as job specs name it: `cluster(options)` is its Cluster for these estimate
-    options (not started)."""
-
-    name: str
-    description: str
-    make: Callable[[object], Cluster]
-
-    def cluster(self, options) -> Cluster:
-        return self.make(options)
-
-
-def _jobqueue(kind: str) -> Callable[[object], Cluster]:
-    def make(options) -> Cluster:
-        from estpipe.execution.jobqueue import JobQueue
-
-        return JobQueue(kind, options.workers, options.connect_timeout)
-
-    return make
-
-
-BACKENDS: Registry[Backend] = Registry("back end", [
-    Backend("local", "this machine: in-process, or a LocalCluster of `workers` processes",
-            lambda o: InProcess() if o.workers <= 1 else Local(o.workers)),
-    Backend("dask", "an existing dask cluster, at `scheduler` or in `scheduler_file`",
-            lambda o: Existing(o.scheduler, o.scheduler_file, o.connect_timeout)),
-    Backend("slurm", "`workers` dask workers as Slurm batch jobs (dask-jobqueue)", _jobqueue("slurm")),
-    Backend("pbs", "`workers` dask workers as PBS batch jobs (dask-jobqueue)", _jobqueue("pbs")),
-])
-
-
-def backend_name(options) -> str:
-    """The back end estimate options choose: `scheduler` or `scheduler_file`: dask; `jobqueue`:
-    that batch system; otherwise local."""
-    if options.scheduler or options.scheduler_file:
-        return "dask"
-    return options.jobqueue or "local"
-
-
-def cluster_for(options) -> Cluster:
-    """The Cluster (not started) of the back end the options choose; reads workers, scheduler,
-    scheduler_file, jobqueue and connect_timeout."""
-    return BACKENDS.get(backend_name(options)).cluster(options)
-
