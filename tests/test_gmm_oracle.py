@@ -29,9 +29,9 @@ class _Recording(InProcessEvaluator):
         super().__init__(*args)
         self.asked: list[tuple[bool, bool]] = []
 
-    def sums(self, params, jacobian=True, covariance=False, clustered=True):
-        self.asked.append((bool(jacobian), bool(covariance)))
-        return super().sums(params, jacobian=jacobian, covariance=covariance, clustered=clustered)
+    def evaluate(self, request):
+        self.asked.append((request.jacobian, request.covariance))
+        return super().evaluate(request)
 
 
 def _recording(path):

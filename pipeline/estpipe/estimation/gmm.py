@@ -30,10 +30,9 @@ from estpipe.text import count
 class SumsSource(Protocol):
     """The sums of the whole data, wherever they are computed (execution/evaluator.py)."""
 
-    def sums(self, params, jacobian: bool = True, covariance: bool = False, clustered: bool = True,
-             seed_scale=None, moment_scale=None, fd_steps=None): ...
+    def evaluate(self, request): ...  # the additive sums a kernel Request needs, over all the data
 
-    def pullback(self, params, v, seed_scale=None, fd_steps=None): ...
+    def pullback_of(self, request, v): ...  # n G' v at request.params
 
     def column_absmax(self) -> tuple[np.ndarray, np.ndarray]: ...
 

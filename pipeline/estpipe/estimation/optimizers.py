@@ -20,6 +20,7 @@ from estpipe.estimation.scaling import Scaling
 from estpipe.registry import Registry
 from estpipe.estimation.weighting import WeightMatrix
 from estpipe.kernel import MomentSums
+from estpipe.kernel.request import Request
 from estpipe.text import count
 
 # least_squares' gtol: its test is on the inf-norm of J'r = G'Wg, which is ~0 only at the optimum
@@ -43,11 +44,10 @@ class MomentOracle:
         self._sums: OrderedDict[bytes, tuple[bool, bool, MomentSums]] = OrderedDict()
         self._pullbacks: OrderedDict[bytes, np.ndarray] = OrderedDict()
 
-    def _scales(self, params) -> dict:
+    def _request(self, params, jacobian: bool, covariance: bool) -> Request:
         sc = self.scaling
-        if sc is None:
-            return {}
-        return {"seed_scale": sc.seed, "moment_scale": sc.moments, "fd_steps": sc.fd_steps(params)}
+        scales = {} if sc is None else {"seed_scale": sc.seed, "moment_scale": sc.moments, "fd_steps": sc.fd_steps(params)}
+        return Request.of(params, jacobian, covariance, clustered=self.clustered, **scales)
 
     def sums(self, params, jacobian: bool = True, covariance: bool = False) -> MomentSums:
         """MomentSums at params with at least what is asked for. When the cache already holds one
@@ -63,13 +63,11 @@ class MomentOracle:
         if hit is not None:
             # hit lacks one part; ask only for that part, keep what hit has
             need_jacobian, need_covariance = jacobian and not hit[0], covariance and not hit[1]
-            part = self.evaluator.sums(params, jacobian=need_jacobian, covariance=need_covariance,
-                                       clustered=self.clustered, **self._scales(params))
+            part = self.evaluator.evaluate(self._request(params, need_jacobian, need_covariance))
             out = _merge(hit[2], part)
             jacobian, covariance = hit[0] or need_jacobian, hit[1] or need_covariance
         else:
-            out = self.evaluator.sums(params, jacobian=jacobian, covariance=covariance, clustered=self.clustered,
-                                      **self._scales(params))
+            out = self.evaluator.evaluate(self._request(params, jacobian, covariance))
         self.evaluations += 1
         self._sums[key] = (jacobian, covariance, out)
         self._sums.move_to_end(key)
@@ -82,9 +80,7 @@ class MomentOracle:
         v = np.ascontiguousarray(v, dtype=np.float64)
         key = params.tobytes() + v.tobytes()
         if key not in self._pullbacks:
-            scales = self._scales(params)
-            self._pullbacks[key] = self.evaluator.pullback(params, v, seed_scale=scales.get("seed_scale"),
-                                                           fd_steps=scales.get("fd_steps"))
+            self._pullbacks[key] = self.evaluator.pullback_of(self._request(params, False, False), v)
             self.evaluations += 1
             if len(self._pullbacks) > _CACHE_SIZE:
                 self._pullbacks.popitem(last=False)

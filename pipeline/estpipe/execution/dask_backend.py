@@ -3,7 +3,7 @@ dask pieces the clusters of execution/clusters.py share (worker plugins, log fil
 
 Each partition is loaded by one task, `load_partition(source, start, stop)`, whose future the
 client keeps for the whole run, so the partition stays in that worker's memory. An evaluation
-maps `partition_sums(resident, params, ...)` over those futures; the scheduler runs each where its
+maps `partition_sums(resident, request)` over those futures; the scheduler runs each where its
 partition lives (ResidentPartition reports its real size, so moving it never looks cheap) and
 only the small TaskResults travel to the client, which adds them. A partition is a pure function
 of (file, range): when a worker dies, dask recomputes its partitions from that lineage on the

@@ -21,6 +21,7 @@ from estpipe.execution.planning import Partition
 from estpipe.execution.tasks import (PartitionSource, TaskResult, blas_report, load_partition, partition_absmax,
                                      partition_pullback, partition_sums, partition_within_covariance)
 from estpipe.kernel import MomentSums
+from estpipe.kernel.request import Request
 
 
 @dataclass
@@ -81,29 +82,36 @@ class Evaluator(ABC):
         """Bytes the results took to come back: none travel by default (in-process)."""
         return 0
 
-    def sums(self, params, jacobian: bool = True, covariance: bool = False, clustered: bool = True,
-             seed_scale=None, moment_scale=None, fd_steps=None) -> MomentSums:
-        """MomentSums of all the data at params (P,): n [g | G] and, with covariance, hh, nh, nn
-        (see PartitionKernel.sums for the scales and steps)."""
-        params = np.ascontiguousarray(params, dtype=np.float64)
+    def evaluate(self, request: Request) -> MomentSums:
+        """The sums of all the data for `request` (kernel/request.py), summed over partitions."""
         t0 = time.perf_counter()
-        results = self._map(partition_sums, params, bool(jacobian), bool(covariance), bool(clustered),
-                            seed_scale, moment_scale, fd_steps)
+        results = self._map(partition_sums, request)
         total = results[0].value
         for r in results[1:]:
             total = total + r.value
         self.stats.record(time.perf_counter() - t0, results, self._result_bytes(results))
         return total
 
-    def pullback(self, params, v, seed_scale=None, fd_steps=None) -> np.ndarray:
-        """n G' v (P,) for v (M,): the reverse-mode product, summed over partitions."""
-        params = np.ascontiguousarray(params, dtype=np.float64)
+    def pullback_of(self, request: Request, v) -> np.ndarray:
+        """n G' v (P,) for v (M,) at request.params, summed over partitions."""
         v = np.ascontiguousarray(v, dtype=np.float64)
         t0 = time.perf_counter()
-        results = self._map(partition_pullback, params, v, seed_scale, fd_steps)
+        results = self._map(partition_pullback, request, v)
         total = np.sum([r.value for r in results], axis=0)
         self.stats.record(time.perf_counter() - t0, results, self._result_bytes(results))
         return total
+
+    def sums(self, params, jacobian: bool = True, covariance: bool = False, clustered: bool = True,
+             seed_scale=None, moment_scale=None, fd_steps=None) -> MomentSums:
+        """evaluate(Request.of(params, jacobian, covariance, ...))."""
+        return self.evaluate(Request.of(np.ascontiguousarray(params, dtype=np.float64), jacobian, covariance,
+                                        clustered=clustered, seed_scale=seed_scale, moment_scale=moment_scale,
+                                        fd_steps=fd_steps))
+
+    def pullback(self, params, v, seed_scale=None, fd_steps=None) -> np.ndarray:
+        """pullback_of(Request.of(params, jacobian=False, ...), v)."""
+        return self.pullback_of(Request.of(np.ascontiguousarray(params, dtype=np.float64), False,
+                                           seed_scale=seed_scale, fd_steps=fd_steps), v)
 
     def column_absmax(self) -> tuple[np.ndarray, np.ndarray]:
         """max |X| (K,) and max |dm| (M,) per column over all partitions (not an evaluation)."""

@@ -18,6 +18,7 @@ import numpy as np
 
 from estpipe.data.format import MAX_ABS_VALUE, ChoiceDataFile
 from estpipe.errors import UserError
+from estpipe.kernel.request import Request
 from estpipe.kernel import MomentSums, PartitionKernel
 from estpipe.kernel.blas import blas_libraries
 
@@ -141,18 +142,16 @@ def load_partition(source: PartitionSource, start: int, stop: int) -> ResidentPa
     return ResidentPartition(path=str(Path(path)), start=start, stop=stop, kernel=kernel, nbytes=int(data.nbytes))
 
 
-def partition_sums(part: ResidentPartition, params: np.ndarray, jacobian: bool, covariance: bool,
-                   clustered: bool, seed_scale=None, moment_scale=None, fd_steps=None) -> TaskResult:
+def partition_sums(part: ResidentPartition, request: Request) -> TaskResult:
+    """The partition's additive sums for `request` (kernel/request.py)."""
     t0 = time.perf_counter()
-    sums = part.kernel.sums(params, jacobian=jacobian, covariance=covariance, clustered=clustered,
-                            seed_scale=seed_scale, moment_scale=moment_scale, fd_steps=fd_steps)
+    sums = part.kernel.evaluate(request)
     return TaskResult(sums, time.perf_counter() - t0, os.getpid())
 
 
-def partition_pullback(part: ResidentPartition, params: np.ndarray, v: np.ndarray, seed_scale=None,
-                       fd_steps=None) -> TaskResult:
+def partition_pullback(part: ResidentPartition, request: Request, v: np.ndarray) -> TaskResult:
     t0 = time.perf_counter()
-    out = np.asarray(part.kernel.pullback(params, v, seed_scale=seed_scale, fd_steps=fd_steps), dtype=np.float64)
+    out = np.asarray(part.kernel.pullback_of(request, v), dtype=np.float64)
     return TaskResult(out, time.perf_counter() - t0, os.getpid())
 
 
