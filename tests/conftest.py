@@ -12,3 +12,18 @@ def _raise_on_float_errors():
     old = np.seterr(over="raise", invalid="raise", divide="raise", under="ignore")
     yield
     np.seterr(**old)
+
+
+def write_huge_file(path, n_sets: int = 1000, J: int = 10_000_000):
+    """A choice-data file far too big for memory (149 GiB of X and dm): HDF5 stores no unwritten
+    chunks, so the file itself is small."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f.create_dataset("offsets", data=np.arange(n_sets + 1, dtype=np.int64) * J)
+        f.create_dataset("X", (n_sets * J, 2), dtype="f8", chunks=(65536, 2))
+        f.create_dataset("dm", (n_sets * J, 2), dtype="f8", chunks=(65536, 2))
+        for k, v in dict(estpipe_format="choice-data", estpipe_format_version=1, n_sets=n_sets, n_rows=n_sets * J,
+                         n_params=2, n_moments=2, param_names=["a", "b"], moment_names=["a", "b"], provenance="{}").items():
+            f.attrs[k] = v
+    return path

@@ -23,6 +23,7 @@ from estpipe.errors import UserError
 from estpipe.execution.backends import BACKENDS, backend_name, cluster_for
 from estpipe.execution.clusters import Existing, InProcess, Local, wait_for_workers
 from estpipe.orchestration import EstimateOptions
+from conftest import write_huge_file
 
 
 @contextlib.contextmanager
@@ -120,14 +121,7 @@ def test_a_worker_that_cannot_hold_its_partitions_is_named(two_workers, tmp_path
 
     from estpipe.orchestration import estimate
 
-    huge, n_sets, J = tmp_path / "huge.h5", 1000, 10_000_000
-    with h5py.File(huge, "w") as f:
-        f.create_dataset("offsets", data=np.arange(n_sets + 1, dtype=np.int64) * J)
-        f.create_dataset("X", (n_sets * J, 2), dtype="f8", chunks=(65536, 2))
-        f.create_dataset("dm", (n_sets * J, 2), dtype="f8", chunks=(65536, 2))
-        for k, v in dict(estpipe_format="choice-data", estpipe_format_version=1, n_sets=n_sets, n_rows=n_sets * J,
-                         n_params=2, n_moments=2, param_names=["a", "b"], moment_names=["a", "b"], provenance="{}").items():
-            f.attrs[k] = v
+    huge = write_huge_file(tmp_path / "huge.h5")
     with pytest.raises(UserError, match=r"^the data will not fit in memory: worker tcp://127\.0\.0\.1:\d+ needs about "
                                         r"[\d.]+ GiB \(149\.01 GiB of data plus buffers\), but only [\d.]+ GiB is "
                                         r"available; add workers or machines \(or give each worker more memory\)$"):

@@ -17,6 +17,7 @@ from estpipe.cli.app import main
 from estpipe.data.format import ChoiceData, write_choice_data
 from estpipe.orchestration import EstimateOptions, estimate
 from estpipe.data.simulate import simulate_choice_data
+from conftest import write_huge_file
 
 
 def run_cli(argv, capsys) -> tuple[int, str, str]:
@@ -108,16 +109,7 @@ def _bad_files(tmp_path):
     dmz[:, 2] = 0.0
     files["zero-moment"] = tmp_path / "zero_moment.h5"
     _write(files["zero-moment"], X, dmz, sizes, m_names=["z_price", "z_income", "z_time", "z_sq"])
-    # far too big for memory: HDF5 stores no unwritten chunks, so the file itself is small
-    huge = tmp_path / "huge.h5"
-    n_sets, J = 1000, 10_000_000
-    with h5py.File(huge, "w") as f:
-        f.create_dataset("offsets", data=np.arange(n_sets + 1, dtype=np.int64) * J)
-        f.create_dataset("X", (n_sets * J, 2), dtype="f8", chunks=(65536, 2))
-        f.create_dataset("dm", (n_sets * J, 2), dtype="f8", chunks=(65536, 2))
-        for k, v in dict(estpipe_format="choice-data", estpipe_format_version=1, n_sets=n_sets, n_rows=n_sets * J,
-                         n_params=2, n_moments=2, param_names=["a", "b"], moment_names=["a", "b"], provenance="{}").items():
-            f.attrs[k] = v
+    huge = write_huge_file(tmp_path / "huge.h5")
     files["huge"] = huge
     # bad values in the file's arrays: a NaN in X, an inf in dm, |x| beyond 1e154 in X
     for name, dataset, (row, col), value in [("nan-in-X", "X", (437, 2), np.nan), ("inf-in-dm", "dm", (5, 3), -np.inf),
