@@ -74,7 +74,9 @@ def test_jacobian_matches_complex_step(model, problem):
         z[k] += 1j * h
         step[:, k] = kernel.sums(z, jacobian=False).gG[:, 0].imag / h
     assert np.all(np.isfinite(G))
-    np.testing.assert_allclose(G, step, rtol=1e-12, atol=1e-12 * max(1.0, np.abs(G).max()))
+    # Utilities of size `scale` carry rounding of scale * eps; where the probabilities saturate,
+    # both derivatives turn it into absolute errors of that size in G (found by hypothesis at 1e4).
+    np.testing.assert_allclose(G, step, rtol=1e-12, atol=1e-12 * max(1.0, scale) * max(1.0, np.abs(G).max()))
 
 
 def test_signed_model_costs_no_derivative_code():

@@ -23,6 +23,7 @@ EPILOG = ("Example: `estpipe simulate data.h5 --sets 20000 && estpipe estimate d
 _BACKEND = "Back end"
 _GMM = "GMM and optimizer"
 _OUT = "Output"
+_MODEL = "Model"
 
 
 def command(
@@ -33,7 +34,13 @@ def command(
     jobqueue: Annotated[Optional[str], typer.Option(help="Start --workers N dask workers as batch jobs of this batch system: {estpipe.execution.jobqueue:KINDS}.", rich_help_panel=_BACKEND)] = None,
     partitions: Annotated[Optional[int], typer.Option(help="Contiguous partitions of the sets, balanced by rows (default: 1 per worker, 1 in-process).", min=1, rich_help_panel=_BACKEND)] = None,
     connect_timeout: Annotated[float, typer.Option("--connect-timeout", help="Seconds to wait for a scheduler or batch-job workers.", rich_help_panel=_BACKEND)] = 30.0,
-    model: Annotated[str, typer.Option(help="{estpipe.models:MODELS}.", rich_help_panel=_GMM)] = "logit",
+    model: Annotated[str, typer.Option(help="{estpipe.models:MODELS}, or a model class in your own file: my_models.py:BoxCoxCost.", rich_help_panel=_MODEL)] = "logit",
+    random: Annotated[Optional[str], typer.Option(help="mixed-logit: the x columns with random coefficients, comma-separated, each normal or with :lognormal or :-lognormal (a fixed sign), e.g. time,cost:-lognormal.", rich_help_panel=_MODEL)] = None,
+    correlated: Annotated[bool, typer.Option("--correlated", help="mixed-logit: correlated random coefficients (a Cholesky factor).", rich_help_panel=_MODEL)] = False,
+    nests: Annotated[Optional[str], typer.Option(help="nested-logit: the nests, e.g. \"public=train,bus; private=car\" (alternatives in no nest are their own).", rich_help_panel=_MODEL)] = None,
+    draws: Annotated[Optional[int], typer.Option(help="mixed-logit: draws per decision maker (default 200).", min=1, rich_help_panel=_MODEL)] = None,
+    draws_kind: Annotated[Optional[str], typer.Option("--draws-kind", help="mixed-logit: {estpipe.models.draws:DRAW_KINDS} (default sobol).", rich_help_panel=_MODEL)] = None,
+    draws_seed: Annotated[Optional[int], typer.Option("--draws-seed", help="mixed-logit: seed of the draws (default 0).", rich_help_panel=_MODEL)] = None,
     optimizer: Annotated[str, typer.Option(help="{estpipe.estimation.optimizers:OPTIMIZERS}.", rich_help_panel=_GMM)] = "gauss-newton",
     derivatives: Annotated[str, typer.Option(help="{estpipe.kernel.derivatives:DERIVATIVES}.", rich_help_panel=_GMM)] = "dual",
     steps: Annotated[int, typer.Option(help="1: W = I only; 2: then W = S(b1)^-1 (efficient).", rich_help_panel=_GMM)] = 2,
@@ -51,7 +58,8 @@ def command(
 
     options = EstimateOptions(
         workers=workers, scheduler=scheduler, scheduler_file=scheduler_file, jobqueue=jobqueue, partitions=partitions,
-        model=model, optimizer=optimizer, derivatives=derivatives, steps=steps, start=start, tol=tol,
+        model=model, random=random, correlated=correlated, nests=nests, draws=draws, draws_kind=draws_kind,
+        draws_seed=draws_seed, optimizer=optimizer, derivatives=derivatives, steps=steps, start=start, tol=tol,
         max_iter=max_iter, no_cluster=no_cluster, out=out, checkpoint=checkpoint, resume=resume, json=json,
         connect_timeout=connect_timeout,
     )

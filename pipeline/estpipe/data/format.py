@@ -48,7 +48,9 @@ class ChoiceData:
     """Choice sets in memory: a whole file or a contiguous range of its sets.
 
     X: (n_rows, K) covariates; dm: (n_rows, M) moment vectors; offsets: (n_sets + 1,) with
-    offsets[0] = 0; chosen: (n_rows,) int8 or None; cluster: (n_sets,) int64 or None.
+    offsets[0] = 0; chosen: (n_rows,) int8 or None; cluster: (n_sets,) int64 or None; alt:
+    (n_rows,) int32 alternative codes (0 .. len(alt_names) - 1) or None; panel: (n_sets,) int64
+    the decision maker (panel unit) of each set, each unit's sets contiguous, or None.
     """
 
     X: np.ndarray
@@ -56,6 +58,9 @@ class ChoiceData:
     offsets: np.ndarray
     chosen: np.ndarray | None = None
     cluster: np.ndarray | None = None
+    alt: np.ndarray | None = None
+    panel: np.ndarray | None = None
+    first_set: int = 0  # the file's index of this data's first set (a partition's offset)
 
     @property
     def n_sets(self) -> int:
@@ -237,7 +242,21 @@ class ChoiceDataFile:
             raise UserError(
                 f"{self.path}: rows {r0}:{r1} cannot be read ({exc}); the file is truncated or damaged, rewrite it"
             ) from None
-        return ChoiceData(X=X, dm=dm, offsets=self.offsets[start : stop + 1] - r0, chosen=chosen, cluster=cluster)
+        return ChoiceData(X=X, dm=dm, offsets=self.offsets[start : stop + 1] - r0, chosen=chosen, cluster=cluster,
+                          first_set=start)
+
+    @property
+    def x_names(self) -> list[str]:
+        """The columns of X (the file attribute param_names)."""
+        return self.param_names
+
+    @property
+    def alt_names(self) -> list[str] | None:
+        return None
+
+    @property
+    def has_panel(self) -> bool:
+        return False
 
     def read_cluster(self) -> np.ndarray | None:
         """Cluster id per set (n_sets,), or None when the file has none."""

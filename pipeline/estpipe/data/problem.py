@@ -34,6 +34,12 @@ class ChoiceProblem:
     truth: np.ndarray | None
     fingerprint: str
     provenance: dict = field(default_factory=dict)
+    alt_names: list[str] | None = None
+    panel: np.ndarray | None = None
+
+    @property
+    def has_panel(self) -> bool:
+        return self.panel is not None
 
     @property
     def has_cluster(self) -> bool:

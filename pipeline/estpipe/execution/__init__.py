@@ -3,6 +3,8 @@ dask-jobqueue), all behind one Evaluator interface."""
 
 from __future__ import annotations
 
+from estpipe.models import MODELS
+from estpipe.models.spec import ModelSpec
 from estpipe.execution.backends import BACKENDS, backend_name, cluster_for
 from estpipe.execution.clusters import Cluster, wait_for_workers
 from estpipe.execution.evaluator import Evaluator, EvaluatorStats, InProcessEvaluator
@@ -22,12 +24,14 @@ def start_backend(problem, options, plan, log) -> Evaluator:
     present); log(message) for progress. Memory is checked before anything loads, and for
     processes of this machine before any starts. Partition i goes to worker i mod n."""
     cluster = cluster_for(options)
-    source = PartitionSource.of(problem, options.model, options.derivatives)
+    source = PartitionSource.of(problem, ModelSpec.of(options.model, **options.model_options()), options.derivatives)
+    # the memory check sizes a kernel's buffers on a stand-in of the model's kind
+    kind = options.model if options.model in MODELS and not options.model_options() else "logit"
 
     def placed(n_workers: int):
         partitions = plan(n_workers)
         assignment = [i % n_workers for i in range(len(partitions))]
-        check_memory(problem, partitions, assignment, cluster.available_memory(), model=source.model,
+        check_memory(problem, partitions, assignment, cluster.available_memory(), model=kind,
                      derivatives=source.derivatives, threads=cluster.threads, new_processes=cluster.new_processes)
         return partitions, assignment
 

@@ -19,6 +19,7 @@ import numpy as np
 from estpipe.data.format import MAX_ABS_VALUE, ChoiceDataFile
 from estpipe.errors import UserError
 from estpipe.kernel.request import Request
+from estpipe.models.spec import ModelSpec
 from estpipe.kernel import MomentSums, PartitionKernel
 from estpipe.kernel.blas import blas_libraries
 
@@ -115,19 +116,21 @@ class PartitionSource:
 
     path: str
     fingerprint: str
-    model: str
+    model: ModelSpec
     derivatives: str
 
     @classmethod
-    def of(cls, problem, model: str, derivatives: str) -> "PartitionSource":
-        """The source of a ChoiceProblem's partitions (estpipe.data.problem)."""
-        return cls(str(problem.path), problem.fingerprint, model, derivatives)
+    def of(cls, problem, model: ModelSpec | str, derivatives: str) -> "PartitionSource":
+        """The source of a ChoiceProblem's partitions (estpipe.data.problem); model: a ModelSpec
+        (or a registered model's name)."""
+        spec = model if isinstance(model, ModelSpec) else ModelSpec.of(model)
+        return cls(str(problem.path), problem.fingerprint, spec, derivatives)
 
     def key(self, start: int, stop: int) -> str:
         """The dask key of sets start:stop loaded from this source. Equal keys are the same
         partition (a task of that key already on the cluster is reused), so the key holds every
         field."""
-        return f"estpipe-partition-{self.fingerprint}-{start}-{stop}-{self.model}-{self.derivatives}"
+        return f"estpipe-partition-{self.fingerprint}-{start}-{stop}-{self.model.name}-{self.model.key()}-{self.derivatives}"
 
 
 def load_partition(source: PartitionSource, start: int, stop: int) -> ResidentPartition:
@@ -136,9 +139,10 @@ def load_partition(source: PartitionSource, start: int, stop: int) -> ResidentPa
     with ChoiceDataFile(path) as f:
         data = f.read_sets(start, stop, empty=populated_empty)
         row0, x_names, moment_names = int(f.offsets[start]), f.param_names, f.moment_names
+        model = source.model.build(f)
     check_values(path, "X", data.X, x_names, row0, data.offsets, start)
     check_values(path, "dm", data.dm, moment_names, row0, data.offsets, start)
-    kernel = PartitionKernel(data, model=source.model, derivatives=source.derivatives)
+    kernel = PartitionKernel(data, model=model, derivatives=source.derivatives, x_names=x_names)
     return ResidentPartition(path=str(Path(path)), start=start, stop=stop, kernel=kernel, nbytes=int(data.nbytes))
 
 

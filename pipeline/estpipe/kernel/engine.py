@@ -44,7 +44,7 @@ from estpipe.kernel.generic import GenericDual
 from estpipe.kernel.request import Request
 from estpipe.kernel.sums import MomentSums
 from estpipe.kernel.units import UnitSums
-from estpipe.kernel.tiles import DEFAULT_TILE_ROWS, plan_tiles
+from estpipe.kernel.tiles import DEFAULT_TILE_ROWS, TileData, plan_tiles
 from estpipe.models import get_model
 from estpipe.models.logit import Logit
 
@@ -63,8 +63,9 @@ def choose_strategy(model, K: int, fast: bool = True, chunk: int | None = None):
     return FusedLogit() if cls is FusedLogit else GenericDual(model, K, chunk)
 
 
-def gradient_rule(model: str, derivatives: str) -> str:
-    """How the gradients of `model` come out under `derivatives` (for logs and results)."""
+def gradient_rule(model, derivatives: str) -> str:
+    """How the gradients of `model` (a Model or a registered name) come out under `derivatives`
+    (for logs and results)."""
     m = get_model(model)
     return DERIVATIVES.get(derivatives).gradient_rule(strategy_class(m), m)
 
@@ -80,8 +81,9 @@ class PartitionKernel:
 
     def __init__(self, data: ChoiceData, model: str = "logit", derivatives: str = "dual",
                  tile_rows: int | None = None, fast: bool = True, chunk: int | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, x_names=None):
         self.data = data
+        self.x_names = tuple(x_names) if x_names is not None else tuple(f"x{k + 1}" for k in range(data.K))
         self.model = get_model(model)
         self.derivative = DERIVATIVES.get(derivatives)
         self.n_params = self.model.n_params(data.K)
@@ -103,6 +105,8 @@ class PartitionKernel:
         self._chosen = [self._tile_chosen(t) for t in self.tiles] if data.chosen is not None else None
         self._dm_single = None
         self._absmax = None
+        self._views: dict[tuple[int, int], TileData] = {}
+        self._tile_index = {t.set_start: i for i, t in enumerate(self.tiles)}
 
     @property
     def derivatives(self) -> str:
@@ -185,6 +189,22 @@ class PartitionKernel:
         if self._pool is not None and self._pool_pid == os.getpid():
             self._pool.shutdown()
         self._pool = None
+
+    def view(self, tile) -> TileData:
+        """What the model sees of `tile` (X, its sets, alternative codes, panel units): made once
+        per tile (slices of the data, and the tile's unit indices, 8 bytes per set)."""
+        cached = self._views.get((tile.set_start, tile.set_stop))
+        if cached is not None:
+            return cached
+        d = self.data
+        if d.panel is not None:
+            unit = d.panel[tile.set_start : tile.set_stop]
+        else:
+            unit = np.arange(d.first_set + tile.set_start, d.first_set + tile.set_stop, dtype=np.int64)
+        view = TileData(X=d.X[tile.rows], seg=tile.seg, alt=None if d.alt is None else d.alt[tile.rows], unit=unit,
+                        x_names=self.x_names)
+        self._views[(tile.set_start, tile.set_stop)] = view
+        return view
 
     # -- data facts ------------------------------------------------------------------------------
     def column_absmax(self) -> tuple[np.ndarray, np.ndarray]:
@@ -272,7 +292,7 @@ class PartitionKernel:
             def values(ws, tiles):
                 acc = np.zeros((M, 1), dtype=dtype)
                 for tile in tiles:
-                    strategy.tile_values(d.X[tile.rows], d.dm[tile.rows], tile.seg, request, ws, acc,
+                    strategy.tile_values(self.view(tile), d.dm[tile.rows], request, ws, acc,
                                          None if tape is None else tape[tile.rows])
                 return acc
 
@@ -286,19 +306,18 @@ class PartitionKernel:
             self._dm_single = d.dm.astype(np.float32)
         prescale = fused and request.jacobian and self._prescale(request.inv_seed_scale)
         cluster = d.cluster if (request.clustered and request.covariance) else None
-        index = {id(t): i for i, t in enumerate(self.tiles)}
+        index = self._tile_index
 
         def work(ws, tiles):
             acc = np.zeros((M, width), dtype=dtype)
             units = UnitSums.empty(M, dtype) if request.covariance else None
             loglik = 0.0
             for tile in tiles:
-                i = index[id(tile)]
-                X, dm = d.X[tile.rows], d.dm[tile.rows]
+                i = index[tile.set_start]
                 chosen = self._chosen[i] if (self._chosen is not None and request.covariance) else None
                 extra = {"dm_single": self._dm_single[tile.rows]} if single else {}
-                H, ll = strategy.tile_sums(X, dm, tile.seg, request, ws, acc, request.covariance, chosen,
-                                           prescale=prescale, **extra)
+                H, ll = strategy.tile_sums(self.view(tile), d.dm[tile.rows], request, ws, acc, request.covariance,
+                                           chosen, prescale=prescale, **extra)
                 if units is not None:
                     loglik += ll
                     ids = None if cluster is None else cluster[tile.set_start : tile.set_stop]
@@ -323,7 +342,7 @@ class PartitionKernel:
         def work(ws, tiles):
             acc = np.zeros(self.n_params)
             for tile in tiles:
-                self.generic.tile_pullback(d.X[tile.rows], d.dm[tile.rows], tile.seg, request, v, ws, acc)
+                self.generic.tile_pullback(self.view(tile), d.dm[tile.rows], request, v, ws, acc)
             return acc
 
         return sum(self._map(work, self.tiles))
@@ -339,7 +358,7 @@ class PartitionKernel:
         def work(ws, tiles):
             acc = np.zeros(self.n_params)
             for tile in tiles:
-                self.strategy.tile_pullback(d.X[tile.rows], d.dm[tile.rows], tile.seg, request, v, ws, acc,
+                self.strategy.tile_pullback(self.view(tile), d.dm[tile.rows], request, v, ws, acc,
                                             self._tape[tile.rows] if on_tape else None, prescale)
             return acc
 

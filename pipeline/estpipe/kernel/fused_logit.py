@@ -16,6 +16,7 @@ import numpy as np
 
 from estpipe.dual import Segments, Workspace
 from estpipe.kernel.request import Request
+from estpipe.kernel.tiles import TileData
 
 
 SAFE_UTILITY = 600.0
@@ -127,21 +128,24 @@ class FusedLogit:
     name = "fused-logit"
     reverse = True
 
-    def tile_sums(self, X, dm, seg: Segments, request: Request, ws: Workspace, acc, need_h: bool, chosen=None,
+    def tile_sums(self, tile: TileData, dm, request: Request, ws: Workspace, acc, need_h: bool, chosen=None,
                   prescale: bool = False, dm_single=None):
+        X, seg = tile.X, tile.seg
         ws.reset()
         s, loglik = logit_probabilities(X, request.params, seg, ws, chosen)
         H = logit_tile_sums(X, dm, s, seg, ws, acc, request.jacobian, need_h=need_h, dm_single=dm_single,
                             inv_scale=request.inv_seed_scale, prescale=prescale)
         return H, loglik
 
-    def tile_values(self, X, dm, seg: Segments, request: Request, ws: Workspace, acc, tape=None) -> None:
+    def tile_values(self, tile: TileData, dm, request: Request, ws: Workspace, acc, tape=None) -> None:
+        X, seg = tile.X, tile.seg
         ws.reset()
         s, _ = logit_probabilities(X, request.params, seg, ws, out=tape)
         logit_tile_sums(X, dm, s, seg, ws, acc, False, need_h=False)
 
-    def tile_pullback(self, X, dm, seg: Segments, request: Request, v, ws: Workspace, acc, tape=None,
+    def tile_pullback(self, tile: TileData, dm, request: Request, v, ws: Workspace, acc, tape=None,
                       prescale: bool = False) -> None:
+        X, seg = tile.X, tile.seg
         ws.reset()
         s = tape if tape is not None else logit_probabilities(X, request.params, seg, ws)[0]
         logit_tile_pullback(X, dm, s, v, seg, ws, acc, request.inv_seed_scale, prescale)

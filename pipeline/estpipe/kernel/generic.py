@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from estpipe.dual import Segments, Workspace, chunk_ranges, chunk_size, project, seed, segment_logsumexp, segment_softmax
+from estpipe.dual import Workspace, chunk_ranges, chunk_size, project, seed
 from estpipe.kernel.request import Request
+from estpipe.kernel.tiles import TileData
 from estpipe.models.base import Model
 
 
@@ -26,32 +27,32 @@ class GenericDual:
         P = model.n_params(K)
         self.chunks = chunk_ranges(P, chunk_size(P, chunk))
 
-    def tile_sums(self, X, dm, seg: Segments, request: Request, ws: Workspace, acc, need_h: bool, chosen=None,
+    def tile_sums(self, tile: TileData, dm, request: Request, ws: Workspace, acc, need_h: bool, chosen=None,
                   prescale: bool = False):
         chunks = self.chunks if request.jacobian else [(0, 0)]
-        return generic_tile_sums(self.model, request.params, X, dm, seg, ws, acc, chunks, need_h, chosen,
+        return generic_tile_sums(self.model, request.params, tile, dm, ws, acc, chunks, need_h, chosen,
                                  request.seed_scale)
 
-    def tile_values(self, X, dm, seg: Segments, request: Request, ws: Workspace, acc, tape=None) -> None:
-        generic_tile_sums(self.model, request.params, X, dm, seg, ws, acc, [(0, 0)], False)
+    def tile_values(self, tile: TileData, dm, request: Request, ws: Workspace, acc, tape=None) -> None:
+        generic_tile_sums(self.model, request.params, tile, dm, ws, acc, [(0, 0)], False)
 
-    def tile_pullback(self, X, dm, seg: Segments, request: Request, v, ws: Workspace, acc, tape=None,
+    def tile_pullback(self, tile: TileData, dm, request: Request, v, ws: Workspace, acc, tape=None,
                       prescale: bool = False) -> None:
-        generic_tile_pullback(self.model, request.params, X, dm, v, seg, ws, acc, self.chunks, request.seed_scale)
+        generic_tile_pullback(self.model, request.params, tile, dm, v, ws, acc, self.chunks, request.seed_scale)
 
 
-def generic_tile_sums(model: Model, params, X, dm, seg: Segments, ws: Workspace, acc: np.ndarray,
+def generic_tile_sums(model: Model, params, tile: TileData, dm, ws: Workspace, acc: np.ndarray,
                       chunks: list[tuple[int, int]], need_h: bool, chosen=None, seed_scale=None):
     """Add this tile's [sum_i h_i | sum_i dh_i/dbeta] to acc (M, 1 + P) (or (M, 1) with chunks
     [(0, 0)]); beta = seed_scale * params (seed_scale (P,), default ones).
 
     Returns (H, loglik): H (n_sets, M) per-set h_i when need_h (else None), loglik of the chosen rows."""
+    seg = tile.seg
     H, loglik = None, 0.0
     for c, (k0, k1) in enumerate(chunks):
         ws.reset()
         theta = seed(params, ws, k0, k1, seed_scale)
-        u = model.utilities(theta, X, seg)
-        s = segment_softmax(u, seg)
+        s = model.probabilities(theta, tile)
         block = project(dm, s)
         if c == 0:
             acc[:, 0] += block[:, 0]
@@ -59,19 +60,20 @@ def generic_tile_sums(model: Model, params, X, dm, seg: Segments, ws: Workspace,
                 scratch = None if seg.equal_size else ws.take((seg.n_rows, dm.shape[1]), s.a.dtype)
                 H = seg.weighted_sum(s.value, dm, np.empty((seg.n_sets, dm.shape[1]), s.a.dtype), scratch)
             if chosen is not None:
-                lse = segment_logsumexp(u, seg)
-                loglik = float(np.sum(u.value[chosen[0]].real) - np.sum(lse.value[chosen[1]].real))
+                ws.reset()
+                logs = model.log_probabilities(seed(params, ws, 0, 0), tile)
+                loglik = float(np.sum(logs.value[chosen[0]].real))
         acc[:, 1 + k0 : 1 + k1] += block[:, 1:]
     return H, loglik
 
 
-def generic_tile_pullback(model: Model, params, X, dm, v, seg: Segments, ws: Workspace, acc: np.ndarray,
+def generic_tile_pullback(model: Model, params, tile: TileData, dm, v, ws: Workspace, acc: np.ndarray,
                           chunks: list[tuple[int, int]], seed_scale=None) -> None:
     """Add this tile's sum_i (dh_i/dbeta)' v to acc (P,): the forward partials of the scalar
     w' s with w = dm v, so the M-wide GEMM becomes a GEMV."""
     for k0, k1 in chunks:
         ws.reset()
-        w = np.dot(dm, v, out=ws.take((seg.n_rows,)))
+        w = np.dot(dm, v, out=ws.take((tile.seg.n_rows,)))
         theta = seed(params, ws, k0, k1, seed_scale)
-        s = segment_softmax(model.utilities(theta, X, seg), seg)
+        s = model.probabilities(theta, tile)
         acc[k0:k1] += np.dot(w, s.partials)

@@ -19,6 +19,25 @@ DEFAULT_TILE_ROWS = 16384
 
 
 @dataclass
+class TileData:
+    """What a model sees of one tile (models/base.py).
+
+    X: (rows, K) covariates; seg: the tile's sets; alt: (rows,) alternative codes or None;
+    unit: (n_sets,) the global index of each set's panel unit (or of the set itself when the file
+    has no panel units: each set is its own decision maker); x_names: the columns of X."""
+
+    X: np.ndarray
+    seg: Segments
+    alt: np.ndarray | None
+    unit: np.ndarray
+    x_names: tuple[str, ...] = ()
+
+    def x(self, name: str) -> np.ndarray:
+        """The column of X called `name` (rows,)."""
+        return self.X[:, self.x_names.index(name)]
+
+
+@dataclass
 class Tile:
     """Sets [set_start, set_stop) owning rows [row_start, row_stop); seg: their local offsets."""
 

@@ -18,6 +18,18 @@ MODELS: Registry[Model] = Registry("model", [Logit(), LogitSigned()])
 
 def get_model(name: str) -> Model:
     """The model called `name`; a UserError listing the allowed names for an unknown one."""
+    return resolve(name)
+
+
+def resolve(name: str) -> Model:
+    """A registered model by name, or the class `Class` of a user's file, named "path.py:Class"
+    (models/user.py)."""
+    if isinstance(name, Model):
+        return name
+    if ":" in name and name not in MODELS:
+        from estpipe.models.user import load_user_model
+
+        return load_user_model(name)
     return MODELS.get(name)
 
 

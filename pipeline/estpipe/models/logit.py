@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from estpipe.dual import Dual, Segments, linear
+from estpipe.dual import Dual, linear
 from estpipe.models.base import Model
 
 
@@ -15,5 +15,5 @@ class Logit(Model):
     def param_columns(self, K: int) -> list[int | None]:
         return list(range(K))
 
-    def utilities(self, theta: Dual, X: np.ndarray, seg: Segments) -> Dual:
-        return linear(X, theta)
+    def utilities(self, theta: Dual, tile) -> Dual:
+        return linear(tile.X, theta)

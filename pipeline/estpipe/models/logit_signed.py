@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from estpipe.dual import Dual, Segments, exp, linear
+from estpipe.dual import Dual, exp, linear
 from estpipe.models.base import Model
 
 
@@ -20,5 +20,5 @@ class LogitSigned(Model):
     def param_names(self, x_names: list[str]) -> list[str]:
         return [f"log(-b_{name})" for name in x_names]
 
-    def utilities(self, theta: Dual, X: np.ndarray, seg: Segments) -> Dual:
-        return linear(X, -exp(theta))
+    def utilities(self, theta: Dual, tile) -> Dual:
+        return linear(tile.X, -exp(theta))

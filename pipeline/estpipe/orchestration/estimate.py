@@ -24,7 +24,7 @@ from estpipe.estimation.results import Results, Telemetry
 from estpipe.execution import start_backend
 from estpipe.execution.planning import default_partitions, plan_partitions
 from estpipe.kernel.engine import gradient_rule
-from estpipe.models import get_model
+from estpipe.models.spec import ModelSpec
 from estpipe.orchestration.checkpoint import Checkpoint, load_checkpoint
 from estpipe.orchestration.options import EstimateOptions
 from estpipe.outputs import check_writable, write_error, write_json_atomic
@@ -139,13 +139,16 @@ def estimate(path: str | os.PathLike, options: EstimateOptions | None = None, *,
     _check_output_paths(options)
     t_start = time.perf_counter()
     problem = read_problem(path)
-    model = get_model(options.model)
+    spec = ModelSpec.of(options.model, **options.model_options())
+    model = spec.build(problem)
     x0 = _start(problem, model, options)
     clustered = problem.has_cluster and not options.no_cluster
+    # what changes the estimate: the options, and the contents of a user's model file
+    result_options = options.result_options() | ({"model_file": spec.digest} if spec.digest else {})
 
     ckpt = None
     if options.checkpoint and options.resume:
-        ckpt = load_checkpoint(options.checkpoint, problem.fingerprint, options.result_options(), str(path))
+        ckpt = load_checkpoint(options.checkpoint, problem.fingerprint, result_options, str(path))
         reporter.log(f"resuming from {options.checkpoint}: step {ckpt.step}, {count(ckpt.evaluations, 'evaluation')} so far"
                      if ckpt else f"no checkpoint at {options.checkpoint} yet: starting fresh")
     checkpoint_existed = bool(options.checkpoint) and Path(options.checkpoint).exists()
@@ -160,13 +163,13 @@ def estimate(path: str | os.PathLike, options: EstimateOptions | None = None, *,
     try:
         reporter.log(f"{count(problem.n_sets, 'set')}, {problem.n_rows} rows, K = {problem.K}, M = {problem.M}; "
                      f"{evaluator.description}; {count(len(partitions), 'partition')}")
-        rule = gradient_rule(options.model, options.derivatives)
+        rule = gradient_rule(model, options.derivatives)
         if options.derivatives == "adjoint" and rule.startswith("forward"):
             reporter.log(f"derivatives adjoint: {rule}")
         blas = evaluator.blas()
         settings = GmmSettings(optimizer=options.optimizer, derivatives=options.derivatives, steps=options.steps,
                                tol=options.tol, max_iter=options.max_iter)
-        writer = _CheckpointWriter(reporter, options.checkpoint, problem.fingerprint, options.result_options())
+        writer = _CheckpointWriter(reporter, options.checkpoint, problem.fingerprint, result_options)
         try:
             est = estimate_gmm(evaluator, problem, model, settings, x0, clustered,
                                state=None if ckpt is None else ckpt.state, reporter=writer)

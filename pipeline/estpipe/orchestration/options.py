@@ -30,7 +30,11 @@ CHOICES = (MODELS, OPTIMIZERS, DERIVATIVES, KINDS)
 # Options that change the estimate; a checkpoint written under other values of these is refused.
 # Where and how the work runs (workers, partitions, scheduler), how long it may run (max_iter) and
 # where output goes do not change it.
-RESULT_OPTIONS = ("model", "optimizer", "derivatives", "steps", "start", "tol", "no_cluster")
+RESULT_OPTIONS = ("model", "random", "correlated", "nests", "draws", "draws_kind", "draws_seed", "optimizer",
+                  "derivatives", "steps", "start", "tol", "no_cluster")
+# The options a model takes (models/spec.py): given to the model's bind, which refuses the ones it
+# does not take. Their defaults mean "not given".
+MODEL_OPTIONS = ("random", "correlated", "nests", "draws", "draws_kind", "draws_seed")
 
 
 class Problem(NamedTuple):
@@ -52,6 +56,12 @@ class EstimateOptions:
     jobqueue: str | None = None
     partitions: int | None = None
     model: str = "logit"
+    random: str | None = None
+    correlated: bool = False
+    nests: str | None = None
+    draws: int | None = None
+    draws_kind: str | None = None
+    draws_seed: int | None = None
     optimizer: str = "gauss-newton"
     derivatives: str = "dual"
     steps: int = 2
@@ -88,6 +98,11 @@ class EstimateOptions:
     def result_options(self) -> dict:
         return {k: getattr(self, k) for k in RESULT_OPTIONS}
 
+    def model_options(self) -> dict:
+        """The model options given (not at their defaults), for ModelSpec."""
+        defaults = {f.name: f.default for f in fields(self)}
+        return {k: getattr(self, k) for k in MODEL_OPTIONS if getattr(self, k) != defaults[k]}
+
     def problems(self) -> list[Problem]:
         """Every problem, choices first, then values, then combinations (empty: the options are fine)."""
         found: list[Problem] = []
@@ -122,7 +137,7 @@ class EstimateOptions:
                 add(field, f"{term(field)} must be a whole number >= 1, got {value!r}")
         if not (_number(self.connect_timeout) and self.connect_timeout > 0):
             add("connect_timeout", f"{term('connect_timeout')} must be positive, got {self.connect_timeout!r}")
-        for field in ("no_cluster", "resume", "json"):
+        for field in ("no_cluster", "resume", "json", "correlated"):
             if not isinstance(getattr(self, field), bool):
                 add(field, f"{term(field)} must be true or false, got {getattr(self, field)!r}")
 
