@@ -19,7 +19,7 @@ import numpy as np
 
 from estpipe.errors import UserError, term
 from estpipe.estimation.inference import (JTest, check_identification, covariance_of_estimates, default_explanation,
-                                          j_test)
+                                          delta_method, j_test)
 from estpipe.estimation.linalg import combinations_text, minimal_dependent_principal
 from estpipe.estimation.optimizers import OPTIMIZERS, GmmObjective, IterationRecord, MomentOracle, run_optimizer
 from estpipe.estimation.scaling import Scaling
@@ -135,6 +135,8 @@ class GmmEstimate:
     steps: list[StepRecord]
     evaluations: int
     gradient_rule: str = ""
+    derived: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
 
 
 class _Gmm:
@@ -325,8 +327,11 @@ class _Gmm:
             V_theta = covariance_of_estimates(S_final.whiten(G_theta, normalized=False), n)
             jt = j_test(g_scaled, S_final, n, len(x))
         first_bad = next((r for r in steps_done if not r.converged), None)
+        V = self.scaling.covariance_b(V_theta)
+        derived = delta_method(self.model.derived, x, V, self.model.derived_nulls())
         return GmmEstimate(
-            params=x, param_names=list(self.names), covariance=self.scaling.covariance_b(V_theta),
+            params=x, param_names=list(self.names), covariance=V,
+            derived=derived, notes=self.model.derived_notes({d.name: d.estimate for d in derived}),
             se_type="clustered" if oracle.clustered else "robust",
             n_clusters=int(s.n_units) if oracle.clustered else None, weight=W, j_test=jt,
             objective=W.objective(g_scaled), loglik=float(s.loglik) if self.problem.has_chosen else None,

@@ -112,3 +112,50 @@ def chi2_sf(x: float, df: int) -> float:
         return head
     top = max(logs)
     return min(1.0, head + math.exp(top) * math.fsum(math.exp(v - top) for v in logs))
+
+
+@dataclass
+class Derived:
+    """A quantity derived from the parameters, with its delta-method standard error and a z test
+    against `null`."""
+
+    name: str
+    estimate: float
+    std_error: float
+    null: float = 0.0
+
+    @property
+    def z(self) -> float:
+        return (self.estimate - self.null) / self.std_error if self.std_error > 0 else math.nan
+
+    @property
+    def p_value(self) -> float:
+        z = self.z
+        return math.erfc(abs(z) / math.sqrt(2.0)) if math.isfinite(z) else math.nan
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "estimate": self.estimate, "std_error": self.std_error, "null": self.null,
+                "z": self.z, "p_value": self.p_value}
+
+
+def delta_method(function, params: np.ndarray, covariance: np.ndarray, nulls: dict | None = None) -> list[Derived]:
+    """Derived quantities function(params) -> {name: value} with standard errors from
+    J V J', J by central differences (steps 1e-6 max(1, |p|): the functions are smooth, few
+    parameters)."""
+    params = np.asarray(params, dtype=np.float64)
+    base = function(params)
+    if not base:
+        return []
+    names = list(base)
+    J = np.zeros((len(names), len(params)))
+    for k in range(len(params)):
+        h = 1e-6 * max(1.0, abs(params[k]))
+        up, down = params.copy(), params.copy()
+        up[k] += h
+        down[k] -= h
+        fu, fd = function(up), function(down)
+        J[:, k] = [(fu[n] - fd[n]) / (2 * h) for n in names]
+    V = J @ covariance @ J.T
+    nulls = nulls or {}
+    return [Derived(name, float(base[name]), float(np.sqrt(max(V[i, i], 0.0))), float(nulls.get(name, 0.0)))
+            for i, name in enumerate(names)]

@@ -66,6 +66,8 @@ class Results:
     data: dict
     telemetry: Telemetry
     truth: np.ndarray | None = None
+    derived: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
 
     @classmethod
     def from_estimate(cls, est: GmmEstimate, *, config: dict, data: dict, telemetry: Telemetry,
@@ -74,7 +76,8 @@ class Results:
                    se_type=est.se_type, n_clusters=est.n_clusters, weight=est.weight, j_test=est.j_test,
                    objective=est.objective, loglik=est.loglik, converged=est.converged, message=est.message,
                    steps=est.steps, config=config, data=data, telemetry=telemetry,
-                   truth=truth if truth is not None and len(truth) == len(est.params) else None)
+                   truth=truth if truth is not None and len(truth) == len(est.params) else None,
+                   derived=list(est.derived), notes=list(est.notes))
 
     # -- derived --------------------------------------------------------------------------------------
     @property
@@ -158,6 +161,8 @@ class Results:
             "resumed": t.resumed,
             "timing": t.timing,
             "gradient_rule": t.gradient_rule,
+            "derived": [d.to_dict() for d in self.derived],
+            "notes": list(self.notes),
         }
 
     def to_json(self) -> str:
@@ -186,6 +191,11 @@ class Results:
             if self.truth is not None:
                 row += f" {self.truth[k]:>10.5g}"
             lines.append(row)
+        if self.derived:
+            lines += ["", f"{'derived':<{w}} {'estimate':>11} {'std.err':>10} {'z':>8} {'P>|z|':>7}  null"]
+            for d in self.derived:
+                lines.append(f"{d.name:<{w}} {d.estimate:>11.5g} {d.std_error:>10.4g} {d.z:>8.3f} {d.p_value:>7.4f}  {d.null:g}")
+        lines += [f"note: {n}" for n in self.notes]
         lines.append("")
         tail = f"objective Q = {self.objective:.6g}"
         if self.j_test is not None:

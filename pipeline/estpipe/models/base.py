@@ -55,6 +55,20 @@ class Model:
         """Default start vector (n_params(K),)."""
         return np.zeros(self.n_params(K))
 
+    def derived(self, params: np.ndarray) -> dict[str, float]:
+        """Quantities on their natural scale that the results report beside the parameters (a
+        nest's lambda = exp(theta), a lognormal coefficient's mean, ...), as functions of the
+        parameters (P,): name -> value. Their standard errors come by the delta method."""
+        return {}
+
+    def derived_nulls(self) -> dict[str, float]:
+        """The value each derived quantity's z test is against (default 0; a nest's lambda: 1)."""
+        return {}
+
+    def derived_notes(self, values: dict[str, float]) -> list[str]:
+        """Lines the results add about derived values (e.g. a lambda above 1)."""
+        return []
+
     def utilities(self, theta: Dual, tile) -> Dual:
         """Utilities of the tile's rows (rows, 1 + p) from theta (P, 1 + p) and the tile."""
         raise NotImplementedError
