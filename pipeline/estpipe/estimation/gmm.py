@@ -137,6 +137,7 @@ class GmmEstimate:
     gradient_rule: str = ""
     derived: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+    units: str = "sets"  # the independent observations of S: "sets", "clusters" or "panel units"
 
 
 class _Gmm:
@@ -332,8 +333,9 @@ class _Gmm:
         return GmmEstimate(
             params=x, param_names=list(self.names), covariance=V,
             derived=derived, notes=self.model.derived_notes({d.name: d.estimate for d in derived}),
-            se_type="clustered" if oracle.clustered else "robust",
-            n_clusters=int(s.n_units) if oracle.clustered else None, weight=W, j_test=jt,
+            units="clusters" if oracle.clustered else ("panel units" if self.problem.has_panel else "sets"),
+            se_type="clustered" if (oracle.clustered or self.problem.has_panel) else "robust",
+            n_clusters=int(s.n_units) if (oracle.clustered or self.problem.has_panel) else None, weight=W, j_test=jt,
             objective=W.objective(g_scaled), loglik=float(s.loglik) if self.problem.has_chosen else None,
             converged=first_bad is None,
             message=steps_done[-1].message if first_bad is None else f"step {first_bad.step}: {first_bad.message}",

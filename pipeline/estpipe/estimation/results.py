@@ -68,6 +68,7 @@ class Results:
     truth: np.ndarray | None = None
     derived: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+    units: str = "sets"
 
     @classmethod
     def from_estimate(cls, est: GmmEstimate, *, config: dict, data: dict, telemetry: Telemetry,
@@ -77,7 +78,7 @@ class Results:
                    objective=est.objective, loglik=est.loglik, converged=est.converged, message=est.message,
                    steps=est.steps, config=config, data=data, telemetry=telemetry,
                    truth=truth if truth is not None and len(truth) == len(est.params) else None,
-                   derived=list(est.derived), notes=list(est.notes))
+                   derived=list(est.derived), notes=list(est.notes), units=est.units)
 
     # -- derived --------------------------------------------------------------------------------------
     @property
@@ -163,6 +164,7 @@ class Results:
             "gradient_rule": t.gradient_rule,
             "derived": [d.to_dict() for d in self.derived],
             "notes": list(self.notes),
+            "units": self.units,
         }
 
     def to_json(self) -> str:
@@ -176,7 +178,8 @@ class Results:
         lines = [
             f"estpipe estimate: {d['path']}  ({count(d['n_sets'], 'set')}, {d['n_rows']} rows, K = {d['K']}, M = {d['M']})",
             f"{'two-step' if steps == 2 else 'one-step'} GMM, W = {'S(b1)^-1' if steps == 2 else 'I'}; "
-            f"{self.se_type} standard errors" + (f" ({count(self.n_clusters, 'cluster')})" if self.n_clusters else ""),
+            f"{self.se_type} standard errors" + (f" ({count(self.n_clusters, self.units.rstrip('s').replace('panel unit', 'decision maker'))})"
+                                                 if self.n_clusters else ""),
             "",
         ]
         w = max(9, *(len(n) for n in self.param_names))

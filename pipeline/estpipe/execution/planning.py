@@ -42,10 +42,11 @@ def default_partitions(workers: int) -> int:
 def plan_partitions(offsets: np.ndarray, n_partitions: int, cluster: np.ndarray | None = None) -> list[Partition]:
     """Split sets into at most `n_partitions` contiguous ranges of about equal rows.
 
-    offsets: (n_sets + 1,) row offsets; cluster: (n_sets,) cluster ids with each cluster's sets
-    contiguous, or None. Cuts fall on set boundaries and, with clusters, on cluster boundaries
-    (a cluster's sums must come from one partition). Fewer partitions come back when there are
-    fewer cut points than asked for (e.g. 7 partitions of 3 clusters gives 3).
+    offsets: (n_sets + 1,) row offsets; cluster: (n_sets,) the ids of the independent units
+    (clusters, or panel units; see `unit_ids`) with each unit's sets contiguous, or None. Cuts
+    fall on set boundaries and, with units, on unit boundaries (a unit's sums must come from one
+    partition). Fewer partitions come back when there are fewer cut points than asked for (e.g.
+    7 partitions of 3 clusters gives 3).
     """
     offsets = np.asarray(offsets, dtype=np.int64)
     n_sets = len(offsets) - 1
@@ -79,3 +80,9 @@ def plan_partitions(offsets: np.ndarray, n_partitions: int, cluster: np.ndarray 
         for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))
         if b > a
     ]
+
+
+def unit_ids(problem) -> np.ndarray | None:
+    """The coarsest independent units of a file, (n_sets,) or None (sets): its clusters, else its
+    panel units (units nest in clusters, so cuts between clusters are cuts between units too)."""
+    return problem.cluster if problem.cluster is not None else getattr(problem, "panel", None)

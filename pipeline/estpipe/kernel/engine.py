@@ -90,10 +90,11 @@ class PartitionKernel:
         self.strategy = choose_strategy(self.model, data.K, fast, chunk)
         # the forward projection and complex steps need the generic strategy whatever the model
         self.generic = self.strategy if isinstance(self.strategy, GenericDual) else GenericDual(self.model, data.K, chunk)
-        self.tiles = plan_tiles(data.offsets, tile_rows)
+        # Tiles hold whole panel units (a decision maker's sets share its draws; a likelihood is per unit)
+        self.tiles = plan_tiles(data.offsets, tile_rows, data.panel)
         # Value-only passes (no Jacobian, no covariance) and the reverse pass hold only a few
         # (rows,) vectors per tile, so they use longer stripes: fewer numpy calls per evaluation.
-        self.stripes = plan_tiles(data.offsets, STRIPE_FACTOR * (tile_rows or DEFAULT_TILE_ROWS))
+        self.stripes = plan_tiles(data.offsets, STRIPE_FACTOR * (tile_rows or DEFAULT_TILE_ROWS), data.panel)
         self.threads = max(1, int(threads if threads is not None else blas_threads()))
         self._workspaces = [Workspace() for _ in range(self.threads)]
         self._pool = None
@@ -305,7 +306,11 @@ class PartitionKernel:
         if single and self._dm_single is None:
             self._dm_single = d.dm.astype(np.float32)
         prescale = fused and request.jacobian and self._prescale(request.inv_seed_scale)
-        cluster = d.cluster if (request.clustered and request.covariance) else None
+        # the independent units: the file's clusters (unless not asked for), else its panel units
+        # (decision makers), else the sets
+        cluster = None
+        if request.covariance:
+            cluster = d.cluster if (request.clustered and d.cluster is not None) else d.panel
         index = self._tile_index
 
         def work(ws, tiles):

@@ -52,19 +52,29 @@ class Tile:
         return slice(self.row_start, self.row_stop)
 
 
-def plan_tiles(offsets: np.ndarray, tile_rows: int | None = None) -> list[Tile]:
+def plan_tiles(offsets: np.ndarray, tile_rows: int | None = None, units: np.ndarray | None = None) -> list[Tile]:
     """Split sets (offsets: (n_sets + 1,)) into tiles of at most tile_rows rows; a set larger
-    than tile_rows gets a tile of its own."""
+    than tile_rows gets a tile of its own. units: (n_sets,) panel-unit ids (each unit's sets
+    contiguous) or None: tiles then cut only between units, and a unit larger than tile_rows gets
+    a tile of its own."""
     tile_rows = DEFAULT_TILE_ROWS if tile_rows is None else int(tile_rows)
     if tile_rows < 1:
         raise ValueError("tile_rows must be at least 1")
     offsets = np.asarray(offsets, dtype=np.int64)
     n = len(offsets) - 1
-    tiles, i = [], 0
-    while i < n:
-        j = int(np.searchsorted(offsets, offsets[i] + tile_rows, side="right")) - 1
-        j = min(max(j, i + 1), n)
+    if units is None:
+        cuts = np.arange(n + 1)
+    else:
+        units = np.asarray(units)
+        cuts = np.r_[0, np.flatnonzero(units[1:] != units[:-1]) + 1, n] if n else np.zeros(1, dtype=np.int64)
+    cut_rows = offsets[cuts]
+    tiles, c = [], 0
+    while c < len(cuts) - 1:
+        i = int(cuts[c])
+        d = int(np.searchsorted(cut_rows, offsets[i] + tile_rows, side="right")) - 1
+        d = min(max(d, c + 1), len(cuts) - 1)
+        j = int(cuts[d])
         r0, r1 = int(offsets[i]), int(offsets[j])
         tiles.append(Tile(i, j, r0, r1, Segments(offsets[i : j + 1] - r0)))
-        i = j
+        c = d
     return tiles

@@ -22,7 +22,7 @@ from estpipe.errors import EXIT_NOT_CONVERGED, EXIT_USER, UserError, term
 from estpipe.estimation.gmm import GmmSettings, GmmState, Reporter, estimate_gmm
 from estpipe.estimation.results import Results, Telemetry
 from estpipe.execution import start_backend
-from estpipe.execution.planning import default_partitions, plan_partitions
+from estpipe.execution.planning import default_partitions, plan_partitions, unit_ids
 from estpipe.kernel.engine import gradient_rule
 from estpipe.models.spec import ModelSpec
 from estpipe.orchestration.checkpoint import Checkpoint, load_checkpoint
@@ -152,11 +152,11 @@ def estimate(path: str | os.PathLike, options: EstimateOptions | None = None, *,
         reporter.log(f"resuming from {options.checkpoint}: step {ckpt.step}, {count(ckpt.evaluations, 'evaluation')} so far"
                      if ckpt else f"no checkpoint at {options.checkpoint} yet: starting fresh")
     checkpoint_existed = bool(options.checkpoint) and Path(options.checkpoint).exists()
-    options = _cap_workers(options, problem.n_sets, problem.cluster, reporter.log)
+    options = _cap_workers(options, problem.n_sets, unit_ids(problem), reporter.log)
 
     def plan(n_workers: int):
         # the back end calls this once it knows its workers (an existing cluster's, once connected)
-        return plan_partitions(problem.offsets, options.partitions or default_partitions(n_workers), problem.cluster)
+        return plan_partitions(problem.offsets, options.partitions or default_partitions(n_workers), unit_ids(problem))
 
     evaluator = start_backend(problem, options, plan, reporter.log)
     partitions = evaluator.partitions
