@@ -27,11 +27,13 @@ from estpipe.dual.block import (
     subtract,
 )
 from estpipe.dual.chunks import MAX_CHUNK, chunk_ranges, chunk_size
+from estpipe.dual.draw_axis import mean_draws, repeat_draws, sum_draws
 from estpipe.dual.segments import Segments
 from estpipe.dual.workspace import Workspace
 
 __all__ = [
     "Dual", "MAX_CHUNK", "Segments", "Workspace", "add", "broadcast", "chunk_ranges", "chunk_size",
-    "divide", "exp", "linear", "log", "multiply", "negative", "power", "project", "reciprocal", "seed",
+    "divide", "exp", "linear", "log", "mean_draws", "multiply", "negative", "power", "project", "reciprocal",
+    "repeat_draws", "seed", "sum_draws",
     "segment_logsumexp", "segment_max", "segment_softmax", "segment_sum", "subtract",
 ]

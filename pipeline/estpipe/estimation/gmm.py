@@ -329,6 +329,8 @@ class _Gmm:
             jt = j_test(g_scaled, S_final, n, len(x))
         first_bad = next((r for r in steps_done if not r.converged), None)
         V = self.scaling.covariance_b(V_theta)
+        signs = self.model.canonical_signs(x)  # e.g. a sd and -sd give the same model: report |sd|
+        x, V = x * signs, V * np.outer(signs, signs)
         derived = delta_method(self.model.derived, x, V, self.model.derived_nulls())
         return GmmEstimate(
             params=x, param_names=list(self.names), covariance=V,

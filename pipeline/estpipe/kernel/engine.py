@@ -40,6 +40,7 @@ from estpipe.kernel.blas import blas_threads, restart_stale_openblas
 from estpipe.kernel.blas import controller as _blas_controller
 from estpipe.kernel.derivatives import DERIVATIVES
 from estpipe.kernel.fused_logit import FusedLogit
+from estpipe.kernel.fused_mixed import FusedMixed
 from estpipe.kernel.generic import GenericDual
 from estpipe.kernel.request import Request
 from estpipe.kernel.sums import MomentSums
@@ -47,6 +48,7 @@ from estpipe.kernel.units import UnitSums
 from estpipe.kernel.tiles import DEFAULT_TILE_ROWS, TileData, plan_tiles
 from estpipe.models import get_model
 from estpipe.models.logit import Logit
+from estpipe.models.mixed_logit import MixedLogit
 
 STRIPE_FACTOR = 8
 
@@ -55,12 +57,20 @@ def strategy_class(model, fast: bool = True):
     """The kernel's strategy for `model`, chosen once: the fused logit for the textbook logit
     itself (not a subclass, not a user's model file that writes the same utilities), else the
     generic dual strategy."""
-    return FusedLogit if fast and type(model) is Logit else GenericDual
+    if fast and type(model) is Logit:
+        return FusedLogit
+    if fast and type(model) is MixedLogit:
+        return FusedMixed
+    return GenericDual
 
 
 def choose_strategy(model, K: int, fast: bool = True, chunk: int | None = None):
     cls = strategy_class(model, fast)
-    return FusedLogit() if cls is FusedLogit else GenericDual(model, K, chunk)
+    if cls is FusedLogit:
+        return FusedLogit()
+    if cls is FusedMixed:
+        return FusedMixed(model)
+    return GenericDual(model, K, chunk)
 
 
 def gradient_rule(model, derivatives: str) -> str:
@@ -341,13 +351,15 @@ class PartitionKernel:
                           loglik=float(sum(p[2] for p in parts)), moment_scale=request.moment_scale)
 
     def forward_pullback(self, request: Request, v: np.ndarray) -> np.ndarray:
-        """n G' v by the forward partials of v'h, for any model."""
+        """n G' v by the forward partials of v'h, for any model (by the strategy itself when it has
+        no reverse rule: its pullback is that projection)."""
         d = self.data
+        strategy = self.generic if self.strategy.reverse else self.strategy
 
         def work(ws, tiles):
             acc = np.zeros(self.n_params)
             for tile in tiles:
-                self.generic.tile_pullback(self.view(tile), d.dm[tile.rows], request, v, ws, acc)
+                strategy.tile_pullback(self.view(tile), d.dm[tile.rows], request, v, ws, acc)
             return acc
 
         return sum(self._map(work, self.tiles))

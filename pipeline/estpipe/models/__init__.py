@@ -11,9 +11,10 @@ from __future__ import annotations
 from estpipe.models.base import Model
 from estpipe.models.logit import Logit
 from estpipe.models.logit_signed import LogitSigned
+from estpipe.models.mixed_logit import MixedLogit
 from estpipe.registry import Registry
 
-MODELS: Registry[Model] = Registry("model", [Logit(), LogitSigned()])
+MODELS: Registry[Model] = Registry("model", [Logit(), LogitSigned(), MixedLogit()])
 
 
 def get_model(name: str) -> Model:

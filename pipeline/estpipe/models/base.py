@@ -55,6 +55,11 @@ class Model:
         """Default start vector (n_params(K),)."""
         return np.zeros(self.n_params(K))
 
+    def canonical_signs(self, params: np.ndarray) -> np.ndarray:
+        """+-1 per parameter (P,): where a parameter and its negative give the same model (a
+        random coefficient's sd), the sign the results report it with. Default: all +1."""
+        return np.ones(len(params))
+
     def derived(self, params: np.ndarray) -> dict[str, float]:
         """Quantities on their natural scale that the results report beside the parameters (a
         nest's lambda = exp(theta), a lognormal coefficient's mean, ...), as functions of the

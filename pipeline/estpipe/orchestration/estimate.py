@@ -114,8 +114,11 @@ def _start(problem: ChoiceProblem, model, options: EstimateOptions) -> np.ndarra
     P = model.n_params(problem.K)
     names = model.param_names(problem.x_names)
     if problem.M < P:
-        raise UserError(f"{problem.path}: M = {count(problem.M, 'moment')} for {count(P, 'parameter')}; GMM needs at least "
-                        "as many moments as parameters: add instruments (estpipe load --z) or drop covariates")
+        more = (" (a mixed logit's variances need instruments beyond x, e.g. squares and interactions of the random "
+                "x: estpipe simulate --design mixed-logit writes them)" if model.name == "mixed-logit" else "")
+        raise UserError(f"{problem.path}: M = {count(problem.M, 'moment')} for {count(P, 'parameter')} of model "
+                        f"{model.name}; GMM needs at least as many moments as parameters: add instruments "
+                        f"(estpipe load --z) or drop covariates{more}")
     if options.start is None:
         return np.asarray(model.start(problem.K), dtype=np.float64)
     if len(options.start) != P:
