@@ -41,6 +41,7 @@ def command(
     draws: Annotated[Optional[int], typer.Option(help="mixed-logit: draws per decision maker (default 200).", min=1, rich_help_panel=_MODEL)] = None,
     draws_kind: Annotated[Optional[str], typer.Option("--draws-kind", help="mixed-logit: {estpipe.models.draws:DRAW_KINDS} (default sobol).", rich_help_panel=_MODEL)] = None,
     draws_seed: Annotated[Optional[int], typer.Option("--draws-seed", help="mixed-logit: seed of the draws (default 0).", rich_help_panel=_MODEL)] = None,
+    panel: Annotated[bool, typer.Option("--panel", help="mixed-logit: one draw of the coefficients per decision maker for all their sets (needs the file's panel units; the default when it has them).", rich_help_panel=_MODEL)] = False,
     optimizer: Annotated[str, typer.Option(help="{estpipe.estimation.optimizers:OPTIMIZERS}.", rich_help_panel=_GMM)] = "gauss-newton",
     derivatives: Annotated[str, typer.Option(help="{estpipe.kernel.derivatives:DERIVATIVES}.", rich_help_panel=_GMM)] = "dual",
     steps: Annotated[int, typer.Option(help="1: W = I only; 2: then W = S(b1)^-1 (efficient).", rich_help_panel=_GMM)] = 2,
@@ -59,7 +60,7 @@ def command(
     options = EstimateOptions(
         workers=workers, scheduler=scheduler, scheduler_file=scheduler_file, jobqueue=jobqueue, partitions=partitions,
         model=model, random=random, correlated=correlated, nests=nests, draws=draws, draws_kind=draws_kind,
-        draws_seed=draws_seed, optimizer=optimizer, derivatives=derivatives, steps=steps, start=start, tol=tol,
+        draws_seed=draws_seed, panel=panel, optimizer=optimizer, derivatives=derivatives, steps=steps, start=start, tol=tol,
         max_iter=max_iter, no_cluster=no_cluster, out=out, checkpoint=checkpoint, resume=resume, json=json,
         connect_timeout=connect_timeout,
     )

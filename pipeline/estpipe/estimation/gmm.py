@@ -231,7 +231,12 @@ class _Gmm:
         """Columns of X that parameters multiply and that are collinear within sets (a data fact,
         whatever the instruments): the smallest such set, with the relation between them."""
         columns = self.model.param_columns(self.K)
-        mapped = [k for k, col in enumerate(columns) if col is not None]
+        # one parameter per column: a random coefficient's mean and sd share their column
+        first: dict[int, int] = {}
+        for k, col in enumerate(columns):
+            if col is not None:
+                first.setdefault(col, k)
+        mapped = list(first.values())
         if len(mapped) < 2:
             return
         xcols = [columns[k] for k in mapped]

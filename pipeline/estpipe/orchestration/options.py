@@ -30,11 +30,11 @@ CHOICES = (MODELS, OPTIMIZERS, DERIVATIVES, KINDS)
 # Options that change the estimate; a checkpoint written under other values of these is refused.
 # Where and how the work runs (workers, partitions, scheduler), how long it may run (max_iter) and
 # where output goes do not change it.
-RESULT_OPTIONS = ("model", "random", "correlated", "nests", "draws", "draws_kind", "draws_seed", "optimizer",
+RESULT_OPTIONS = ("model", "random", "correlated", "nests", "draws", "draws_kind", "draws_seed", "panel", "optimizer",
                   "derivatives", "steps", "start", "tol", "no_cluster")
 # The options a model takes (models/spec.py): given to the model's bind, which refuses the ones it
 # does not take. Their defaults mean "not given".
-MODEL_OPTIONS = ("random", "correlated", "nests", "draws", "draws_kind", "draws_seed")
+MODEL_OPTIONS = ("random", "correlated", "nests", "draws", "draws_kind", "draws_seed", "panel")
 
 
 class Problem(NamedTuple):
@@ -62,6 +62,7 @@ class EstimateOptions:
     draws: int | None = None
     draws_kind: str | None = None
     draws_seed: int | None = None
+    panel: bool = False
     optimizer: str = "gauss-newton"
     derivatives: str = "dual"
     steps: int = 2
@@ -137,7 +138,7 @@ class EstimateOptions:
                 add(field, f"{term(field)} must be a whole number >= 1, got {value!r}")
         if not (_number(self.connect_timeout) and self.connect_timeout > 0):
             add("connect_timeout", f"{term('connect_timeout')} must be positive, got {self.connect_timeout!r}")
-        for field in ("no_cluster", "resume", "json", "correlated"):
+        for field in ("no_cluster", "resume", "json", "correlated", "panel"):
             if not isinstance(getattr(self, field), bool):
                 add(field, f"{term(field)} must be true or false, got {getattr(self, field)!r}")
 
