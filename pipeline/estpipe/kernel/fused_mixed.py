@@ -28,6 +28,8 @@ from estpipe.kernel.tiles import TileData
 
 # Bytes of one (sets, J, draws) array per batch: the batch of draws is chosen to fit it.
 BATCH_BYTES = 8 * 2**20
+# Below this |utility| exp cannot overflow and no set's sum can underflow (kernel/fused_logit.py).
+SAFE_UTILITY = 600.0
 
 
 class FusedMixed:
@@ -84,6 +86,8 @@ class FusedMixed:
             Xg = tile.X[row_idx]  # (n, J, K)
             Xr = Xg[:, :, rcols]  # (n, J, Kr)
             v = Xg[:, :, fcols] @ params[fcols] if len(fcols) else np.zeros((n, J))
+            v_bound = np.abs(v).max(initial=0.0)
+            x_bound = np.abs(Xr).sum(axis=2).max(initial=0.0)  # max over rows of sum_k |x_k|
             units, inverse = np.unique(tile.unit[sets], return_inverse=True)
             identity = len(units) == n and bool(np.all(inverse == np.arange(n)))  # every set its own unit
             step = max(1, min(R, BATCH_BYTES // (8 * n * J)))
@@ -106,14 +110,22 @@ class FusedMixed:
                 beta = z  # normal coefficients; lognormal ones, in place:
                 for i in np.flatnonzero(lognormal):
                     beta[:, :, i] = signs[i] * np.exp(z[:, :, i])
-                u = v[:, :, None] + Xr @ beta.transpose(0, 2, 1)  # (n, J, B)
-                u -= u.max(axis=1, keepdims=True)
+                # (J, Kr) @ (Kr, B) per set, with beta transposed to contiguous first: twice as
+                # fast as the strided operand (measured at 2,000 sets x 10 x 50 draws)
+                u = np.matmul(Xr, np.ascontiguousarray(beta.transpose(0, 2, 1)))  # (n, J, B)
+                u += v[:, :, None]
+                # Shifting by each set's maximum keeps exp in range for any utility but costs two
+                # passes; a bound on |u| from |v| and |x| |beta| says when it can be skipped.
+                if not float(v_bound) + float(np.abs(beta).max()) * float(x_bound) < SAFE_UTILITY:
+                    u -= u.max(axis=1, keepdims=True)
                 np.exp(u, out=u)
-                u /= u.sum(axis=1, keepdims=True)
+                inv_total = 1.0 / u.sum(axis=1)  # (n, B)
+                if not jacobian:
+                    s_sum += np.einsum("njb,nb->nj", u, inv_total)
+                    continue
+                u *= inv_total[:, None, :]
                 S = u
                 s_sum += S.sum(axis=2)
-                if not jacobian:
-                    continue
                 SS += S @ S.transpose(0, 2, 1)
                 if weighted:
                     C = S.transpose(0, 2, 1) @ Xr  # (n, B, Kr): c_rk
