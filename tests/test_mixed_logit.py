@@ -230,3 +230,22 @@ def test_refused_when_the_moments_cannot_identify_the_variances(tmp_path):
     write_choice_data(path, ChoiceData(X=X, dm=dm, offsets=np.arange(0, n * J + 1, J), chosen=chosen), ["a", "b"], ["a", "b"])
     with pytest.raises(UserError, match="squares and interactions of the random x"):
         estimate(path, EstimateOptions(model="mixed-logit", random="b"))
+
+
+def test_partition_keys_and_checkpoints_name_the_draws(tmp_path):
+    """A long-lived cluster keys its resident kernels by everything that changes their sums: other
+    draws (kind, R, seed) give other keys, and a checkpoint of other draws is refused."""
+    from estpipe.execution.tasks import PartitionSource
+    from estpipe.models.spec import ModelSpec
+
+    class P:
+        path, fingerprint = "/data.h5", "abc"
+
+    keys = {PartitionSource.of(P, ModelSpec.of("mixed-logit", **{"random": "x2", **kw}), "dual").key(0, 10)
+            for kw in ({}, {"draws": 500}, {"draws_seed": 1}, {"draws_kind": "halton"}, {"random": "x1"})}
+    assert len(keys) == 5
+    path = _simulate(tmp_path / "m.h5", seed=2, n=400)
+    ckpt = tmp_path / "run.ckpt"
+    estimate(path, _mixed(draws=20, checkpoint=str(ckpt), steps=1))
+    with pytest.raises(UserError, match="other options .*draws_seed was None, now 3"):
+        estimate(path, _mixed(draws=20, draws_seed=3, checkpoint=str(ckpt), resume=True, steps=1))
