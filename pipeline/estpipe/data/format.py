@@ -80,7 +80,7 @@ class ChoiceData:
 
     @property
     def nbytes(self) -> int:
-        extra = sum(a.nbytes for a in (self.chosen, self.cluster) if a is not None)
+        extra = sum(a.nbytes for a in (self.chosen, self.cluster, self.alt, self.panel) if a is not None)
         return self.X.nbytes + self.dm.nbytes + self.offsets.nbytes + extra
 
 
@@ -191,23 +191,38 @@ class ChoiceDataFile:
         self.offsets = offsets
         self.has_chosen = "chosen" in f
         self.has_cluster = "cluster" in f
+        self._has_panel = "panel" in f
         self.truth = f["truth/params"][...].astype(np.float64) if "truth/params" in f else None
         if self.has_chosen and f["chosen"].shape != (self.n_rows,):
             raise UserError(f"{p}: dataset chosen has shape {f['chosen'].shape}, expected ({self.n_rows},); rewrite the file")
         if self.has_cluster and f["cluster"].shape != (self.n_sets,):
             raise UserError(f"{p}: dataset cluster has shape {f['cluster'].shape}, expected ({self.n_sets},); rewrite the file")
+        if self._has_panel and f["panel"].shape != (self.n_sets,):
+            raise UserError(f"{p}: dataset panel has shape {f['panel'].shape}, expected ({self.n_sets},); rewrite the file")
         if self.truth is not None and self.truth.shape != (self.K,):
             raise UserError(f"{p}: dataset truth/params has shape {self.truth.shape}, expected ({self.K},); rewrite the file")
-        if self.has_cluster:
-            self._check_clusters_contiguous()
+        cluster = self._check_contiguous("cluster") if self.has_cluster else None
+        panel = self._check_contiguous("panel", "panel unit") if self._has_panel else None
+        if cluster is not None and panel is not None:
+            # units nest in clusters: a decision maker's sets all lie in one cluster
+            starts = np.flatnonzero(np.r_[True, panel[1:] != panel[:-1]])
+            stops = np.r_[starts[1:], len(panel)] - 1
+            split = np.flatnonzero(cluster[starts] != cluster[stops])
+            if split.size:
+                i = int(starts[split[0]])
+                raise UserError(
+                    f"{self.path}: panel unit {panel[i]} (sets {i}..{int(stops[split[0]])}) spans clusters "
+                    f"{cluster[i]} and {cluster[stops[split[0]]]}; panel units must nest in clusters, rewrite the file")
 
-    def _check_clusters_contiguous(self) -> None:
-        """Every cluster's sets form one block (the estimators split the data at cluster
-        boundaries). The ids cost 8 bytes per set, like the offsets."""
+    def _check_contiguous(self, name: str, what: str | None = None) -> np.ndarray:
+        """The ids of dataset `name` (cluster or panel), (n_sets,) int64, checked: every id's sets
+        form one block (the estimators split the data at unit boundaries). The ids cost 8 bytes
+        per set, like the offsets."""
+        what = what or name
         try:
-            ids = self._f["cluster"][...].astype(np.int64)
+            ids = self._f[name][...].astype(np.int64)
         except OSError as exc:
-            raise UserError(f"{self.path}: dataset cluster cannot be read ({exc}); the file is truncated or damaged") from None
+            raise UserError(f"{self.path}: dataset {name} cannot be read ({exc}); the file is truncated or damaged") from None
         starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if ids.size else ids
         if len(starts) != len(np.unique(ids)):
             run_ids = ids[starts]
@@ -215,9 +230,10 @@ class ChoiceDataFile:
             dup = np.flatnonzero(run_ids[order][1:] == run_ids[order][:-1])[0]
             first, second = starts[order[dup]], starts[order[dup + 1]]
             raise UserError(
-                f"{self.path}: cluster {ids[first]} is split into non-contiguous blocks (its sets start at "
-                f"set {first} and again at set {second}); every cluster's sets must be contiguous, rewrite the file"
+                f"{self.path}: {what} {ids[first]} is split into non-contiguous blocks (its sets start at "
+                f"set {first} and again at set {second}); every {what}'s sets must be contiguous, rewrite the file"
             )
+        return ids
 
     # -- reading ------------------------------------------------------------------------------
     def read_sets(self, start: int = 0, stop: int | None = None, empty=np.empty) -> ChoiceData:
@@ -238,12 +254,13 @@ class ChoiceDataFile:
                 f["dm"].read_direct(dm, np.s_[r0:r1], np.s_[:])
             chosen = f["chosen"][r0:r1].astype(np.int8) if self.has_chosen else None
             cluster = f["cluster"][start:stop].astype(np.int64) if self.has_cluster else None
+            panel = f["panel"][start:stop].astype(np.int64) if self._has_panel else None
         except OSError as exc:
             raise UserError(
                 f"{self.path}: rows {r0}:{r1} cannot be read ({exc}); the file is truncated or damaged, rewrite it"
             ) from None
         return ChoiceData(X=X, dm=dm, offsets=self.offsets[start : stop + 1] - r0, chosen=chosen, cluster=cluster,
-                          first_set=start)
+                          panel=panel, first_set=start)
 
     @property
     def x_names(self) -> list[str]:
@@ -256,7 +273,12 @@ class ChoiceDataFile:
 
     @property
     def has_panel(self) -> bool:
-        return False
+        """Whether the file stores each set's panel unit (decision maker): dataset panel."""
+        return self._has_panel
+
+    def read_panel(self) -> np.ndarray | None:
+        """Panel unit per set (n_sets,) int64, each unit's sets contiguous, or None."""
+        return self._f["panel"][...].astype(np.int64) if self._has_panel else None
 
     def read_cluster(self) -> np.ndarray | None:
         """Cluster id per set (n_sets,), or None when the file has none."""
@@ -269,6 +291,8 @@ class ChoiceDataFile:
         h.update(json.dumps([self.n_sets, self.n_rows, self.K, self.M, self.param_names, self.moment_names]).encode())
         h.update(json.dumps(self.provenance, sort_keys=True).encode())
         h.update(self.offsets.tobytes())
+        if self._has_panel:  # the units change S and the standard errors
+            h.update(b"panel" + self.read_panel().tobytes())
         n = min(self.n_rows, 4096)
         for name in ("X", "dm"):
             ds = self._f[name]
@@ -340,6 +364,7 @@ class ChoiceDataWriter:
     provenance: dict = field(default_factory=dict)
     with_chosen: bool = False
     with_cluster: bool = False
+    with_panel: bool = False
     truth: np.ndarray | None = None
     chunk_rows: int = DEFAULT_CHUNK_ROWS
 
@@ -387,6 +412,8 @@ class ChoiceDataWriter:
             self._offsets[0] = 0
             if self.with_cluster:
                 self._cluster = self._f.create_dataset("cluster", (0,), maxshape=(None,), dtype="i8", chunks=(c,))
+            if self.with_panel:
+                self._panel = self._f.create_dataset("panel", (0,), maxshape=(None,), dtype="i8", chunks=(c,))
         except (OSError, RuntimeError) as exc:
             self._discard()
             raise outputs.write_error(self.path, exc) from None
@@ -395,9 +422,10 @@ class ChoiceDataWriter:
             raise
         return self
 
-    def append(self, X, dm, set_sizes, chosen=None, cluster=None) -> None:
+    def append(self, X, dm, set_sizes, chosen=None, cluster=None, panel=None) -> None:
         """Append whole sets: X (rows, K), dm (rows, M), set_sizes (sets,) summing to rows, each
-        at least 1; chosen (rows,) when the file has it; cluster (sets,) when the file has it."""
+        at least 1; chosen (rows,) when the file has it; cluster (sets,) and panel (sets,) unit
+        ids when the file has them."""
         set_sizes = np.asarray(set_sizes, dtype=np.int64)
         rows = int(set_sizes.sum())
         if X.shape != (rows, self.K) or dm.shape != (rows, self.M):
@@ -408,6 +436,8 @@ class ChoiceDataWriter:
             raise ValueError("append: this file records chosen rows, pass one chosen flag per row")
         if self.with_cluster and (cluster is None or len(cluster) != len(set_sizes)):
             raise ValueError("append: this file records clusters, pass one id per set")
+        if self.with_panel and (panel is None or len(panel) != len(set_sizes)):
+            raise ValueError("append: this file records panel units, pass one id per set")
         r0, r1 = self.n_rows, self.n_rows + rows
         s0, s1 = self.n_sets, self.n_sets + len(set_sizes)
         try:
@@ -424,6 +454,9 @@ class ChoiceDataWriter:
                 if self.with_cluster:
                     self._cluster.resize(s1, axis=0)
                     self._cluster[s0:s1] = np.asarray(cluster, dtype=np.int64)
+                if self.with_panel:
+                    self._panel.resize(s1, axis=0)
+                    self._panel[s0:s1] = np.asarray(panel, dtype=np.int64)
         except (OSError, RuntimeError) as exc:  # h5py's errors: a full disk, a quota, an I/O error
             raise outputs.write_error(self.path, exc) from None
         self.n_rows, self.n_sets = r1, s1
@@ -516,6 +549,7 @@ def write_choice_data(path, data: ChoiceData, param_names, moment_names, provena
         provenance=provenance or {},
         with_chosen=data.chosen is not None,
         with_cluster=data.cluster is not None,
+        with_panel=data.panel is not None,
         truth=truth,
     ) as w:
-        w.append(data.X, data.dm, np.diff(data.offsets), chosen=data.chosen, cluster=data.cluster)
+        w.append(data.X, data.dm, np.diff(data.offsets), chosen=data.chosen, cluster=data.cluster, panel=data.panel)

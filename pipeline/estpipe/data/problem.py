@@ -19,7 +19,8 @@ import numpy as np
 class ChoiceProblem:
     """path: the file (absolute); n_sets, n_rows, K (covariates), M (moments); x_names (K,),
     moment_names (M,); offsets: (n_sets + 1,) int64; cluster: (n_sets,) int64 or None;
-    has_chosen; truth: (K,) or None; fingerprint; provenance (dict)."""
+    has_chosen; truth: (K,) or None; fingerprint; provenance (dict); alt_names or None; panel:
+    (n_sets,) int64 panel unit (decision maker) per set, each unit's sets contiguous, or None."""
 
     path: Path
     n_sets: int
@@ -64,5 +65,5 @@ def read_problem(path: str | os.PathLike) -> ChoiceProblem:
             path=Path(path).resolve(), n_sets=f.n_sets, n_rows=f.n_rows, K=f.K, M=f.M,
             x_names=list(f.param_names), moment_names=list(f.moment_names), offsets=f.offsets,
             cluster=f.read_cluster(), has_chosen=f.has_chosen, truth=f.truth, fingerprint=f.fingerprint(),
-            provenance=dict(f.provenance),
+            provenance=dict(f.provenance), panel=f.read_panel(),
         )
