@@ -73,22 +73,27 @@ def _habit_panel(path, seed, units=150, T=8, J=4, rho=0.9, panel=True):
 
 def _monte_carlo(tmp_path, simulate, **kw):
     """{True: per-unit (file with panel ids), False: set-level (the same data without)} ->
-    (estimates (N_DATA, K), standard errors (N_DATA, K), J p-values (N_DATA,))."""
+    (estimates (N_DATA, K), standard errors (N_DATA, K), J p-values (N_DATA,), the set of
+    (se_type, units, n_clusters) the results reported)."""
     out = {}
     for panel in (True, False):
-        est, se, jp = [], [], []
+        est, se, jp, labels = [], [], [], set()
         for seed in range(N_DATA):
             path = simulate(tmp_path / f"mc-{int(panel)}.h5", 7000 + seed, panel=panel, **kw)
             r = estimate(path, EstimateOptions())
             assert r.converged, r.message
             d = r.to_dict()
-            assert (d["se_type"], d["units"], d["n_clusters"]) == (("clustered", "panel units", kw.get("units", 150))
-                                                                   if panel else ("robust", "sets", None))
+            labels.add((d["se_type"], d["units"], d["n_clusters"]))
             est.append(r.params)
             se.append(r.std_errors)
             jp.append(np.nan if r.j_pvalue is None else r.j_pvalue)
-        out[panel] = np.array(est), np.array(se), np.array(jp)
+        out[panel] = np.array(est), np.array(se), np.array(jp), labels
     return out
+
+
+def _check_labels(mc, units=150):
+    assert mc[True][3] == {("clustered", "panel units", units)}, mc[True][3]
+    assert mc[False][3] == {("robust", "sets", None)}, mc[False][3]
 
 
 def _ratio(errors, se, axis=None):
@@ -102,14 +107,14 @@ def test_set_level_s_understates_the_standard_errors_of_a_panel_and_per_unit_s_d
     lo, hi = stats.binom.ppf(0.001, n, 0.95), stats.binom.isf(0.001, n, 0.95)
     reject_hi = stats.binom.isf(0.001, N_DATA, 0.05)  # J's 5% test rejecting more than this: too often
 
-    est, se, jp = mc[True]
+    est, se, jp, _ = mc[True]
     ratio = _ratio(est - HABIT_B, se)
     assert 1 / BAND < ratio < BAND, f"per-unit S: sd(estimates) / se = {ratio:.3f}"
     hits = int(np.sum(np.abs(est - HABIT_B) <= stats.norm.ppf(0.975) * se))
     assert lo <= hits <= hi, f"per-unit S: 95% intervals cover {hits}/{n}, outside [{lo}, {hi}]"
     assert np.sum(jp < 0.05) <= reject_hi, f"per-unit J rejects {np.sum(jp < 0.05)}/{N_DATA} at 5%"
 
-    est_s, se_s, jp_s = mc[False]
+    est_s, se_s, jp_s, _ = mc[False]
     ratio_s = _ratio(est_s - HABIT_B, se_s)
     # too small by more than the noise band twice over (the design's factor is about 2.6)
     assert ratio_s > BAND * BAND, f"set-level S: sd(estimates) / se = {ratio_s:.3f}, expected well above 1"
@@ -118,6 +123,7 @@ def test_set_level_s_understates_the_standard_errors_of_a_panel_and_per_unit_s_d
     assert np.sum(jp_s < 0.05) > reject_hi, f"set-level J rejects only {np.sum(jp_s < 0.05)}/{N_DATA} at 5%"
     # the same data, so the per-unit standard errors are larger in every data set
     assert np.all(se > 1.5 * se_s)
+    _check_labels(mc)
 
 
 def _taste_panel(path, seed, units=150, T=8, J=4, sd=2.0, panel=True):
@@ -144,14 +150,15 @@ def test_a_shared_random_taste_needs_per_unit_s_too(tmp_path):
     """The spread is measured about the mean of the 40 estimates (the logit's pseudo-true value
     is not known in closed form); the taste makes x2's moments correlated within a unit."""
     mc = _monte_carlo(tmp_path, _taste_panel)
-    est, se, _ = mc[True]
-    est_s, se_s, _ = mc[False]
+    est, se, _, _ = mc[True]
+    est_s, se_s, _, _ = mc[False]
     np.testing.assert_allclose(est, est_s, rtol=1e-8)  # just identified: W does not matter
     ratio = _ratio(est - est.mean(axis=0), se, axis=0)
     assert np.all((1 / BAND < ratio) & (ratio < BAND)), f"per-unit S: sd / se = {ratio}"
     ratio_s = _ratio(est_s - est_s.mean(axis=0), se_s, axis=0)
     assert ratio_s[1] > BAND * 1.2, f"set-level S: sd / se of x2 = {ratio_s[1]:.3f}, expected well above 1"
     assert np.mean(se[:, 1]) > 1.5 * np.mean(se_s[:, 1])
+    _check_labels(mc)
 
 
 # -- partitions, workers and tiles cut only between units -----------------------------------------------
@@ -327,3 +334,4 @@ def test_results_name_the_units_and_clusters_take_over(tmp_path):
     assert (n.se_type, n.units, n.n_clusters) == ("clustered", "panel units", 200)
     np.testing.assert_allclose(n.params, p.params, rtol=1e-10)
     np.testing.assert_allclose(n.std_errors, p.std_errors, rtol=1e-10)
+
