@@ -335,3 +335,51 @@ def test_results_name_the_units_and_clusters_take_over(tmp_path):
     np.testing.assert_allclose(n.params, p.params, rtol=1e-10)
     np.testing.assert_allclose(n.std_errors, p.std_errors, rtol=1e-10)
 
+
+def test_more_workers_than_decision_makers_are_capped_with_a_note_naming_them(tmp_path):
+    """A partition holds whole units, so a file of 2 decision makers has at most 2 partitions:
+    --workers 3 starts 2, and the note says why in the file's terms. With 2 units S (6 x 6) is
+    singular, and the one-line error names the decision makers, not sets or clusters, and does
+    not suggest no_cluster (which cannot help: the panel units stay the units)."""
+    from estpipe.errors import UserError
+    from estpipe.orchestration import Reporter
+
+    class Log(Reporter):
+        def __init__(self):
+            self.lines = []
+
+        def log(self, message):
+            self.lines.append(message)
+
+    path = _mixed_panel(tmp_path / "two.h5", seed=3, units=2, max_sets=60)
+    log = Log()
+    with pytest.raises(UserError) as err:
+        estimate(path, EstimateOptions(workers=3, steps=1), reporter=log)
+    note = [line for line in log.lines if line.startswith("note:")]
+    assert note and "(one decision maker each); starting 2 workers" in note[0], log.lines
+    text = str(err.value)
+    assert "only 2 independent units (decision makers: the file's panel units) for M = 6 moments" in text, text
+    assert "cluster" not in text, text
+
+
+@pytest.mark.parametrize(("cluster_size", "no_cluster", "expected"), [
+    pytest.param(10, False, "only 2 independent units (clusters) for M = 6 moments; use more data, fewer moments, or "
+                 "no_cluster", id="clusters"),
+    pytest.param(10, True, "only 4 independent units (decision makers: the file's panel units) for M = 6 moments; "
+                 "use more data or fewer moments", id="no-cluster-panel"),
+])
+def test_too_few_units_for_s_names_the_units_and_the_fix(tmp_path, cluster_size, no_cluster, expected):
+    from estpipe.errors import UserError
+
+    path = _mixed_panel(tmp_path / "few.h5", seed=4, units=20, max_sets=4, cluster_size=cluster_size)
+    data = read_choice_data(path)
+    if no_cluster:  # keep the first 4 decision makers (one cluster): S of 4 units
+        keep = int(np.searchsorted(data.panel, 4))
+        rows = int(data.offsets[keep])
+        write_choice_data(path, ChoiceData(X=data.X[:rows], dm=data.dm[:rows], offsets=data.offsets[: keep + 1],
+                                           chosen=data.chosen[:rows], cluster=data.cluster[:keep],
+                                           panel=data.panel[:keep]),
+                          ["x1", "x2", "x3"], ["z1", "z2", "z3", "z22", "z12", "z23"])
+    with pytest.raises(UserError) as err:
+        estimate(path, EstimateOptions(no_cluster=no_cluster))
+    assert expected in str(err.value), str(err.value)
