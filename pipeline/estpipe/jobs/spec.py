@@ -2,7 +2,7 @@
 
     [data]      path = "data.h5" and either a simulate spec (design, sets, alternatives, params,
                 moments, seed, cluster_size) or `input` plus load options (set_col, choice_col, x,
-                z, dm, alt_col, asc, asc_base, cluster_col)
+                z, dm, alt_col, asc, asc_base, cluster_col, panel_col)
     [estimate]  the options of `estpipe estimate` that change the estimate, and max_iter and
                 partitions (ESTIMATE_KEYS), checked by EstimateOptions as on the command line
     [backend]   kind = local | dask | a batch system of execution.jobqueue.KINDS (slurm, pbs), and
@@ -31,7 +31,8 @@ from estpipe.text import count
 BACKEND_KINDS = ("local", "dask") + KINDS.names
 
 SIMULATE_KEYS = ("path", "design", "sets", "alternatives", "params", "moments", "seed", "cluster_size")
-LOAD_KEYS = ("path", "input", "set_col", "choice_col", "x", "z", "dm", "alt_col", "asc", "asc_base", "cluster_col")
+LOAD_KEYS = ("path", "input", "set_col", "choice_col", "x", "z", "dm", "alt_col", "asc", "asc_base", "cluster_col",
+             "panel_col")
 # The estimate options a job fixes: those that change the estimate, how long it may run and in how
 # many pieces. Where it runs and where its output goes come from [backend] and [output].
 ESTIMATE_KEYS = RESULT_OPTIONS + ("max_iter", "partitions")
@@ -84,6 +85,7 @@ class LoadSpec:
     asc: bool = False
     asc_base: str | None = None
     cluster_col: str | None = None
+    panel_col: str | None = None
 
     def arguments(self) -> dict:
         """The keyword arguments of load_choice_data(input, path, ...) that make this data."""
@@ -317,13 +319,14 @@ def _data(table: _Table) -> SimulateSpec | LoadSpec | None:
         if (asc or asc_base is not None) and alt_col is None:
             table.problems.add("data.asc", "asc needs alt_col (the column naming each alternative)")
         cluster_col = table.string("cluster_col")
+        panel_col = table.string("panel_col")
         if source is not None and path is not None and not path.exists() and not source.exists():
             table.problems.add("data.input", f"{str(source)!r} does not exist (and data.path {str(path)!r} is not made yet); give the CSV or Parquet file to load")
         if None in (path, source, set_col, choice_col, x):
             return None
         return LoadSpec(path=path, input=source, set_col=set_col, choice_col=choice_col, x=x, z=z, dm=dm,
                         alt_col=alt_col, asc=asc, asc_base=None if asc_base is None else str(asc_base),
-                        cluster_col=cluster_col)
+                        cluster_col=cluster_col, panel_col=panel_col)
     table.check_keys(SIMULATE_KEYS, " for simulated data (no `input` is given)")
     design = table.string("design", "logit", choices=DESIGNS.names)
     sets = table.integer("sets", 1000)
