@@ -255,7 +255,7 @@ def test_bad_options_are_refused_with_a_message_and_no_file(tmp_path, options, w
 def test_the_python_api_names_its_own_arguments(tmp_path):
     with pytest.raises(UserError, match=r"^moments 4 is below params 5: .*; use moments 5 or more$"):
         simulate_choice_data(tmp_path / "out.h5", sets=10, params=5, moments=4)
-    with pytest.raises(UserError, match=r"^design 'logti' is unknown; use one of logit, seed \(did you mean 'logit'\?\)$"):
+    with pytest.raises(UserError, match=r"^design 'logti' is unknown; use one of logit, seed, mixed-logit, nested-logit \(did you mean 'logit'\?\)$"):
         simulate_choice_data(tmp_path / "out.h5", sets=10, design="logti")
 
 

@@ -1,8 +1,9 @@
 """Job specs: one TOML file says which data, which estimate options, where it runs, where results go.
 
     [data]      path = "data.h5" and either a simulate spec (design, sets, alternatives, params,
-                moments, seed, cluster_size) or `input` plus load options (set_col, choice_col, x,
-                z, dm, alt_col, asc, asc_base, cluster_col, panel_col)
+                moments, seed, cluster_size; mixed-logit: random, correlated, panel_size;
+                nested-logit: nests) or `input` plus load options (set_col, choice_col, x, z, dm,
+                alt_col, asc, asc_base, cluster_col, panel_col)
     [estimate]  the options of `estpipe estimate` that change the estimate, and max_iter and
                 partitions (ESTIMATE_KEYS), checked by EstimateOptions as on the command line
     [backend]   kind = local | dask | a batch system of execution.jobqueue.KINDS (slurm, pbs), and
@@ -30,7 +31,8 @@ from estpipe.text import count
 
 BACKEND_KINDS = ("local", "dask") + KINDS.names
 
-SIMULATE_KEYS = ("path", "design", "sets", "alternatives", "params", "moments", "seed", "cluster_size")
+SIMULATE_KEYS = ("path", "design", "sets", "alternatives", "params", "moments", "seed", "cluster_size", "random",
+                 "correlated", "panel_size", "nests")
 LOAD_KEYS = ("path", "input", "set_col", "choice_col", "x", "z", "dm", "alt_col", "asc", "asc_base", "cluster_col",
              "panel_col")
 # The estimate options a job fixes: those that change the estimate, how long it may run and in how
@@ -64,6 +66,10 @@ class SimulateSpec:
     moments: int = 40
     seed: int = 0
     cluster_size: int | None = None
+    random: str | None = None
+    correlated: bool = False
+    panel_size: int | None = None
+    nests: int | None = None
 
     def arguments(self) -> dict:
         """The keyword arguments of simulate_choice_data(path, ...) that make this data."""
@@ -335,12 +341,29 @@ def _data(table: _Table) -> SimulateSpec | LoadSpec | None:
     moments = table.integer("moments", 40)
     seed = table.integer("seed", 0, minimum=0)
     cluster_size = table.integer("cluster_size")
+    random = table.values.get("random")
+    if isinstance(random, int) and not isinstance(random, bool) and random >= 1:
+        random = str(random)
+    elif random is not None:
+        names = table.names("random")  # a list of columns or one comma-separated string
+        random = ",".join(names) if names else None
+    correlated = table.boolean("correlated")
+    panel_size = table.integer("panel_size")
+    nests = table.integer("nests")
+    for key, value, allowed in (("random", random, "mixed-logit"), ("correlated", correlated or None, "mixed-logit"),
+                                ("panel_size", panel_size, "mixed-logit"), ("nests", nests, "nested-logit")):
+        if value is not None and design != allowed:
+            table.problems.add(f"data.{key}", f"is for design {allowed!r}, not {design!r}")
+    if cluster_size is not None and design in ("mixed-logit", "nested-logit"):
+        table.problems.add("data.cluster_size", f"is for the logit design, not {design!r}"
+                           + (" (decision makers: panel_size)" if design == "mixed-logit" else ""))
     if params is not None and moments is not None and moments < params and table.has("moments"):
         table.problems.bad("data.moments", moments, f"moments must be >= params ({params})")
     if path is None:
         return None
     return SimulateSpec(path=path, design=design, sets=sets, alternatives=alternatives, params=params,
-                        moments=moments, seed=seed, cluster_size=cluster_size)
+                        moments=moments, seed=seed, cluster_size=cluster_size, random=random, correlated=correlated,
+                        panel_size=panel_size, nests=nests)
 
 
 def _estimate(table: _Table) -> tuple[EstimateOptions, tuple[str, ...]]:
