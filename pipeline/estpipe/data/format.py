@@ -220,21 +220,31 @@ class ChoiceDataFile:
                 raise UserError(f"{p}: dataset alt has no attribute alt_names (the alternatives' names); rewrite the file")
         elif self._alt_names is not None:
             raise UserError(f"{p}: attribute alt_names without the dataset alt; rewrite the file")
-        if self.has_cluster:
-            self._check_clusters_contiguous()
-        self.panel = None
-        if self._has_panel:
-            if f["panel"].shape != (self.n_sets,):
-                raise UserError(f"{p}: dataset panel has shape {f['panel'].shape}, expected ({self.n_sets},); rewrite the file")
-            self._check_panel()
+        if self._has_panel and f["panel"].shape != (self.n_sets,):
+            raise UserError(f"{p}: dataset panel has shape {f['panel'].shape}, expected ({self.n_sets},); rewrite the file")
+        cluster = self._check_contiguous("cluster") if self.has_cluster else None
+        panel = self._check_contiguous("panel", "panel unit") if self._has_panel else None
+        if cluster is not None and panel is not None:
+            # units nest in clusters: a decision maker's sets all lie in one cluster
+            starts = np.flatnonzero(np.r_[True, panel[1:] != panel[:-1]])
+            stops = np.r_[starts[1:], len(panel)] - 1
+            split = np.flatnonzero(cluster[starts] != cluster[stops])
+            if split.size:
+                i = int(starts[split[0]])
+                raise UserError(
+                    f"{self.path}: panel unit {panel[i]} (sets {i}..{int(stops[split[0]])}) spans clusters "
+                    f"{cluster[i]} and {cluster[stops[split[0]]]}; panel units must nest in clusters, rewrite the file")
+        self.panel = panel  # (n_sets,) int64 or None: kept, 8 bytes per set like the offsets
 
-    def _check_clusters_contiguous(self) -> None:
-        """Every cluster's sets form one block (the estimators split the data at cluster
-        boundaries). The ids cost 8 bytes per set, like the offsets."""
+    def _check_contiguous(self, name: str, what: str | None = None) -> np.ndarray:
+        """The ids of dataset `name` (cluster or panel), (n_sets,) int64, checked: every id's sets
+        form one block (the estimators split the data at unit boundaries). The ids cost 8 bytes
+        per set, like the offsets."""
+        what = what or name
         try:
-            ids = self._f["cluster"][...].astype(np.int64)
+            ids = self._f[name][...].astype(np.int64)
         except OSError as exc:
-            raise UserError(f"{self.path}: dataset cluster cannot be read ({exc}); the file is truncated or damaged") from None
+            raise UserError(f"{self.path}: dataset {name} cannot be read ({exc}); the file is truncated or damaged") from None
         starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if ids.size else ids
         if len(starts) != len(np.unique(ids)):
             run_ids = ids[starts]
@@ -242,33 +252,10 @@ class ChoiceDataFile:
             dup = np.flatnonzero(run_ids[order][1:] == run_ids[order][:-1])[0]
             first, second = starts[order[dup]], starts[order[dup + 1]]
             raise UserError(
-                f"{self.path}: cluster {ids[first]} is split into non-contiguous blocks (its sets start at "
-                f"set {first} and again at set {second}); every cluster's sets must be contiguous, rewrite the file"
+                f"{self.path}: {what} {ids[first]} is split into non-contiguous blocks (its sets start at "
+                f"set {first} and again at set {second}); every {what}'s sets must be contiguous, rewrite the file"
             )
-
-    def _check_panel(self) -> None:
-        """Every panel unit's sets form one block, inside one cluster (the estimators sum h per
-        unit and cut partitions and tiles between units). Kept: (n_sets,) int64, 8 bytes per set."""
-        try:
-            ids = self._f["panel"][...].astype(np.int64)
-        except OSError as exc:
-            raise UserError(f"{self.path}: dataset panel cannot be read ({exc}); the file is truncated or damaged") from None
-        found = first_split_unit(ids)
-        if found is not None:
-            first, second = found
-            raise UserError(
-                f"{self.path}: panel unit {ids[first]} is split into non-contiguous blocks (its sets start at set "
-                f"{first} and again at set {second}); every decision maker's sets must be contiguous, rewrite the file")
-        if self.has_cluster and ids.size:
-            cluster = self.read_cluster()
-            starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
-            ends = np.r_[starts[1:], len(ids)] - 1
-            bad = np.flatnonzero(cluster[starts] != cluster[ends])
-            if bad.size:
-                u = int(starts[bad[0]])
-                raise UserError(f"{self.path}: panel unit {ids[u]} (sets {u} to {int(ends[bad[0]])}) lies in more than one "
-                                "cluster; decision makers nest inside clusters, rewrite the file")
-        self.panel = ids
+        return ids
 
     # -- reading ------------------------------------------------------------------------------
     def read_sets(self, start: int = 0, stop: int | None = None, empty=np.empty) -> ChoiceData:
@@ -311,10 +298,11 @@ class ChoiceDataFile:
 
     @property
     def has_panel(self) -> bool:
+        """Whether the file stores each set's panel unit (decision maker): dataset panel."""
         return self._has_panel
 
     def read_panel(self) -> np.ndarray | None:
-        """Panel unit (decision maker) per set (n_sets,) int64, or None when the file has none."""
+        """Panel unit per set (n_sets,) int64, each unit's sets contiguous, or None."""
         return None if self.panel is None else self.panel.copy()
 
     def read_alt(self) -> np.ndarray | None:
@@ -332,6 +320,10 @@ class ChoiceDataFile:
         h.update(json.dumps([self.n_sets, self.n_rows, self.K, self.M, self.param_names, self.moment_names]).encode())
         h.update(json.dumps(self.provenance, sort_keys=True).encode())
         h.update(self.offsets.tobytes())
+        if self._has_panel:  # the units change S and the standard errors
+            h.update(b"panel" + self.panel.tobytes())
+        if self.has_alt:  # the alternatives change a nested logit
+            h.update(b"alt" + json.dumps(self._alt_names).encode() + np.ascontiguousarray(self._f["alt"][:4096]).tobytes())
         n = min(self.n_rows, 4096)
         for name in ("X", "dm"):
             ds = self._f[name]
