@@ -172,7 +172,7 @@ class MixedLogitDesign(ModelDesign):
         Kr = len(self.random)
         L = np.zeros((Kr, Kr))
         for i, r in enumerate(self.random):
-            low, high = (0.3, 0.6) if r.sign else (0.5, 1.0)
+            low, high = (0.3, 0.6) if r.sign else (0.8, 1.2)
             L[i, i] = rng.uniform(low, high)
             if self.correlated:
                 L[i, :i] = rng.uniform(-0.4, 0.4, i)
