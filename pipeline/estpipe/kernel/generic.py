@@ -13,7 +13,7 @@ import numpy as np
 from estpipe.dual import Workspace, chunk_ranges, chunk_size, project, seed
 from estpipe.kernel.request import Request
 from estpipe.kernel.tiles import TileData
-from estpipe.models.base import Model
+from estpipe.models.base import Model, call_model
 
 
 class GenericDual:
@@ -52,7 +52,7 @@ def generic_tile_sums(model: Model, params, tile: TileData, dm, ws: Workspace, a
     for c, (k0, k1) in enumerate(chunks):
         ws.reset()
         theta = seed(params, ws, k0, k1, seed_scale)
-        s = model.probabilities(theta, tile)
+        s = call_model(model, "probabilities", theta, tile)
         block = project(dm, s)
         if c == 0:
             acc[:, 0] += block[:, 0]
@@ -61,7 +61,7 @@ def generic_tile_sums(model: Model, params, tile: TileData, dm, ws: Workspace, a
                 H = seg.weighted_sum(s.value, dm, np.empty((seg.n_sets, dm.shape[1]), s.a.dtype), scratch)
             if chosen is not None:
                 ws.reset()
-                logs = model.log_probabilities(seed(params, ws, 0, 0), tile)
+                logs = call_model(model, "log_probabilities", seed(params, ws, 0, 0), tile)
                 loglik = float(np.sum(logs.value[chosen[0]].real))
         acc[:, 1 + k0 : 1 + k1] += block[:, 1:]
     return H, loglik
@@ -75,5 +75,5 @@ def generic_tile_pullback(model: Model, params, tile: TileData, dm, v, ws: Works
         ws.reset()
         w = np.dot(dm, v, out=ws.take((tile.seg.n_rows,)))
         theta = seed(params, ws, k0, k1, seed_scale)
-        s = model.probabilities(theta, tile)
+        s = call_model(model, "probabilities", theta, tile)
         acc[k0:k1] += np.dot(w, s.partials)
