@@ -74,13 +74,25 @@ class Dual:
 
 
 def _column(c, rows: int):
-    """A constant as something that broadcasts against a (rows, 1 + p) block: scalar or (rows, 1)."""
+    """A constant as something that broadcasts against a (rows, 1 + p) block: scalar, or (rows, 1)
+    (or (1, 1))."""
     c = np.asarray(c)
-    return c if c.ndim == 0 else c.reshape(rows, 1)
+    return c if c.ndim == 0 else c.reshape(-1, 1)
 
 
 def _dtype(x: Dual, c) -> np.dtype:
     return np.result_type(x.a.dtype, np.asarray(c).dtype)
+
+
+def _rows(x: Dual, y) -> int:
+    """Rows of x (op) y: a block of one row (a parameter, theta[k:k+1]) broadcasts against the
+    rows of the other operand, as a scalar does, so `theta[0:1] * tile.x("cost")` is a column."""
+    ny = y.rows if isinstance(y, Dual) else (int(np.shape(y)[0]) if np.ndim(y) else 1)
+    if ny == x.rows or ny == 1:
+        return x.rows
+    if x.rows == 1:
+        return ny
+    raise ValueError(f"cannot combine a dual block of {x.rows} rows with one of {ny} rows (only 1 row broadcasts)")
 
 
 # -- seeds ------------------------------------------------------------------------------------
@@ -117,14 +129,16 @@ def seed(params: np.ndarray, ws: Workspace, k0: int = 0, k1: int | None = None,
 
 # -- arithmetic -------------------------------------------------------------------------------
 def add(x: Dual, y) -> Dual:
-    """x + y.  Tangent: dx + dy (a constant y adds to the values only)."""
+    """x + y.  Tangent: dx + dy (a constant y adds to the values only). A one-row operand
+    broadcasts over the other's rows (here and in subtract and multiply)."""
+    rows = _rows(x, y)
     if isinstance(y, Dual):
-        out = x._new(dtype=np.result_type(x.a, y.a))
+        out = x._new(rows=rows, dtype=np.result_type(x.a, y.a))
         np.add(x.a, y.a, out=out.a)
         return out
-    out = x._new(dtype=_dtype(x, y))
+    out = x._new(rows=rows, dtype=_dtype(x, y))
     out.a[...] = x.a
-    out.a[:, :1] += _column(y, x.rows)
+    out.a[:, :1] += _column(y, rows)
     return out
 
 
@@ -138,7 +152,7 @@ def negative(x: Dual) -> Dual:
 def subtract(x: Dual, y) -> Dual:
     """x - y.  Tangent: dx - dy."""
     if isinstance(y, Dual):
-        out = x._new(dtype=np.result_type(x.a, y.a))
+        out = x._new(rows=_rows(x, y), dtype=np.result_type(x.a, y.a))
         np.subtract(x.a, y.a, out=out.a)
         return out
     return add(x, -np.asarray(y))
@@ -146,14 +160,15 @@ def subtract(x: Dual, y) -> Dual:
 
 def multiply(x: Dual, y) -> Dual:
     """x * y.  Tangent: y dx + x dy (a constant y scales values and partials alike)."""
+    rows = _rows(x, y)
     if isinstance(y, Dual):
-        out = x._new(dtype=np.result_type(x.a, y.a))
+        out = x._new(rows=rows, dtype=np.result_type(x.a, y.a))
         np.multiply(x.partials, y.value[:, None], out=out.partials)
         out.partials[...] += y.partials * x.value[:, None]
         np.multiply(x.value, y.value, out=out.value)
         return out
-    out = x._new(dtype=_dtype(x, y))
-    np.multiply(x.a, _column(y, x.rows), out=out.a)
+    out = x._new(rows=rows, dtype=_dtype(x, y))
+    np.multiply(x.a, _column(y, rows), out=out.a)
     return out
 
 
