@@ -264,3 +264,19 @@ def test_the_wtp_space_example_is_the_logit_reparametrized(tmp_path):
         assert derived[f"b_{name}"].estimate == pytest.approx(logit.params[k], rel=1e-6, abs=1e-9)
         assert derived[f"b_{name}"].std_error == pytest.approx(logit.std_errors[k], rel=1e-4)
     assert wtp.param_names[:2] == ["log_alpha", "wtp_invt"]
+
+
+def test_a_pickled_user_model_imports_its_file_in_another_process(data, tmp_path):
+    """A user model pickles as (path, class, sha256): a process that never imported the file
+    unpickles it by importing the file itself."""
+    import pickle
+
+    model = resolve(f"{data.parent / 'my_models.py'}:MyLogit")
+    blob = tmp_path / "model.pkl"
+    blob.write_bytes(pickle.dumps(model))
+    code = ("import pickle, sys; m = pickle.loads(open(sys.argv[1], 'rb').read()); "
+            "print(type(m).__name__, m.name, type(m).__module__.startswith('estpipe_user_'))")
+    run = subprocess.run([sys.executable, "-c", code, str(blob)], env=_env(), capture_output=True, text=True,
+                         timeout=60, cwd="/")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["MyLogit", model.name, "True"]
