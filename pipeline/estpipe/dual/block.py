@@ -330,17 +330,21 @@ def segment_logsumexp(x: Dual, seg: Segments) -> Dual:
 
 
 def project_softmax(A: np.ndarray, u: Dual, seg: Segments, out: np.ndarray | None = None,
-                    H: np.ndarray | None = None) -> np.ndarray:
-    """project(A, segment_softmax(u, seg)) without forming the softmax's partials: (m, 1 + p).
+                    want_h: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """project(A, segment_softmax(u, seg)) without forming the softmax's partials: (m, 1 + p), and
+    the per-set h_i = sum_set s A (n_sets, m) (computed whenever there are partials or want_h, else
+    None; a workspace buffer, valid until the next reset).
 
-    With s = softmax(u) per set, h_i = sum_set s A (per-set, (n_sets, m)) and ubar_i = sum_set s du,
-    the tangent rule ds = s (du - ubar_i) projects as
+    With s = softmax(u) per set and ubar_i = sum_set s du, the tangent rule ds = s (du - ubar_i)
+    projects as
 
         A' ds = A' (s du) - sum_i h_i ubar_i'
 
     so one pass scales [1 | du] by s and ONE GEMM gives A' s and A' (s du); the correction is a
     small (m, n_sets) x (n_sets, p) product. (The fused logit kernel's rearrangement, for any
-    utilities.) H: an (n_sets, m) buffer that receives the h_i (they are computed anyway)."""
+    utilities.) It asks its workspace for the same sequence of buffers whatever m is, so a kernel
+    that calls it with A = dm and with A = dm v reuses the same buffers for the same kinds of
+    arrays (the memory charge, execution/memory.py, extrapolates them)."""
     ws = u.ws
     dtype = np.result_type(A, u.a)
     n, m, p = seg.n_sets, A.shape[1], u.a.shape[1] - 1
@@ -356,12 +360,10 @@ def project_softmax(A: np.ndarray, u: Dual, seg: Segments, out: np.ndarray | Non
     # (su' A)' rather than A' su: the same GEMM, ~10% faster in OpenBLAS with both operands
     # transposed-contiguous (as in kernel/fused_logit.py)
     out[...] = np.dot(su.T, A, out=ws.take((1 + p, m), dtype)).T
-    if p:
+    H = None
+    if p or want_h:
         ubar = seg.sum(su[:, 1:], ws.take((n, p), u.a.dtype))
-        if H is None:
-            H = ws.take((n, m), dtype)
-        seg.weighted_sum(s, A, H, None if seg.equal_size else ws.take((u.rows, m), dtype))
-        out[:, 1:] -= np.dot(H.T, ubar, out=ws.take((m, p), dtype))
-    elif H is not None:
-        seg.weighted_sum(s, A, H, None if seg.equal_size else ws.take((u.rows, m), dtype))
-    return out
+        H = seg.weighted_sum(s, A, ws.take((n, m), dtype), None if seg.equal_size else ws.take((u.rows, m), dtype))
+        if p:
+            out[:, 1:] -= np.dot(H.T, ubar, out=ws.take((m, p), dtype))
+    return out, H

@@ -65,10 +65,9 @@ def generic_tile_sums(model: Model, params, tile: TileData, dm, ws: Workspace, a
         first = c == 0 and need_h
         if by_utilities:
             u = call_model(model, "utilities", theta, tile)
-            h = np.empty((seg.n_sets, dm.shape[1]), np.result_type(dm, u.a)) if first else None
-            block = project_softmax(dm, u, seg, H=h)
-            if first:
-                H = h
+            block, h = project_softmax(dm, u, seg, want_h=first)
+            if first:  # the next chunk reuses the workspace
+                H = h.copy()
         else:
             s = call_model(model, "probabilities", theta, tile)
             block = project(dm, s)
@@ -92,11 +91,15 @@ def generic_tile_pullback(model: Model, params, tile: TileData, dm, v, ws: Works
     by_utilities = softmax_of_utilities(model)
     for k0, k1 in chunks:
         ws.reset()
+        if by_utilities:
+            # w outside the workspace: the pass then asks it for the buffers of the forward sums,
+            # in their order (one (rows,) vector allocated per tile)
+            w = np.dot(dm, v)
+            theta = seed(params, ws, k0, k1, seed_scale)
+            u = call_model(model, "utilities", theta, tile)
+            acc[k0:k1] += project_softmax(w[:, None], u, tile.seg)[0][0, 1:]
+            continue
         w = np.dot(dm, v, out=ws.take((tile.seg.n_rows,)))
         theta = seed(params, ws, k0, k1, seed_scale)
-        if by_utilities:
-            u = call_model(model, "utilities", theta, tile)
-            acc[k0:k1] += project_softmax(w[:, None], u, tile.seg)[0, 1:]
-        else:
-            s = call_model(model, "probabilities", theta, tile)
-            acc[k0:k1] += np.dot(w, s.partials)
+        s = call_model(model, "probabilities", theta, tile)
+        acc[k0:k1] += np.dot(w, s.partials)
