@@ -280,3 +280,20 @@ def test_a_pickled_user_model_imports_its_file_in_another_process(data, tmp_path
                          timeout=60, cwd="/")
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["MyLogit", model.name, "True"]
+
+
+def test_a_job_specs_model_file_is_relative_to_the_spec(tmp_path, monkeypatch):
+    from estpipe.jobs.spec import load_job_spec
+
+    folder = tmp_path / "job"
+    folder.mkdir()
+    (folder / "m.py").write_text(USER_LOGIT)
+    (folder / "job.toml").write_text('[data]\npath = "d.h5"\ndesign = "logit"\nsets = 100\n\n'
+                                     '[estimate]\nmodel = "m.py:MyLogit"\n')
+    monkeypatch.chdir(tmp_path)  # not the spec's folder
+    spec = load_job_spec(folder / "job.toml")
+    assert spec.estimate.model == f"{(folder / 'm.py').resolve()}:MyLogit"
+    (folder / "job.toml").write_text('[data]\npath = "d.h5"\ndesign = "logit"\nsets = 100\n\n'
+                                     '[estimate]\nmodel = "missing.py:MyLogit"\n')
+    with pytest.raises(UserError, match="no such file"):
+        load_job_spec(folder / "job.toml")
