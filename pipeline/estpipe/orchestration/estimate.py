@@ -163,7 +163,7 @@ def estimate(path: str | os.PathLike, options: EstimateOptions | None = None, *,
         # the back end calls this once it knows its workers (an existing cluster's, once connected)
         return plan_partitions(problem.offsets, options.partitions or default_partitions(n_workers), unit_ids(problem))
 
-    evaluator = start_backend(problem, options, plan, reporter.log)
+    evaluator = start_backend(problem, options, plan, reporter.log, model=spec)
     partitions = evaluator.partitions
     try:
         reporter.log(f"{count(problem.n_sets, 'set')}, {problem.n_rows} rows, K = {problem.K}, M = {problem.M}; "
