@@ -101,10 +101,14 @@ class PartitionKernel:
         # the forward projection and complex steps need the generic strategy whatever the model
         self.generic = self.strategy if isinstance(self.strategy, GenericDual) else GenericDual(self.model, data.K, chunk)
         # Tiles hold whole panel units (a decision maker's sets share its draws; a likelihood is per unit)
+        # A strategy whose rows cost more than the logit's (draws) names its own tile size.
+        tile_rows = tile_rows or getattr(self.strategy, "tile_rows", None)
         self.tiles = plan_tiles(data.offsets, tile_rows, data.panel)
         # Value-only passes (no Jacobian, no covariance) and the reverse pass hold only a few
-        # (rows,) vectors per tile, so they use longer stripes: fewer numpy calls per evaluation.
-        self.stripes = plan_tiles(data.offsets, STRIPE_FACTOR * (tile_rows or DEFAULT_TILE_ROWS), data.panel)
+        # (rows,) vectors per tile, so they use longer stripes: fewer numpy calls per evaluation
+        # (not for a strategy that sizes its own tiles: its value pass costs what its Jacobian does).
+        stripe_rows = tile_rows if getattr(self.strategy, "tile_rows", None) else STRIPE_FACTOR * (tile_rows or DEFAULT_TILE_ROWS)
+        self.stripes = plan_tiles(data.offsets, stripe_rows, data.panel)
         self.threads = max(1, int(threads if threads is not None else blas_threads()))
         self._workspaces = [Workspace() for _ in range(self.threads)]
         self._pool = None

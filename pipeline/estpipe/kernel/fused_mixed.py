@@ -24,10 +24,13 @@ import numpy as np
 
 from estpipe.dual import Workspace
 from estpipe.kernel.request import Request
-from estpipe.kernel.tiles import TileData
+from estpipe.kernel.tiles import DEFAULT_TILE_ROWS, TileData
 
 # Bytes of one (sets, J, draws) array per batch: the batch of draws is chosen to fit it.
 BATCH_BYTES = 8 * 2**20
+# Row-draws per tile (the tile's rows times R), and the fewest rows a tile holds.
+TILE_ROW_DRAWS = 2**20
+MIN_TILE_ROWS = 256
 # Below this |utility| exp cannot overflow and no set's sum can underflow (kernel/fused_logit.py).
 SAFE_UTILITY = 600.0
 
@@ -40,6 +43,9 @@ class FusedMixed:
 
     def __init__(self, model):
         self.model = model
+        # A row costs R row-draws here, so tiles (and value stripes) hold fewer rows than the
+        # logit's: enough tiles for every thread, each still one batch of draws or more.
+        self.tile_rows = int(min(DEFAULT_TILE_ROWS, max(MIN_TILE_ROWS, TILE_ROW_DRAWS // max(1, model.draws.R))))
         self._groups: dict[tuple[int, int], list[tuple[int, np.ndarray, np.ndarray]]] = {}
 
     # -- layout -----------------------------------------------------------------------------------
