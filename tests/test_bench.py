@@ -37,3 +37,21 @@ def test_bench_table_and_bad_option():
     bad = subprocess.run([sys.executable, "-m", "estpipe", "bench", "--params", "5", "--moments", "4"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--moments 4 is smaller than --params 5" in bad.stderr
+
+
+def test_bench_model_times_a_user_file_on_the_generic_path():
+    from pathlib import Path
+
+    example = Path(__file__).parents[1] / "examples" / "user_logit.py"
+    run = _bench("--json", "--model", f"{example}:UserLogit")
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    rows = {r["name"]: r for r in result["rows"]}
+    assert set(rows) == ROWS | {"dual-model"}
+    assert result["model_strategy"] == "generic-dual"
+    assert result["model_ratio"] == rows["dual-model"]["median_ms"] / rows["dual"]["median_ms"]
+    assert result["max_rel_error"]["dual-model-vs-logit"] < 1e-12
+    builtin = _bench("--json", "--model", "logit-signed")
+    assert builtin.returncode == 0 and json.loads(builtin.stdout)["model_strategy"] == "generic-dual"
+    bad = _bench("--model", "missing.py:Nope")
+    assert bad.returncode == 2 and "no such file missing.py" in bad.stderr

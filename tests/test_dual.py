@@ -44,6 +44,12 @@ OPS = {
     "segment-logsumexp": lambda x, seg: dual.segment_logsumexp(x, seg),
     "segment-softmax": lambda x, seg: dual.segment_softmax(x, seg),
     "broadcast": lambda x, seg: dual.broadcast(dual.segment_sum(x, seg), seg),
+    # a one-row block (a parameter) broadcasts over the other operand's rows
+    "multiply-row-dual": lambda x, seg: x[0:1] * x,
+    "multiply-row-array": lambda x, seg: x[2:3] * C_ROWS,
+    "add-row-dual": lambda x, seg: x[1:2] + x,
+    "subtract-row-dual": lambda x, seg: x[1:2] - dual.exp(x),
+    "project-softmax": lambda x, seg: dual.project_softmax(M_PROJ, x, seg)[0],
 }
 
 
@@ -78,6 +84,35 @@ def test_tangent_rule_matches_complex_step(name, seg_name):
         theta[k] += 1j * h
         step = _evaluate(OPS[name], theta, seg, False)[:, 0].imag / h
         np.testing.assert_allclose(out[:, 1 + k], step, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("seg_name", list(SEGMENTS))
+@pytest.mark.parametrize("dtype", [float, complex], ids=["real", "complex"])
+@pytest.mark.parametrize("scale", [0.3, 1e3], ids=["utilities-small", "utilities-1e3"])
+def test_project_softmax_equals_the_projected_softmax(seg_name, dtype, scale):
+    seg = Segments(np.array(SEGMENTS[seg_name]))
+    ws = Workspace()
+    u = dual.exp(dual.linear(A, dual.seed(THETA.astype(dtype), ws))) * scale
+    got, H = dual.project_softmax(M_PROJ, u, seg)
+    s = dual.segment_softmax(u, seg)
+    want = dual.project(M_PROJ, s)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13 * np.abs(want).max())
+    np.testing.assert_allclose(H, np.add.reduceat(s.value[:, None] * M_PROJ, seg.starts), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize(("k0", "k1"), [(0, 3), (1, 3), (0, 1), (0, 0)], ids=["all", "chunk-1-3", "chunk-0-1", "values"])
+@pytest.mark.parametrize("rows", [slice(None), slice(1, 3), slice(0, 1), slice(2, None)], ids=["theta", "1:3", "0:1", "2:"])
+@pytest.mark.parametrize("scaled", [False, True], ids=["unit-seed", "scaled-seed"])
+def test_linear_of_a_seed_equals_the_product(k0, k1, rows, scaled):
+    """linear copies the columns a seed (or rows of one) selects instead of a GEMM; the same as
+    the product with the seed's dense block."""
+    ws = Workspace()
+    scale = np.array([0.5, 2.0, 4.0]) if scaled else None
+    for theta in (dual.seed(THETA, ws, k0, k1, scale)[rows], dual.seed(THETA + 0.1j, ws, k0, k1, scale)[rows]):
+        X = A[:, : theta.rows]
+        assert theta.seeded is not None
+        dense = dual.Dual(theta.a.copy(), ws)
+        np.testing.assert_allclose(dual.linear(X, theta).a, dual.linear(X, dense).a, rtol=1e-14, atol=1e-15)
 
 
 def test_project_is_one_product_of_values_and_partials():

@@ -43,6 +43,9 @@ class BenchResult:
     blas: list[dict]
     rows: list[BenchRow] = field(default_factory=list)
     max_rel_error: dict[str, float] = field(default_factory=dict)
+    model: str | None = None  # the model of the "dual-model" row (`--model`), or None
+    model_strategy: str | None = None  # the kernel strategy it runs on (e.g. generic-dual)
+    model_ratio: float | None = None  # dual-model / dual (the fused logit), same run, same threads
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,6 +57,9 @@ class BenchResult:
             f"{'row':<16} {'median ms':>10} {'x f':>7}  what",
         ]
         lines += [f"{r.name:<16} {r.median_ms:>10.3f} {r.ratio:>7.2f}  {r.what}" for r in self.rows]
+        if self.model is not None:
+            lines.append(f"model {self.model} ({self.model_strategy}): value + Jacobian {self.model_ratio:.2f}x the fused "
+                         "logit's (dual-model / dual)")
         blas = ", ".join(f"{b['internal_api']} {b['version']} ({count(b['num_threads'], 'thread')}, {b['prefix']})" for b in self.blas)
         lines += [
             f"BLAS: {blas or 'none found'}",
@@ -84,14 +90,38 @@ def plain_objective(b, X, dm, n_sets, alternatives) -> float:
     return float(g @ g)
 
 
+@dataclass(frozen=True)
+class _Facts:
+    """What a model binds to, for data made in memory (x1..xK, no alternative ids, no panel)."""
+
+    x_names: list[str]
+    alt_names: list[str] | None = None
+    has_panel: bool = False
+
+
+def bench_model(name: str, K: int):
+    """The model `name` (a registry name, path.py:Class or an installed model) bound to K
+    covariates x1..xK, as estimate would build it."""
+    from estpipe.models.spec import ModelSpec
+
+    return ModelSpec.of(name).build(_Facts([f"x{k + 1}" for k in range(K)]))
+
+
 def run_bench(sets=1000, alternatives=30, params=20, moments=40, repeat=30, tile_rows=None, seed=0,
-              threads=None) -> BenchResult:
+              threads=None, model: str | None = None) -> BenchResult:
+    """model: also time value + Jacobian of this model (row "dual-model") on the kernel strategy
+    estimate would pick for it, at b when it has K parameters (a logit written as a user's file:
+    the generic path against the fused logit), else at its start."""
     data, b = seed_design(sets, alternatives, params, moments, seed)
     X, dm, n = data.X, data.dm, sets
     W = np.eye(moments)
     kernels = {mode: PartitionKernel(data, derivatives=mode, tile_rows=tile_rows, threads=threads)
                for mode in ("dual", "adjoint", "fd")}
     generic = PartitionKernel(data, derivatives="dual", tile_rows=tile_rows, fast=False, threads=threads)
+    if model is not None:
+        chosen = bench_model(model, params)
+        user = PartitionKernel(data, model=chosen, derivatives="dual", tile_rows=tile_rows, threads=threads)
+        user_params = b if user.n_params == params else np.asarray(chosen.start(params), dtype=np.float64)
 
     def value_and_gradient():
         g = kernels["adjoint"].sums(b, jacobian=False).g
@@ -120,6 +150,8 @@ def run_bench(sets=1000, alternatives=30, params=20, moments=40, repeat=30, tile
         "dual-single": ("the same, Jacobian's GEMM in float32 (search directions only)",
                         lambda: kernels["dual"].sums(b, precision="single")),
         "dual-generic": ("value + full Jacobian G, generic dual path (any model)", lambda: generic.sums(b)),
+        **({"dual-model": (f"value + full Jacobian G of model {model} ({user.strategy.name} kernel)",
+                           lambda: user.sums(user_params))} if model is not None else {}),
         "adjoint": ("value + gradient of Q, reverse mode (sums + pullback)", value_and_gradient),
         "fd": ("value + Jacobian by one-sided finite differences (P + 1 kernel values)", lambda: kernels["fd"].sums(b)),
         "fd-numpy": ("finite differences of f (P + 1 evaluations of f)", fd_plain),
@@ -153,11 +185,17 @@ def run_bench(sets=1000, alternatives=30, params=20, moments=40, repeat=30, tile
         "adjoint": float(np.abs(value_and_gradient()[1] - grad_ref).max() / np.abs(grad_ref).max()),
         "fd": float(np.abs(kernels["fd"].sums(b).gG - ref.gG).max() / scale),
     }
+    if model is not None and user.n_params == params:
+        # against the logit's sums: a measure of error only for a model that is the logit
+        errors["dual-model-vs-logit"] = float(np.abs(user.sums(user_params).gG - ref.gG).max() / scale)
+    medians = {r.name: r.median_ms for r in rows}
     k = kernels["dual"]
     return BenchResult(
         sets=sets, alternatives=alternatives, params=params, moments=moments, repeat=repeat,
         tile_rows=max(t.row_stop - t.row_start for t in k.tiles), n_tiles=k.n_tiles,
         data_bytes=data.nbytes, buffer_bytes=k.buffer_nbytes, residual_bytes=kernels["adjoint"].residual_nbytes,
         eval_alloc_peak_bytes=int(peak), threads=k.threads,
-        blas=blas_libraries(), rows=rows, max_rel_error=errors,
+        blas=blas_libraries(), rows=rows, max_rel_error=errors, model=model,
+        model_strategy=None if model is None else user.strategy.name,
+        model_ratio=None if model is None else medians["dual-model"] / medians["dual"],
     )

@@ -34,7 +34,7 @@ def command(
     jobqueue: Annotated[Optional[str], typer.Option(help="Start --workers N dask workers as batch jobs of this batch system: {estpipe.execution.jobqueue:KINDS}.", rich_help_panel=_BACKEND)] = None,
     partitions: Annotated[Optional[int], typer.Option(help="Contiguous partitions of the sets, balanced by rows (default: 1 per worker, 1 in-process).", min=1, rich_help_panel=_BACKEND)] = None,
     connect_timeout: Annotated[float, typer.Option("--connect-timeout", help="Seconds to wait for a scheduler or batch-job workers.", rich_help_panel=_BACKEND)] = 30.0,
-    model: Annotated[str, typer.Option(help="{estpipe.models:MODELS}, or a model class in your own file: my_models.py:BoxCoxCost.", rich_help_panel=_MODEL)] = "logit",
+    model: Annotated[str, typer.Option(help="{estpipe.models:MODELS}; or a model class in your own file: my_models.py:BoxCoxCost; or a model a package installs (entry point group estpipe.models).", rich_help_panel=_MODEL)] = "logit",
     random: Annotated[Optional[str], typer.Option(help="mixed-logit: the x columns with random coefficients, comma-separated, each normal or with :lognormal or :-lognormal (a fixed sign), e.g. time,cost:-lognormal.", rich_help_panel=_MODEL)] = None,
     correlated: Annotated[bool, typer.Option("--correlated", help="mixed-logit: correlated random coefficients (a Cholesky factor).", rich_help_panel=_MODEL)] = False,
     nests: Annotated[Optional[str], typer.Option(help="nested-logit: the nests, e.g. \"public=train,bus; private=car\" (alternatives in no nest are their own).", rich_help_panel=_MODEL)] = None,

@@ -18,6 +18,7 @@ from estpipe.dual.block import (
     negative,
     power,
     project,
+    project_softmax,
     reciprocal,
     seed,
     segment_logsumexp,
@@ -33,7 +34,7 @@ from estpipe.dual.workspace import Workspace
 
 __all__ = [
     "Dual", "MAX_CHUNK", "Segments", "Workspace", "add", "broadcast", "chunk_ranges", "chunk_size",
-    "divide", "exp", "linear", "log", "mean_draws", "multiply", "negative", "power", "project", "reciprocal",
+    "divide", "exp", "linear", "log", "mean_draws", "multiply", "negative", "power", "project", "project_softmax", "reciprocal",
     "repeat_draws", "seed", "sum_draws",
     "segment_logsumexp", "segment_max", "segment_softmax", "segment_sum", "subtract",
 ]

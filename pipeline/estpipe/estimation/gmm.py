@@ -151,6 +151,9 @@ class _Gmm:
         self.names = model.param_names(problem.x_names)
         self.moment_names = problem.moment_names
         self.oracle = MomentOracle(source, clustered)
+        # the independent observations of S: the clusters when used, else the decision makers
+        # (panel units) when the file has them, else the sets
+        self.units = "clusters" if clustered else ("panel units" if problem.has_panel else "sets")
         self.history: list[dict] = list(state.history) if state else []
         self.evaluations_before = state.evaluations if state else 0
         self.scaling: Scaling | None = None
@@ -266,7 +269,7 @@ class _Gmm:
                 f"out): drop {'them' if many else 'it'} or interact {'them' if many else 'it'} with alternative attributes")
         self._check_collinear_x(where)
         Ws = WeightMatrix.inverse_of(sums.S_scaled, self.scaling.moments, sums.n_sets, self.moment_names,
-                                     sums.n_units, where)
+                                     sums.n_units, where, self.units)
         B = Ws.whiten(self.scaling.moments[:, None] * sums.G, normalized=False) * self._rank_columns()[None, :]
         check_identification(B, self.names, where, self._explain)
 
@@ -315,7 +318,7 @@ class _Gmm:
                 # S only: step 2 starts at b1 and reuses the [g | G] step 1 computed there
                 s1 = oracle.sums(b1, jacobian=False, covariance=True)
                 W = WeightMatrix.inverse_of(s1.S_scaled, self.scaling.moments, s1.n_sets, self.moment_names,
-                                            s1.n_units, "the step-1 estimate b1")
+                                            s1.n_units, "the step-1 estimate b1", self.units)
             step += 1
             self.reporter.checkpoint(self._state(step, W, b1, x, steps_done))
 
@@ -329,7 +332,8 @@ class _Gmm:
             V_theta = covariance_of_estimates(W.whiten(G_theta), n, W.covariance_in_residual_space(S_scaled))
             jt = None
         else:
-            S_final = WeightMatrix.inverse_of(S_scaled, self.scaling.moments, n, self.moment_names, s.n_units, where)
+            S_final = WeightMatrix.inverse_of(S_scaled, self.scaling.moments, n, self.moment_names, s.n_units, where,
+                                               self.units)
             V_theta = covariance_of_estimates(S_final.whiten(G_theta, normalized=False), n)
             jt = j_test(g_scaled, S_final, n, len(x))
         first_bad = next((r for r in steps_done if not r.converged), None)
@@ -340,9 +344,9 @@ class _Gmm:
         return GmmEstimate(
             params=x, param_names=list(self.names), covariance=V,
             derived=derived, notes=self.model.derived_notes({d.name: d.estimate for d in derived}),
-            units="clusters" if oracle.clustered else ("panel units" if self.problem.has_panel else "sets"),
-            se_type="clustered" if (oracle.clustered or self.problem.has_panel) else "robust",
-            n_clusters=int(s.n_units) if (oracle.clustered or self.problem.has_panel) else None, weight=W, j_test=jt,
+            units=self.units,
+            se_type="robust" if self.units == "sets" else "clustered",
+            n_clusters=None if self.units == "sets" else int(s.n_units), weight=W, j_test=jt,
             objective=W.objective(g_scaled), loglik=float(s.loglik) if self.problem.has_chosen else None,
             converged=first_bad is None,
             message=steps_done[-1].message if first_bad is None else f"step {first_bad.step}: {first_bad.message}",

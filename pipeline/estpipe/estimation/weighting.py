@@ -75,11 +75,12 @@ class WeightMatrix:
 
     @classmethod
     def inverse_of(cls, S: np.ndarray, R: np.ndarray, n: int, moment_names: list[str], n_units: int,
-                   where: str) -> "WeightMatrix":
-        """W = S^-1 for S~ = R S R (M, M); a singular S is a UserError naming the moments involved."""
+                   where: str, units: str = "sets") -> "WeightMatrix":
+        """W = S^-1 for S~ = R S R (M, M); a singular S is a UserError naming the moments involved.
+        units: what the n_units independent units of S are ("sets", "clusters" or "panel units")."""
         S = np.asarray(S, dtype=np.float64)
         R = np.asarray(R, dtype=np.float64)
-        E, chol = _factor(S, moment_names, n_units, where)
+        E, chol = _factor(S, moment_names, n_units, where, units)
         M = S.shape[0]
         return cls(kind="inverse-covariance", R=R, log_q=math.log(M / n), S=S, E=E, chol=chol)
 
@@ -140,19 +141,20 @@ class WeightMatrix:
         return cls(kind="inverse-covariance", R=R, log_q=float(d["log_q"]), S=S, E=E, chol=chol)
 
 
-def _factor(S: np.ndarray, moment_names: list[str], n_units: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+def _factor(S: np.ndarray, moment_names: list[str], n_units: int, where: str,
+            units: str = "sets") -> tuple[np.ndarray, np.ndarray]:
     """E = sqrt(diag S) and the Cholesky factor of the correlation matrix S / (E E'), checked."""
-    check_covariance(S, moment_names, n_units, where)
+    check_covariance(S, moment_names, n_units, where, units)
     E = np.sqrt(np.diag(S))
     try:
         chol = cholesky(S / np.outer(E, E), lower=True)
     except LinAlgError:
         raise UserError(f"the moment covariance S at {where} is not positive definite; "
-                        f"{diagnose_covariance(S, moment_names, n_units)}") from None
+                        f"{diagnose_covariance(S, moment_names, n_units, units)}") from None
     return E, chol
 
 
-def check_covariance(S: np.ndarray, moment_names: list[str], n_units: int, where: str) -> None:
+def check_covariance(S: np.ndarray, moment_names: list[str], n_units: int, where: str, units: str = "sets") -> None:
     """S (M, M), in any units: singular when the square root of the correlation matrix's smallest
     eigenvalue (a singular value of the moments' data matrix) is below GRAM_TOL of the largest."""
     if not np.all(np.isfinite(S)):
@@ -161,16 +163,26 @@ def check_covariance(S: np.ndarray, moment_names: list[str], n_units: int, where
     d = np.sqrt(np.clip(np.diag(S), 0.0, None))
     flat = d <= GRAM_TOL * max(float(d.max(initial=0.0)), np.finfo(float).tiny)
     if flat.any():
-        raise UserError(f"the moment covariance S at {where} is singular; {diagnose_covariance(S, moment_names, n_units)}")
+        raise UserError(f"the moment covariance S at {where} is singular; {diagnose_covariance(S, moment_names, n_units, units)}")
     w = np.linalg.eigvalsh(S / np.outer(d, d))
     if not np.sqrt(max(w[0], 0.0)) > GRAM_TOL * np.sqrt(w[-1]):
         rank = int(np.sum(np.sqrt(np.clip(w, 0.0, None)) > GRAM_TOL * np.sqrt(w[-1])))
         raise UserError(f"the moment covariance S at {where} is singular (rank {rank} of {S.shape[0]}); "
-                        f"{diagnose_covariance(S, moment_names, n_units)}")
+                        f"{diagnose_covariance(S, moment_names, n_units, units)}")
 
 
-def diagnose_covariance(S: np.ndarray, moment_names: list[str], n_units: int) -> str:
-    """Why S is singular, in terms of the data, and what to do."""
+# what the independent units of S are, in a message, and the option that also helps (besides more
+# data or fewer moments), if any
+_UNITS = {
+    "sets": ("sets", None),
+    "clusters": ("clusters", "no_cluster"),
+    "panel units": ("decision makers: the file's panel units", None),
+}
+
+
+def diagnose_covariance(S: np.ndarray, moment_names: list[str], n_units: int, units: str = "sets") -> str:
+    """Why S is singular, in terms of the data, and what to do. units: "sets", "clusters" or
+    "panel units", what the n_units independent units of S are."""
     M = S.shape[0]
     d = np.sqrt(np.clip(np.diag(S), 0.0, None))
     flat = [moment_names[m] for m in range(M) if d[m] <= GRAM_TOL * max(float(d.max(initial=0.0)), np.finfo(float).tiny)]
@@ -179,9 +191,10 @@ def diagnose_covariance(S: np.ndarray, moment_names: list[str], n_units: int) ->
                 "in every set (e.g. a dm column that is identically zero, or an instrument that never varies within "
                 "sets); drop or rebuild those instruments")
     if n_units <= M:
-        return (f"there {'is' if n_units == 1 else 'are'} only {count(n_units, 'independent unit')} (sets or clusters) "
-                f"for M = {M} moments; use more data, "
-                f"fewer moments, or {term('no_cluster')}")
+        what, option = _UNITS.get(units, (units, None))
+        fix = f"more data, fewer moments, or {term(option)}" if option else "more data or fewer moments"
+        return (f"there {'is' if n_units == 1 else 'are'} only {count(n_units, 'independent unit')} ({what}) "
+                f"for M = {M} moments; use {fix}")
     found = minimal_dependent_principal(S)
     involved = [moment_names[m] for m in (found or range(M))]
     return (f"moments {', '.join(involved)} are linearly dependent (one is a combination of the others); "

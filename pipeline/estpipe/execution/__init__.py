@@ -13,7 +13,7 @@ from estpipe.execution.planning import Partition, default_partitions, plan_parti
 from estpipe.execution.tasks import PartitionSource
 
 
-def start_backend(problem, options, plan, log) -> Evaluator:
+def start_backend(problem, options, plan, log, model: ModelSpec | None = None) -> Evaluator:
     """The back end the options choose (DESIGN.md, "Data flow"), started, with every partition
     loaded: `scheduler` / `scheduler_file`: an existing cluster; `jobqueue` KIND with `workers`
     N: batch-job workers; `workers` N > 1: a LocalCluster; otherwise in-process.
@@ -22,9 +22,11 @@ def start_backend(problem, options, plan, log) -> Evaluator:
     connect_timeout, model and derivatives; plan(n_workers) -> the partitions, called once the
     number of workers is known (for an existing cluster, once connected: one partition per worker
     present); log(message) for progress. Memory is checked before anything loads, and for
-    processes of this machine before any starts. Partition i goes to worker i mod n."""
+    processes of this machine before any starts. Partition i goes to worker i mod n. model: the
+    ModelSpec the partitions build (default: from the options)."""
     cluster = cluster_for(options)
-    source = PartitionSource.of(problem, ModelSpec.of(options.model, **options.model_options()), options.derivatives)
+    source = PartitionSource.of(problem, model or ModelSpec.of(options.model, **options.model_options()),
+                                options.derivatives)
     # the memory check sizes a kernel's buffers on a stand-in of the model's kind
     kind = options.model if options.model in MODELS and not options.model_options() else "logit"
 

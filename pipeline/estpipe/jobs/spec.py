@@ -369,8 +369,14 @@ def _data(table: _Table) -> SimulateSpec | LoadSpec | None:
 def _estimate(table: _Table) -> tuple[EstimateOptions, tuple[str, ...]]:
     """[estimate] as EstimateOptions, checked by the code that checks `estpipe estimate`'s options;
     its messages name the spec's fields (estimate.optimizer)."""
+    values = dict(table.values)
+    if isinstance(values.get("model"), str):
+        # a model file ("my_models.py:BoxCoxCost") is relative to the spec's folder, as the data is
+        from estpipe.models.user import absolute_name
+
+        values["model"] = absolute_name(values["model"], table.base)
     with vocabulary(lambda argument: f"{table.name}.{argument}"):
-        options, problems = EstimateOptions.parse(table.values, allowed=ESTIMATE_KEYS)
+        options, problems = EstimateOptions.parse(values, allowed=ESTIMATE_KEYS)
         for problem in problems:
             table.problems.line(problem.message)
     return options, tuple(key for key in table.values if key in ESTIMATE_KEYS)

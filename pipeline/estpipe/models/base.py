@@ -81,7 +81,9 @@ class Model:
     def probabilities(self, theta: Dual, tile) -> Dual:
         """Choice probabilities of the tile's rows (rows, 1 + p): by default the softmax of the
         utilities within each set."""
-        return segment_softmax(self.utilities(theta, tile), tile.seg)
+        u = self.utilities(theta, tile)
+        check_block(self, "utilities", u, theta, tile)
+        return segment_softmax(u, tile.seg)
 
     def log_probabilities(self, theta: Dual, tile) -> Dual:
         """log of the choice probabilities (rows, 1 + p), stable where they underflow: by default
@@ -90,7 +92,41 @@ class Model:
         if type(self).probabilities is not Model.probabilities:
             return log(self.probabilities(theta, tile))
         u = self.utilities(theta, tile)
+        check_block(self, "utilities", u, theta, tile)
         return u - broadcast(segment_logsumexp(u, tile.seg), tile.seg)
 
     def __repr__(self) -> str:
         return f"<model {self.name}>"
+
+
+def call_model(model: Model, method: str, theta: Dual, tile) -> Dual:
+    """model.<method>(theta, tile) ("probabilities" or "log_probabilities"), as the kernel calls it:
+    a user's model (one not in estpipe) that raises gives a UserError naming its file, line and
+    exception, and any model's result must be a Dual of the tile's rows and theta's width (a
+    UserError saying what came back). estpipe's own models raise as they are (an internal error)."""
+    try:
+        out = getattr(model, method)(theta, tile)
+    except Exception as exc:
+        from estpipe.errors import UserError
+        from estpipe.models.user import model_error, model_source_file
+
+        if isinstance(exc, UserError) or model_source_file(model) is None:
+            raise
+        raise model_error(model, method, exc) from None
+    check_block(model, method, out, theta, tile)
+    return out
+
+
+def check_block(model: Model, method: str, out, theta: Dual, tile) -> None:
+    """A UserError unless `out` is a Dual (rows, 1 + p): one value per row of the tile, with
+    theta's partials."""
+    shape = (tile.seg.n_rows, theta.a.shape[1])
+    if isinstance(out, Dual) and out.a.shape == shape:
+        return
+    from estpipe.errors import UserError
+
+    got = (f"a Dual block of shape {out.a.shape}" if isinstance(out, Dual)
+           else f"{type(out).__name__}{f' of shape {np.shape(out)}' if hasattr(out, 'shape') else ''}, not a Dual")
+    raise UserError(f"model {model.name}: {method}(theta, tile) returned {got}; it must return a Dual of shape "
+                    f"{shape}: one value per row of the tile ({shape[0]} rows) with theta's {shape[1] - 1} partials, "
+                    "built from theta with the estpipe.dual operations (e.g. linear(tile.X, theta))")

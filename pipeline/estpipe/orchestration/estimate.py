@@ -50,16 +50,17 @@ class ResultsNotWritten(UserError):
         self.exit_code = EXIT_NOT_CONVERGED if not results.converged else EXIT_USER
 
 
-def _cap_workers(options: EstimateOptions, n_sets: int, cluster, log) -> EstimateOptions:
+def _cap_workers(options: EstimateOptions, n_sets: int, cluster, log, unit: str | None = None) -> EstimateOptions:
     """At most one worker per partition the file can have (a partition is at least one set, or
-    one cluster when the file has clusters): surplus workers would hold nothing but still cost a
-    process each. Capped with a note rather than refused: the run is the same with fewer."""
+    one of the units `cluster` (n_sets,) gives: clusters, or decision makers): surplus workers
+    would hold nothing but still cost a process each. Capped with a note rather than refused:
+    the run is the same with fewer. unit: the name of one unit in the note (default cluster or set)."""
     if options.scheduler or options.scheduler_file or options.workers <= 1:
         return options
     most = int(len(np.unique(cluster))) if cluster is not None else n_sets
     if options.workers <= most:
         return options
-    unit = "cluster" if cluster is not None else "set"
+    unit = unit or ("cluster" if cluster is not None else "set")
     log(f"note: {term('workers')} {options.workers} is more than the {most} partition{'s' if most != 1 else ''} this file can "
         f"have (one {unit} each); starting {most} worker{'s' if most != 1 else ''}")
     return replace(options, workers=most)
@@ -155,13 +156,14 @@ def estimate(path: str | os.PathLike, options: EstimateOptions | None = None, *,
         reporter.log(f"resuming from {options.checkpoint}: step {ckpt.step}, {count(ckpt.evaluations, 'evaluation')} so far"
                      if ckpt else f"no checkpoint at {options.checkpoint} yet: starting fresh")
     checkpoint_existed = bool(options.checkpoint) and Path(options.checkpoint).exists()
-    options = _cap_workers(options, problem.n_sets, unit_ids(problem), reporter.log)
+    options = _cap_workers(options, problem.n_sets, unit_ids(problem), reporter.log,
+                           "cluster" if problem.has_cluster else ("decision maker" if problem.has_panel else "set"))
 
     def plan(n_workers: int):
         # the back end calls this once it knows its workers (an existing cluster's, once connected)
         return plan_partitions(problem.offsets, options.partitions or default_partitions(n_workers), unit_ids(problem))
 
-    evaluator = start_backend(problem, options, plan, reporter.log)
+    evaluator = start_backend(problem, options, plan, reporter.log, model=spec)
     partitions = evaluator.partitions
     try:
         reporter.log(f"{count(problem.n_sets, 'set')}, {problem.n_rows} rows, K = {problem.K}, M = {problem.M}; "

@@ -18,14 +18,15 @@ from estpipe.errors import UserError, term
 from estpipe.estimation.optimizers import OPTIMIZERS
 from estpipe.execution.jobqueue import KINDS
 from estpipe.kernel.derivatives import DERIVATIVES
-from estpipe.models import MODELS
+from estpipe.models import model_problem
 from estpipe.registry import did_you_mean
 from estpipe.text import either
 
 STEPS = (1, 2)
 # The options that name a choice, each checked against its registry (the registry's `argument` is
-# the field; a field whose default is None may stay None: no batch system).
-CHOICES = (MODELS, OPTIMIZERS, DERIVATIVES, KINDS)
+# the field; a field whose default is None may stay None: no batch system). The model is checked
+# by models.model_problem: a registered model, a user's file "path.py:Class" or an installed one.
+CHOICES = (OPTIMIZERS, DERIVATIVES, KINDS)
 
 # Options that change the estimate; a checkpoint written under other values of these is refused.
 # Where and how the work runs (workers, partitions, scheduler), how long it may run (max_iter) and
@@ -113,6 +114,9 @@ class EstimateOptions:
 
         # -- choices
         optional = {f.name for f in fields(self) if f.default is None}
+        problem = model_problem(self.model)
+        if problem is not None:
+            add("model", f"{term('model')}: {problem}")
         for registry in CHOICES:
             value = getattr(self, registry.argument)
             if value is None and registry.argument in optional:
