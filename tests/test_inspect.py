@@ -77,3 +77,45 @@ def test_missing_file_exits_2(tmp_path, capsys):
     code, out, err = _inspect(capsys, tmp_path / "none.h5", "--json")
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and "no such file" in err
+
+
+def test_table_shows_alternatives_decision_makers_and_the_truth_by_name(tmp_path, capsys):
+    path = tmp_path / "mixed.h5"
+    simulate_choice_data(path, design="mixed-logit", sets=50, alternatives=(3, 3), params=3, moments=6, seed=1,
+                         random="x2", panel_size=5)
+    code, out, _ = _inspect(capsys, path)
+    assert code == 0
+    assert "alternatives    3: a1, a2, a3" in out
+    assert "panel units     10 decision makers, sets per unit min 5, mean 5.00, max 5" in out
+    assert "nests" not in out.split("size  sets")[0]
+    with ChoiceDataFile(path) as f:
+        names, truth = f.truth_names, f.truth
+    assert names == ["x1", "b_x2", "x3", "sd_x2"]
+    for name, value in zip(names, truth):
+        assert f"\n{name:<5}  {value: .6f}" in out
+    code, out, _ = _inspect(capsys, path, "--json")
+    info = json.loads(out)
+    assert info["alt_names"] == ["a1", "a2", "a3"] and info["n_alternatives"] == 3
+    assert info["panel"] == {"n_units": 10, "sets_per_unit": {"min": 5, "mean": 5.0, "max": 5}}
+    assert info["truth_names"] == names and info["nests"] is None
+
+
+def test_table_shows_the_nests_of_a_nested_logit_file(tmp_path, capsys):
+    path = tmp_path / "nested.h5"
+    simulate_choice_data(path, design="nested-logit", sets=30, alternatives=(10, 10), params=2, moments=8, seed=1, nests=3)
+    code, out, _ = _inspect(capsys, path)
+    assert code == 0
+    assert "nests           n1=a1,a2,a3; n2=a4,a5,a6; n3=a7,a8,a9,a10" in out
+    assert "alternatives    10: a1, a2, a3, a4, a5, a6, a7, a8, a9, a10" in out
+    assert "panel units     none" in out
+    assert "log_lambda_n3" in out
+
+
+def test_a_loaded_file_without_alternatives_says_how_to_store_them(tmp_path, capsys):
+    path = tmp_path / "seed.h5"
+    from estpipe.data.format import ChoiceData, write_choice_data
+
+    write_choice_data(path, ChoiceData(X=np.ones((4, 1)), dm=np.ones((4, 1)), offsets=np.array([0, 2, 4])), ["x"], ["x"])
+    code, out, _ = _inspect(capsys, path)
+    assert code == 0
+    assert "alternatives    not stored (load with --alt-col)" in out and "load with --panel-col" in out

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from estpipe.errors import UserError
@@ -312,3 +313,60 @@ checkpoint = "checkpoint.json"
     assert resumed["evaluations"] < fresh.evaluations
     np.testing.assert_allclose(resumed["params"], fresh.params, rtol=1e-6)
     assert os.path.getsize(spec.output.results) > 0
+
+
+def test_a_mixed_logit_simulate_spec_renders_its_options_and_runs_them(tmp_path):
+    """[data] takes simulate's model-design options; the batch script passes them to `estpipe
+    simulate` as the command line spells them, and `estpipe run` makes the same data."""
+    spec = load_job_spec(write_spec(tmp_path, """
+[data]
+path = "ml.h5"
+design = "mixed-logit"
+sets = 60
+alternatives = 3
+params = 3
+moments = 9
+random = ["x1", "x3:-lognormal"]
+correlated = true
+panel_size = 4
+[backend]
+kind = "slurm"
+"""))
+    assert (spec.data.random, spec.data.correlated, spec.data.panel_size, spec.data.nests) == ("x1,x3:-lognormal", True, 4, None)
+    line = next(line for line in render(spec).script.splitlines() if "-m estpipe simulate" in line)
+    words = line.strip().split()
+    assert words[words.index("--design") + 1] == "mixed-logit" and words[words.index("--random") + 1] == "x1,x3:-lognormal"
+    assert "--correlated" in words and words[words.index("--panel-size") + 1] == "4" and "--nests" not in words
+    # the rendered command makes what the spec's arguments make
+    from estpipe.data.format import ChoiceDataFile
+    from estpipe.data.simulate import simulate_choice_data
+
+    simulate_choice_data(tmp_path / "api.h5", **spec.data.arguments())
+    done = subprocess.run([sys.executable, "-m", "estpipe", "simulate", str(tmp_path / "cli.h5"),
+                           *words[words.index('"$DATA"') + 1 :]], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    with ChoiceDataFile(tmp_path / "api.h5") as a, ChoiceDataFile(tmp_path / "cli.h5") as b:
+        assert np.array_equal(a.read_sets().X, b.read_sets().X) and np.array_equal(a.read_panel(), b.read_panel())
+        assert a.truth_names == b.truth_names and np.array_equal(a.truth, b.truth)
+
+
+def test_a_nested_logit_spec_and_a_panel_load_spec(tmp_path):
+    spec = load_job_spec(write_spec(tmp_path, '[data]\npath = "n.h5"\ndesign = "nested-logit"\nnests = 3\n'))
+    assert spec.data.nests == 3 and spec.data.arguments()["nests"] == 3
+    (tmp_path / "trips.csv").write_text("trip,person,chosen,cost,mode\n")
+    spec = load_job_spec(write_spec(tmp_path, '[data]\npath = "d.h5"\ninput = "trips.csv"\nset_col = "trip"\n'
+                                              'choice_col = "chosen"\nx = ["cost"]\nalt_col = "mode"\npanel_col = "person"\n'
+                                              '[backend]\nkind = "slurm"\n', name="load.toml"))
+    line = next(line for line in render(spec).script.splitlines() if "-m estpipe load" in line)
+    assert line.strip().endswith("--x cost --alt-col mode --panel-col person")
+
+
+def test_model_design_options_for_the_wrong_design_are_problems(tmp_path):
+    lines = problems_of(write_spec(tmp_path, '[data]\npath = "d.h5"\nnests = 2\npanel_size = 3\nrandom = 2\n'
+                                             '[estimate]\nmodel = "logit"\n'))
+    assert lines[0].endswith("has 3 problems:")
+    assert "  data.random: is for design 'mixed-logit', not 'logit'" in lines
+    assert "  data.panel_size: is for design 'mixed-logit', not 'logit'" in lines
+    assert "  data.nests: is for design 'nested-logit', not 'logit'" in lines
+    lines = problems_of(write_spec(tmp_path, '[data]\npath = "d.h5"\ndesign = "mixed-logit"\ncluster_size = 5\n'))
+    assert lines[1] == "  data.cluster_size: is for the logit design, not 'mixed-logit' (decision makers: panel_size)"
