@@ -7,15 +7,16 @@ P_j = q_j Q_g (models/nested_logit.py), the partials are
     dP_j/db      = P_j [ (x_j - xbar_g) / l_g + xbar_g - xbar_s ],  xbar_g = sum_g q x, xbar_s = sum_m Q_m xbar_m
     dP_j/dtheta_k = P_j ( [g = k] (Wbar_g - W_j + D_g) - Q_k D_k ),   Wbar_g = sum_g q W, D_g = l_g (L_g - Wbar_g)
 
-(theta_k = log l_k; [g = k]: j's nest is k; Q_k D_k the set's group of nest k, 0 when absent). So
-the moments' Jacobian sum_j dm_j dP_j' needs no (rows, P) block of partials:
+(theta_k = log l_k; [g = k]: j's nest is k; Q_k D_k of the set's group of nest k, 0 when it has
+none). Both are P_j / l_g (or P_j) times a per-group quantity taken to the rows plus a per-row
+term, so the block [P | dP/db | dP/dtheta] (rows, 1 + P) costs a few passes over (rows, P):
 
-    G_b     = dmP' X + sum_g (1 - 1/l_g) dmbar_g xbar_g' - sum_s H_s xbar_s'
-    G_theta = sum_g dmbar_g (Wbar_g + D_g)[g = k] - dmP' (V o [g = k]) - sum_s H_s Q_k D_k
+    dP_j/db       = (P_j / l_g) (x_j + c_g),   c_g = (l_g - 1) xbar_g - l_g xbar_s
+    dP_j/dtheta_k = P_j (a_gk - [g = k] W_j),  a_gk = [g = k] (Wbar_g + D_g) - Q_k D_k
 
-with dmP_j = dm_j P_j / l_g, dmbar_g = l_g sum_{j in g} dmP_j and H_s = sum_{g in s} dmbar_g (the
-set's h). One GEMM dmP' [X | V o nest] and products over groups and sets, which are ~3 per set.
-Utilities within a group are shifted by its maximum only when a bound on |W| says exp could
+and the value with the Jacobian is ONE GEMM dm' [P | dP]. The sums over groups (S, Wbar, xbar)
+are products with the groups' sparse indicator (dual/groups.py); the ones over the ~3 groups of
+each set are small. Utilities within a group are shifted by its maximum only when a bound on |W| says exp could
 overflow (as in fused_logit.py). Tested equal to the model's reference (tests/test_nested_logit.py).
 """
 
@@ -72,73 +73,75 @@ class FusedNested:
         else:
             upper_shift = sets.max1(y, np.empty(tile.seg.n_sets))
             ey = np.exp(y - upper_shift[groups.group_set])
-        total = sets.sum1(ey, np.empty(tile.seg.n_sets))
+        total = groups.set_sum(ey)
         Q = ey / total[groups.group_set]
         P = np.multiply(e, (Q / S)[groups.row_group], out=ws.take((rows,)))  # q Q
         return dict(groups=groups, param_row=param_row, param_group=param_group, lam_row=lam_row, lam_g=lam_g,
                     V=V, W=W, e=e, S=S, L=L, y=y, Q=Q, P=P, total=total, upper_shift=upper_shift)
 
-    def _sums(self, tile: TileData, dm: np.ndarray, params: np.ndarray, ws: Workspace, jacobian: bool):
-        """(value dm' P (M,), Jacobian (M, P) or None, H (n_sets, M) or None with the Jacobian, levels)."""
+    def _sums(self, tile: TileData, dm: np.ndarray, params: np.ndarray, ws: Workspace, jacobian: bool,
+              need_h: bool = False):
+        """(dm' [P | dP/dtheta] (M, 1 + P), or dm' P (M, 1) without the Jacobian; per-set h (n_sets, M)
+        when need_h with the Jacobian, else None; the levels)."""
         ws.reset()
         lv = self._levels(tile, params, ws)
         P = lv["P"]
-        value = P @ dm
         if not jacobian:
-            return value, None, None, lv
+            return (P @ dm)[:, None], None, lv
         groups = lv["groups"]
         X = tile.X
         rows, K = X.shape
-        M = dm.shape[1]
         Pn = len(params) - K
         lam_g, Q, S = lv["lam_g"], lv["Q"], lv["S"]
-        e, W, V = lv["e"], lv["W"], lv["V"]
-        # within-group means of W and x under q = e / S
-        Wbar = groups.sum1(np.multiply(e, W, out=ws.take((rows,))), np.empty(groups.n_groups)) / S
+        e, W = lv["e"], lv["W"]
+        # within-group means under q = e / S, and the set's mean of x under P
+        Wbar = groups.sum1(np.multiply(e, W, out=ws.take((rows,)))) / S
         D = lam_g * (lv["L"] - Wbar)
-        eX = np.multiply(X, e[:, None], out=ws.take((rows, K)))
-        xbar = groups.sum(eX, np.empty((groups.n_groups, K)), None if groups.order is None else ws.take((rows, K)))
+        xbar = groups.weighted_sum(e, X)
         xbar /= S[:, None]
-        # the one GEMM: dmP' [X | V o nest]
-        dmP = np.multiply(dm, (P / lv["lam_row"])[:, None], out=ws.take((rows, M)))
-        XE = ws.take((rows, K + Pn))
-        XE[:, :K] = X
+        xbar_s = groups.set_sum(xbar * Q[:, None])  # (n_sets, K)
+        c = xbar * (lam_g - 1.0)[:, None]
+        c -= lam_g[:, None] * xbar_s[groups.group_set]  # (n_groups, K): (l - 1) xbar_g - l xbar_s
+        # with w = P / l: dP/db = w o X + w o c[g], dP/dtheta = P o a[g] - w o E (E = V o [j's nest is k],
+        # P W = w V). The row terms go through ONE GEMM dm' [P | w o X | w o E]; the group terms through
+        # the groups' sums of w o dm, U (n_groups, M): U' c and (l U)' a.
+        w = np.divide(P, lv["lam_row"], out=ws.take((rows,)))
+        B = ws.take((rows, 1 + K + Pn))
+        B[:, 0] = P
+        np.multiply(X, w[:, None], out=B[:, 1 : 1 + K])
         if Pn:
-            XE[:, K:] = 0.0
-            has = np.flatnonzero(lv["param_row"] >= 0)
-            XE[has, K + lv["param_row"][has]] = V[has]
-        T = dmP.T @ XE  # (M, K + Pn)
-        dmbar = groups.sum(dmP, np.empty((groups.n_groups, M)), None if groups.order is None else ws.take((rows, M)))
-        dmbar *= lam_g[:, None]
-        sets = groups.sets
-        H = sets.sum(dmbar, np.empty((tile.seg.n_sets, M)))
-        xbar_s = sets.sum(xbar * Q[:, None], np.empty((tile.seg.n_sets, K)))
-        G = np.empty((M, K + Pn))
-        G[:, :K] = T[:, :K] + dmbar.T @ (xbar * (1.0 - 1.0 / lam_g)[:, None]) - H.T @ xbar_s
+            pr = lv["param_row"]
+            has = np.flatnonzero(pr >= 0)
+            B[:, 1 + K :] = 0.0
+            B[has, 1 + K + pr[has]] = -(w[has] * lv["V"][has])
+        out = dm.T @ B  # (M, 1 + P)
+        U = groups.weighted_sum(w, dm)  # (n_groups, M)
+        out[:, 1 : 1 + K] += U.T @ c
+        lU = None
+        if Pn or need_h:
+            lU = U * lam_g[:, None]  # group sums of P o dm
         if Pn:
             pg = lv["param_group"]
             nested = np.flatnonzero(pg >= 0)
-            A = np.zeros((groups.n_groups, Pn))
-            A[nested, pg[nested]] = (Wbar + D)[nested]
-            B = np.zeros((groups.n_groups, Pn))
-            B[nested, pg[nested]] = (Q * D)[nested]
-            Bs = sets.sum(B, np.empty((tile.seg.n_sets, Pn)))
-            G[:, K:] = dmbar.T @ A - T[:, K:] - H.T @ Bs
-        return value, G, H, lv
+            QD = np.zeros((groups.n_groups, Pn))
+            QD[nested, pg[nested]] = (Q * D)[nested]
+            a = -groups.set_sum(QD)[groups.group_set]  # -Q_k D_k of the set
+            a[nested, pg[nested]] += (Wbar + D)[nested]
+            out[:, 1 + K :] += lU.T @ a
+        H = groups.set_sum(lU) if need_h else None
+        return out, H, lv
 
     # -- the strategy protocol ------------------------------------------------------------------------
     def tile_sums(self, tile: TileData, dm, request: Request, ws: Workspace, acc, need_h: bool, chosen=None,
                   prescale: bool = False):
         params = np.asarray(request.params, dtype=np.float64)
-        value, G, H, lv = self._sums(tile, dm, params, ws, request.jacobian)
-        acc[:, 0] += value
-        if G is not None:
-            if request.seed_scale is not None:
-                G /= request.seed_scale
-            acc[:, 1:] += G
-        if need_h and H is None:
+        block, H, lv = self._sums(tile, dm, params, ws, request.jacobian, need_h)
+        if request.jacobian and request.seed_scale is not None:
+            block[:, 1:] /= request.seed_scale
+        acc += block
+        if need_h and H is None:  # per-set h_i = sum_j P_j dm_j
             seg = tile.seg
-            H = np.add.reduceat(lv["P"][:, None] * dm, seg.starts, axis=0)
+            H = seg.sum(np.multiply(dm, lv["P"][:, None], out=ws.take(dm.shape)), np.empty((seg.n_sets, dm.shape[1])))
         loglik = 0.0
         if chosen is not None:
             rows = chosen[0]
@@ -146,16 +149,16 @@ class FusedNested:
             s = lv["groups"].group_set[g]
             lse = np.log(lv["total"][s]) + (0.0 if lv["upper_shift"] is None else lv["upper_shift"][s])
             loglik = float(np.sum(lv["W"][rows] - lv["L"][g] + lv["y"][g] - lse))
-        return (H if need_h else None), loglik
+        return H, loglik
 
     def tile_values(self, tile: TileData, dm, request: Request, ws: Workspace, acc, tape=None) -> None:
-        value, _, _, _ = self._sums(tile, dm, np.asarray(request.params, dtype=np.float64), ws, False)
-        acc[:, 0] += value
+        block, _, _ = self._sums(tile, dm, np.asarray(request.params, dtype=np.float64), ws, False)
+        acc += block
 
     def tile_pullback(self, tile: TileData, dm, request: Request, v, ws: Workspace, acc, tape=None,
                       prescale: bool = False) -> None:
         w = (dm @ v)[:, None]
-        _, G, _, _ = self._sums(tile, w, np.asarray(request.params, dtype=np.float64), ws, True)
+        block, _, _ = self._sums(tile, w, np.asarray(request.params, dtype=np.float64), ws, True)
         if request.seed_scale is not None:
-            G /= request.seed_scale
-        acc += G[0]
+            block[:, 1:] /= request.seed_scale
+        acc += block[0, 1:]
