@@ -28,8 +28,7 @@ class Groups:
     row_group: (rows,) each row's group; n_groups; group_set: (n_groups,) each group's set;
     sets: Segments of the groups by set; order: (rows,) the rows in group order, or None when the
     rows already are (then `runs` are offsets into the rows themselves); runs: Segments over the
-    rows in group order (one segment per group); indicator: the (n_groups, rows) 0/1 CSR matrix
-    of groups by rows; set_indicator: the (n_sets, n_groups) one of sets by groups."""
+    rows in group order (one segment per group)."""
 
     def __init__(self, seg: Segments, key: np.ndarray):
         key = np.asarray(key, dtype=np.int64)
@@ -50,12 +49,12 @@ class Groups:
         sizes = np.bincount(self.row_group, minlength=self.n_groups)
         self.sizes = sizes
         self.runs = Segments(np.r_[0, np.cumsum(sizes)])
-        rows_in_order = np.arange(self.n_rows) if self.order is None else self.order
-        self._rows_in_order = rows_in_order
-        self.indicator = sparse.csr_matrix((np.ones(self.n_rows), rows_in_order, self.runs.offsets),
-                                           shape=(self.n_groups, self.n_rows))
-        self.set_indicator = sparse.csr_matrix((np.ones(self.n_groups), np.arange(self.n_groups), self.sets.offsets),
-                                               shape=(seg.n_sets, self.n_groups))
+        # the (n_groups, rows) 0/1 matrix of groups by rows and the (n_sets, n_groups) one of sets by
+        # groups, as CSR arrays (indptr, indices)
+        self._rows_in_order = np.arange(self.n_rows, dtype=np.int64) if self.order is None else self.order.astype(np.int64)
+        self._row_ones = np.ones(self.n_rows)
+        self._group_indices = np.arange(self.n_groups, dtype=np.int64)
+        self._group_ones = np.ones(self.n_groups)
 
     def _ordered(self, A: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarray:
         """A's rows in group order (A itself when they already are)."""
@@ -67,23 +66,18 @@ class Groups:
 
     # -- reductions over the rows of each group ------------------------------------------------
     def sum(self, A: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """Per-group sums of A (rows, C) (into out (n_groups, C) when given)."""
-        total = self.indicator @ A
-        if out is None:
-            return total
-        out[...] = total
-        return out
+        """Per-group sums of A (rows, C) or (rows,) (into out (n_groups, ...) when given)."""
+        return _csr_product(self.runs.offsets, self._rows_in_order, self._row_ones, A, self.n_groups, out)
 
-    def weighted_sum(self, w: np.ndarray, A: np.ndarray) -> np.ndarray:
+    def weighted_sum(self, w: np.ndarray, A: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Per-group sums of w_r A_r (n_groups, C) for w (rows,) and A (rows, C): one product with
         the indicator weighted by w, no (rows, C) temporary."""
-        weighted = sparse.csr_matrix((w[self._rows_in_order] if self.order is not None else w, self._rows_in_order,
-                                      self.runs.offsets), shape=(self.n_groups, self.n_rows))
-        return weighted @ A
+        data = w if self.order is None else w[self.order]
+        return _csr_product(self.runs.offsets, self._rows_in_order, data, A, self.n_groups, out)
 
-    def set_sum(self, v: np.ndarray) -> np.ndarray:
+    def set_sum(self, v: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Per-set sums of per-group values v (n_groups, ...) -> (n_sets, ...)."""
-        return self.set_indicator @ v
+        return _csr_product(self.sets.offsets, self._group_indices, self._group_ones, v, self.seg.n_sets, out)
 
     def sum1(self, a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Per-group sums of a vector (rows,) (into out (n_groups,) when given)."""
@@ -99,6 +93,31 @@ class Groups:
             out[...] = v[self.row_group]
             return out
         return np.take(v, self.row_group, axis=0, out=out)
+
+
+def _csr_product(indptr, indices, data, A: np.ndarray, n_out: int, out: np.ndarray | None) -> np.ndarray:
+    """The CSR matrix (indptr, indices, data) (n_out, len(A)) times A (n, C) or (n,), into out when
+    given. Real float64 operands go straight to scipy's CSR kernel, accumulating into out (no
+    fresh result array: large fresh arrays cost page faults on every evaluation); others (complex
+    steps) through scipy.sparse."""
+    shape = (n_out,) + A.shape[1:]
+    if out is None:
+        out = np.empty(shape, dtype=np.result_type(data.dtype, A.dtype))
+    if _csr_matvecs is not None and A.dtype == np.float64 and data.dtype == np.float64 and out.dtype == np.float64 \
+            and out.flags.c_contiguous:
+        A = np.ascontiguousarray(A)
+        out[...] = 0.0
+        columns = 1 if A.ndim == 1 else A.shape[1]
+        _csr_matvecs(n_out, A.shape[0], columns, indptr, indices, data, A.reshape(-1), out.reshape(-1))
+        return out
+    out[...] = sparse.csr_matrix((data, indices, indptr), shape=(n_out, A.shape[0])) @ A
+    return out
+
+
+try:  # scipy's CSR times dense kernel (y += A x for several x), private but stable since scipy 0.x
+    from scipy.sparse._sparsetools import csr_matvecs as _csr_matvecs
+except ImportError:  # pragma: no cover
+    _csr_matvecs = None
 
 
 # -- dual operations over groups ---------------------------------------------------------------

@@ -43,13 +43,15 @@ class FusedNested:
         self.model = model
 
     def _levels(self, tile: TileData, params: np.ndarray, ws: Workspace):
-        """Everything the value and the partials share: a dict of per-row, per-group and per-set arrays."""
+        """Everything the value and the partials share: a dict of per-row, per-group and per-set
+        arrays (workspace buffers: fresh large arrays would cost page faults on every evaluation)."""
         groups, _, _, param_row, param_group = self.model.layout(tile)
         X = tile.X
         rows, K = X.shape
+        ng, n_sets = groups.n_groups, tile.seg.n_sets
         lam_ext = np.r_[np.exp(params[K:]), 1.0]  # index -1: no parameter, lambda 1
-        lam_row = lam_ext[param_row]
-        lam_g = lam_ext[param_group]
+        lam_row = np.take(lam_ext, param_row, out=ws.take((rows,)))
+        lam_g = np.take(lam_ext, param_group, out=ws.take((ng,)))
         V = np.dot(X, params[:K], out=ws.take((rows,)))
         W = np.divide(V, lam_row, out=ws.take((rows,)))
         e = ws.take((rows,))
@@ -57,25 +59,27 @@ class FusedNested:
             shift = None
             np.exp(W, out=e)
         else:
-            shift = groups.max1(W, ws.take((groups.n_groups,)))
+            shift = groups.max1(W, ws.take((ng,)))
             groups.broadcast(shift, e)
             np.subtract(W, e, out=e)
             np.exp(e, out=e)
-        S = groups.sum1(e, ws.take((groups.n_groups,)))
-        L = np.log(S)
+        S = groups.sum(e, ws.take((ng,)))
+        L = np.log(S, out=ws.take((ng,)))
         if shift is not None:
             L += shift
-        y = lam_g * L
-        sets = groups.sets
+        y = np.multiply(lam_g, L, out=ws.take((ng,)))
+        ey = ws.take((ng,))
         if np.abs(y).max(initial=0.0) < SAFE_UTILITY:
             upper_shift = None
-            ey = np.exp(y)
+            np.exp(y, out=ey)
         else:
-            upper_shift = sets.max1(y, np.empty(tile.seg.n_sets))
-            ey = np.exp(y - upper_shift[groups.group_set])
-        total = groups.set_sum(ey)
-        Q = ey / total[groups.group_set]
-        P = np.multiply(e, (Q / S)[groups.row_group], out=ws.take((rows,)))  # q Q
+            upper_shift = groups.sets.max1(y, ws.take((n_sets,)))
+            np.subtract(y, upper_shift[groups.group_set], out=ey)
+            np.exp(ey, out=ey)
+        total = groups.set_sum(ey, ws.take((n_sets,)))
+        Q = np.divide(ey, np.take(total, groups.group_set, out=ws.take((ng,))), out=ey)
+        ratio = np.divide(Q, S, out=ws.take((ng,)))
+        P = np.multiply(e, np.take(ratio, groups.row_group, out=ws.take((rows,))), out=ws.take((rows,)))  # q Q
         return dict(groups=groups, param_row=param_row, param_group=param_group, lam_row=lam_row, lam_g=lam_g,
                     V=V, W=W, e=e, S=S, L=L, y=y, Q=Q, P=P, total=total, upper_shift=upper_shift)
 
@@ -91,17 +95,23 @@ class FusedNested:
         groups = lv["groups"]
         X = tile.X
         rows, K = X.shape
+        M = dm.shape[1]
         Pn = len(params) - K
+        ng, n_sets = groups.n_groups, tile.seg.n_sets
         lam_g, Q, S = lv["lam_g"], lv["Q"], lv["S"]
         e, W = lv["e"], lv["W"]
         # within-group means under q = e / S, and the set's mean of x under P
-        Wbar = groups.sum1(np.multiply(e, W, out=ws.take((rows,)))) / S
-        D = lam_g * (lv["L"] - Wbar)
-        xbar = groups.weighted_sum(e, X)
+        Wbar = groups.sum(np.multiply(e, W, out=ws.take((rows,))), ws.take((ng,)))
+        Wbar /= S
+        D = np.subtract(lv["L"], Wbar, out=ws.take((ng,)))
+        D *= lam_g
+        xbar = groups.weighted_sum(e, X, ws.take((ng, K)))
         xbar /= S[:, None]
-        xbar_s = groups.set_sum(xbar * Q[:, None])  # (n_sets, K)
-        c = xbar * (lam_g - 1.0)[:, None]
-        c -= lam_g[:, None] * xbar_s[groups.group_set]  # (n_groups, K): (l - 1) xbar_g - l xbar_s
+        xbar_s = groups.set_sum(np.multiply(xbar, Q[:, None], out=ws.take((ng, K))), ws.take((n_sets, K)))
+        # c = (l - 1) xbar_g - l xbar_s (n_groups, K)
+        c = np.take(xbar_s, groups.group_set, axis=0, out=ws.take((ng, K)))
+        c *= -lam_g[:, None]
+        c += xbar * (lam_g - 1.0)[:, None]
         # with w = P / l: dP/db = w o X + w o c[g], dP/dtheta = P o a[g] - w o E (E = V o [j's nest is k],
         # P W = w V). The row terms go through ONE GEMM dm' [P | w o X | w o E]; the group terms through
         # the groups' sums of w o dm, U (n_groups, M): U' c and (l U)' a.
@@ -115,17 +125,19 @@ class FusedNested:
             B[:, 1 + K :] = 0.0
             B[has, 1 + K + pr[has]] = -(w[has] * lv["V"][has])
         out = dm.T @ B  # (M, 1 + P)
-        U = groups.weighted_sum(w, dm)  # (n_groups, M)
+        U = groups.weighted_sum(w, dm, ws.take((ng, M)))  # (n_groups, M)
         out[:, 1 : 1 + K] += U.T @ c
         lU = None
         if Pn or need_h:
-            lU = U * lam_g[:, None]  # group sums of P o dm
+            lU = np.multiply(U, lam_g[:, None], out=U)  # group sums of P o dm
         if Pn:
             pg = lv["param_group"]
             nested = np.flatnonzero(pg >= 0)
-            QD = np.zeros((groups.n_groups, Pn))
+            QD = ws.take((ng, Pn))
+            QD[...] = 0.0
             QD[nested, pg[nested]] = (Q * D)[nested]
-            a = -groups.set_sum(QD)[groups.group_set]  # -Q_k D_k of the set
+            a = np.take(groups.set_sum(QD, ws.take((n_sets, Pn))), groups.group_set, axis=0, out=ws.take((ng, Pn)))
+            a *= -1.0  # -Q_k D_k of the set
             a[nested, pg[nested]] += (Wbar + D)[nested]
             out[:, 1 + K :] += lU.T @ a
         H = groups.set_sum(lU) if need_h else None
