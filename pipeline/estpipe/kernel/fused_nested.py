@@ -116,14 +116,17 @@ class FusedNested:
         # P W = w V). The row terms go through ONE GEMM dm' [P | w o X | w o E]; the group terms through
         # the groups' sums of w o dm, U (n_groups, M): U' c and (l U)' a.
         w = np.divide(P, lv["lam_row"], out=ws.take((rows,)))
-        B = ws.take((rows, 1 + K + Pn))
+        # column-major: each partial's column is written contiguously (measured ~20% faster than a
+        # row-major block at 16,384 x 14); BLAS takes either
+        B = ws.take((1 + K + Pn, rows)).T
         B[:, 0] = P
         np.multiply(X, w[:, None], out=B[:, 1 : 1 + K])
         if Pn:
-            pr = lv["param_row"]
-            has = np.flatnonzero(pr >= 0)
-            B[:, 1 + K :] = 0.0
-            B[has, 1 + K + pr[has]] = -(w[has] * lv["V"][has])
+            _, N_rows, _, _, _ = self.model.layout(tile)
+            wV = np.multiply(w, lv["V"], out=ws.take((rows,)))
+            wV *= -1.0
+            for k in range(Pn):
+                np.multiply(wV, N_rows[:, k], out=B[:, 1 + K + k])
         out = dm.T @ B  # (M, 1 + P)
         U = groups.weighted_sum(w, dm, ws.take((ng, M)))  # (n_groups, M)
         out[:, 1 : 1 + K] += U.T @ c

@@ -161,6 +161,7 @@ class NestedLogit(Model):
         N_rows = np.zeros((len(alt), Pn))
         has = param >= 0
         N_rows[np.flatnonzero(has), param[has]] = 1.0
+        N_rows = np.asfortranarray(N_rows)  # a column per nest, contiguous
         first = groups.runs.starts if groups.order is None else groups.order[groups.runs.starts]
         N_groups = N_rows[first]
         out = (groups, N_rows, N_groups, param, param[first])
