@@ -288,6 +288,9 @@ def edit(line: int, column: str, value: str, text: str = GOOD) -> str:
 
 
 GOOD_CLUSTERED = edit(5, "cl", "b", edit(4, "cl", "b"))
+# three sets of two decision makers (sets 1 and 2 are p1's), in two clusters
+PANEL = ("sid,person,alt,choice,x0,x1,cl\n1,p1,1,0,0.5,1.5,a\n1,p1,2,1,0.7,1.1,a\n2,p1,1,1,0.2,0.3,a\n"
+         "2,p1,2,0,0.4,0.9,a\n3,p2,1,0,0.1,0.2,b\n3,p2,2,1,0.3,0.8,b\n")
 
 # id: (input file name, its content (None: not written), options, key words the message must hold)
 BAD = {
@@ -322,6 +325,17 @@ BAD = {
     "parquet-too-large": ("in.parquet", edit(4, "x1", "1e155"), BASE, ["row 2 (0-based)", "column x1", "1e+155"]),
     "duplicate-header-name": ("in.csv", GOOD.replace("x1,cl", "x0,cl", 1), BASE,
                               ["column 'x0' 2 times", "columns 4, 5", "unique"]),
+    "alternative-twice-in-a-set": ("in.csv", edit(3, "alt", "1"), BASE + ["--alt-col", "alt"],
+                                   ["set 1", "alternative 1 twice", "line 2 and line 3", "--alt-col"]),
+    "panel-not-contiguous": ("in.csv", PANEL.replace("2,p1,", "2,p2,").replace("3,p2,", "3,p1,"), BASE + ["--panel-col", "person"],
+                             ["panel unit p1", "not contiguous", "set 1 (line 2)", "set 3 (line 6)", "sort the file by person"]),
+    "set-with-two-panel-units": ("in.csv", PANEL.replace("1,p1,2,", "1,p3,2,"), BASE + ["--panel-col", "person"],
+                                 ["set 1", "different panel units", "p1, then p3 at line 3"]),
+    "panel-unit-in-two-clusters": ("in.csv", PANEL.replace("2,p1,1,1,0.2,0.3,a", "2,p1,1,1,0.2,0.3,b")
+                                   .replace("2,p1,2,0,0.4,0.9,a", "2,p1,2,0,0.4,0.9,b"),
+                                   BASE + ["--panel-col", "person", "--cluster-col", "cl"],
+                                   ["panel unit p1", "two clusters", "cl a", "from set 2 (line 4)", "cl b"]),
+    "panel-col-is-the-set-col": ("in.csv", PANEL, BASE + ["--panel-col", "sid"], ["--panel-col sid", "--set-col"]),
     "decimal-comma": ("in.csv", edit(3, "x0", '"0,7"').replace(",", ";").replace('"0;7"', "0,7"), BASE,
                       ["line 3", "column x0", "'0,7'", "decimal comma"]),
 }
@@ -486,3 +500,124 @@ def test_x_columns_that_vary_get_no_notes(tmp_path):
     summary = load_choice_data(path, tmp_path / "o.h5", set_col="sid", choice_col="choice", x="x0,x1,x2,w",
                                alt_col="alt", asc=True, batch_rows=3)
     assert summary.notes == []
+
+
+# -- alternative ids and panel units ----------------------------------------------------------------
+
+
+def _panel_frame(rng, n_units, max_sets=4):
+    """long_frame's sets grouped into decision makers of 1..max_sets consecutive sets (ids shuffled
+    text), with clusters of whole decision makers."""
+    per_unit = rng.integers(1, max_sets + 1, n_units)
+    frame = long_frame(rng, int(per_unit.sum()), min_size=1, max_size=5)
+    set_ids = frame["sid"].to_numpy()
+    first = np.r_[True, set_ids[1:] != set_ids[:-1]]
+    set_index = np.cumsum(first) - 1
+    unit_of_set = np.repeat(np.arange(n_units), per_unit)
+    labels = np.array([f"u{v}" for v in rng.permutation(n_units * 2)[:n_units]])
+    frame["person"] = labels[unit_of_set[set_index]]
+    cluster_of_unit = np.arange(n_units) // 3
+    frame["cl"] = cluster_of_unit[unit_of_set[set_index]]
+    return frame, unit_of_set
+
+
+@pytest.mark.parametrize("batch_rows", [1, 2, 3, 7, 100_000])
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_alternatives_and_panel_units_round_trip(tmp_path, batch_rows, suffix):
+    """Each row's alternative comes back as its code into the sorted levels (names in the file),
+    each set's decision maker as its unit numbered in order of appearance, whatever the batches,
+    and sets with a single alternative are dropped with their rows' codes."""
+    rng = np.random.default_rng(batch_rows)
+    frame, unit_of_set = _panel_frame(rng, 25)
+    path = write(frame, tmp_path / f"in{suffix}")
+    summary = load_choice_data(path, tmp_path / "o.h5", set_col="sid", choice_col="choice", x="x0,x1", alt_col="alt",
+                               panel_col="person", cluster_col="cl", batch_rows=batch_rows)
+    sizes = frame.groupby("sid", sort=False).size().to_numpy()
+    kept = sizes > 1
+    levels = sorted(frame["alt"].unique())
+    keep_rows = np.repeat(kept, sizes)
+    with ChoiceDataFile(tmp_path / "o.h5") as f:
+        data = f.read_sets()
+        assert f.alt_names == [str(v) for v in levels] and f.has_panel
+        np.testing.assert_array_equal(data.alt, np.searchsorted(levels, frame["alt"].to_numpy()[keep_rows]))
+        assert data.alt.dtype == np.int32
+        np.testing.assert_array_equal(data.panel, unit_of_set[kept])
+        np.testing.assert_array_equal(f.read_panel(), unit_of_set[kept])
+        assert f.param_names == ["x0", "x1"]  # alternative ids alone add no constants
+        info = f.describe()
+    assert summary.alt_names == [str(v) for v in levels]
+    assert summary.n_units == info["panel"]["n_units"] == len(np.unique(unit_of_set[kept]))
+    per_unit = np.bincount(unit_of_set[kept])
+    per_unit = per_unit[per_unit > 0]
+    assert info["panel"]["sets_per_unit"] == {"min": int(per_unit.min()), "mean": float(per_unit.mean()),
+                                              "max": int(per_unit.max())}
+
+
+def test_alt_col_with_asc_stores_the_alternatives_too(tmp_path):
+    path = tmp_path / "in.csv"
+    path.write_text(PANEL)
+    load_choice_data(path, tmp_path / "o.h5", set_col="sid", choice_col="choice", x="x0,x1", alt_col="alt", asc=True)
+    with ChoiceDataFile(tmp_path / "o.h5") as f:
+        assert f.param_names == ["x0", "x1", "asc_2"] and f.alt_names == ["1", "2"] and not f.has_panel
+        data = f.read_sets()
+        np.testing.assert_array_equal(data.alt, [0, 1, 0, 1, 0, 1])
+        np.testing.assert_array_equal(data.X[:, 2], data.alt)
+
+
+def test_files_without_alternatives_or_panel_units_still_read(tmp_path):
+    """A file as every writer before alternative ids and panel units made it (no alt, no panel,
+    no truth_names) reads as before: no alternatives, no decision makers, the truth named by x."""
+    from estpipe.data.format import ChoiceData, write_choice_data
+    from estpipe.data.problem import read_problem
+
+    data = ChoiceData(X=np.arange(8.0).reshape(4, 2), dm=np.ones((4, 2)), offsets=np.array([0, 2, 4]),
+                      chosen=np.array([1, 0, 0, 1], dtype=np.int8))
+    write_choice_data(tmp_path / "old.h5", data, ["a", "b"], ["m1", "m2"], truth=[0.5, -1.0])
+    import h5py
+
+    with h5py.File(tmp_path / "old.h5", "r") as raw:
+        assert set(raw) == {"X", "dm", "offsets", "chosen", "truth"}
+        assert not {"alt_names", "truth_names", "nests"} & set(raw.attrs)
+    with ChoiceDataFile(tmp_path / "old.h5") as f:
+        assert f.alt_names is None and not f.has_panel and f.read_panel() is None and f.nests is None
+        assert f.truth_names == ["a", "b"]
+        back = f.read_sets()
+        assert back.alt is None and back.panel is None
+        info = f.describe()
+    assert info["alt_names"] is None and info["panel"] is None and info["truth_names"] == ["a", "b"]
+    problem = read_problem(tmp_path / "old.h5")
+    assert problem.alt_names is None and problem.panel is None
+    np.testing.assert_array_equal(problem.truth_for(["a", "b"]), [0.5, -1.0])
+    assert problem.truth_for(["a", "b_b", "sd_b"]) is None
+
+
+PANEL_CASES = ["alternative-twice-in-a-set", "panel-not-contiguous", "set-with-two-panel-units", "panel-unit-in-two-clusters"]
+
+
+@pytest.mark.parametrize("batch_rows", [1, 2, 3, 5], ids=lambda b: f"batch-{b}")
+@pytest.mark.parametrize("case", PANEL_CASES)
+def test_bad_alternatives_and_panel_units_found_whatever_the_batches(tmp_path, case, batch_rows):
+    _, content, options, words = BAD[case]
+    path = tmp_path / "in.csv"
+    path.write_text(content)
+    opts = dict(zip(options[::2], options[1::2]))
+    (tmp_path / "out").mkdir()
+    with vocabulary(cli_flag), pytest.raises(UserError) as caught:
+        load_choice_data(path, tmp_path / "out" / "o.h5", set_col="sid", choice_col="choice", x="x0,x1",
+                         alt_col=opts.get("--alt-col"), panel_col=opts.get("--panel-col"),
+                         cluster_col=opts.get("--cluster-col"), batch_rows=batch_rows)
+    for word in words:
+        assert word in str(caught.value)
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_the_good_panel_file_loads_with_its_decision_makers_and_alternatives(tmp_path):
+    path = tmp_path / "in.csv"
+    path.write_text(PANEL)
+    run = subprocess.run([*ESTPIPE, "load", str(path), str(tmp_path / "o.h5"), *BASE, "--panel-col", "person",
+                          "--cluster-col", "cl", "--alt-col", "alt"], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+    assert "2 decision makers" in run.stdout and "2 alternatives (1, 2)" in run.stdout
+    with ChoiceDataFile(tmp_path / "o.h5") as f:
+        np.testing.assert_array_equal(f.read_panel(), [0, 0, 1])
+        assert f.provenance["options"]["panel_col"] == "person"

@@ -255,7 +255,7 @@ def test_bad_options_are_refused_with_a_message_and_no_file(tmp_path, options, w
 def test_the_python_api_names_its_own_arguments(tmp_path):
     with pytest.raises(UserError, match=r"^moments 4 is below params 5: .*; use moments 5 or more$"):
         simulate_choice_data(tmp_path / "out.h5", sets=10, params=5, moments=4)
-    with pytest.raises(UserError, match=r"^design 'logti' is unknown; use one of logit, seed \(did you mean 'logit'\?\)$"):
+    with pytest.raises(UserError, match=r"^design 'logti' is unknown; use one of logit, seed, mixed-logit, nested-logit \(did you mean 'logit'\?\)$"):
         simulate_choice_data(tmp_path / "out.h5", sets=10, design="logti")
 
 
@@ -277,4 +277,208 @@ def test_a_failure_mid_way_leaves_no_file(tmp_path, monkeypatch):
     monkeypatch.setattr(simulate_module, "_draw_choices", failing)
     with pytest.raises(RuntimeError, match="boom"):
         simulate_choice_data(tmp_path / "out.h5", sets=100, alternatives=(3, 3), params=2, moments=2, chunk_sets=10)
+    assert os.listdir(tmp_path) == []
+
+
+# -- the mixed-logit and nested-logit designs -----------------------------------------------------
+from estpipe.data.simulate_models import nest_sizes, nested_logit_log_probabilities, nests_text  # noqa: E402
+from estpipe.models import MODELS  # noqa: E402
+from estpipe.orchestration import EstimateOptions, estimate  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        pytest.param(dict(design="mixed-logit", random="x1,x3:-lognormal", correlated=True, panel_size=4, alternatives=(2, 5)), id="mixed-panel"),
+        pytest.param(dict(design="mixed-logit", random=2, alternatives=(3, 3)), id="mixed-sets"),
+        pytest.param(dict(design="nested-logit", nests=2, alternatives=(2, 6)), id="nested-missing-alternatives"),
+        pytest.param(dict(design="nested-logit", nests=3, alternatives=(5, 5)), id="nested-all-alternatives"),
+    ],
+)
+def test_model_designs_give_byte_equal_arrays_whatever_the_chunk_size(tmp_path, kw):
+    kw = dict(sets=300, params=3, moments=9, seed=8) | kw
+    simulate_choice_data(tmp_path / "whole.h5", chunk_sets=300, **kw)
+    reference = _datasets(tmp_path / "whole.h5")
+    assert {"X", "dm", "offsets", "chosen", "alt", "truth/params"} <= set(reference)
+    assert ("panel" in reference) == ("panel_size" in kw)
+    for chunk_sets in (37, 1):
+        simulate_choice_data(tmp_path / f"c{chunk_sets}.h5", chunk_sets=chunk_sets, **kw)
+        assert _datasets(tmp_path / f"c{chunk_sets}.h5") == reference, f"chunk_sets={chunk_sets}"
+
+
+def test_mixed_logit_truth_is_named_in_the_models_parameter_order(tmp_path):
+    path = tmp_path / "m.h5"
+    summary = simulate_choice_data(path, design="mixed-logit", sets=90, alternatives=(3, 3), params=3, moments=9,
+                                   random="x3,x1:-lognormal", correlated=True, panel_size=6, seed=1)
+    with ChoiceDataFile(path) as f:
+        truth, names, panel, data = f.truth, f.truth_names, f.read_panel(), f.read_sets()
+        assert f.alt_names == ["a1", "a2", "a3"] and f.nests is None
+        assert f.moment_names[:6] == ["x1", "x2", "x3", "x3^2-1", "x1^2-1", "x1*x3"]
+    model = MODELS.get("mixed-logit").bind(f, random="x3,x1:-lognormal", correlated=True)
+    assert names == model.param_names(["x1", "x2", "x3"]) == summary.truth_names
+    assert names == ["b_x1", "x2", "b_x3", "chol_x3_x3", "chol_x1_x3", "chol_x1_x1"]
+    assert truth[3] > 0 and truth[5] > 0  # a positive diagonal
+    np.testing.assert_array_equal(panel, np.arange(90) // 6)
+    np.testing.assert_array_equal(data.alt, np.tile([0, 1, 2], 90))
+    assert summary.n_units == 15
+
+
+@pytest.fixture(scope="module")
+def mixed_panel_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mixed") / "m.h5"
+    simulate_choice_data(path, design="mixed-logit", sets=3000, alternatives=(4, 4), params=3, moments=6,
+                         random="x2", panel_size=3, seed=2)
+    return path
+
+
+def test_mixed_logit_panel_data_recover_the_truth(mixed_panel_file):
+    """`estimate --model mixed-logit --random x2` on the design's data lands within 4 standard
+    errors of the stored truth, compared by name; the decision makers are the units."""
+    r = estimate(mixed_panel_file, EstimateOptions(model="mixed-logit", random="x2", draws=100))
+    assert r.converged and r.param_names == ["x1", "b_x2", "x3", "sd_x2"]
+    assert r.truth is not None and r.units == "panel units" and r.n_clusters == 1000
+    z = (r.params - r.truth) / r.std_errors
+    assert np.all(np.abs(z) < 4), z
+    assert r.truth[3] / r.std_errors[3] > 2.5  # the variance is identified by the instruments
+
+
+def test_mixed_logit_coefficients_are_drawn_once_per_decision_maker(mixed_panel_file):
+    """Within a decision maker the choices share a taste for x2, so the sets of one decision maker
+    lean the same way: the chosen row's x2 less its set's mean correlates across the pairs of sets
+    of one decision maker (4 standard errors above zero), and not across decision makers."""
+    with ChoiceDataFile(mixed_panel_file) as f:
+        data = f.read_sets()
+    x2 = data.X[:, 1].reshape(-1, 4)
+    lean = (x2[data.chosen.reshape(-1, 4) == 1] - x2.mean(axis=1)).reshape(-1, 3)  # (decision makers, sets)
+    lean = (lean - lean.mean(axis=0)) / lean.std(axis=0)
+
+    def correlation(a, b):
+        return float(np.mean(a * b))
+
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    within = np.mean([correlation(lean[:, i], lean[:, j]) for i, j in pairs])
+    across = np.mean([correlation(lean[:, i], np.roll(lean[:, j], 1)) for i, j in pairs])
+    se = 1 / np.sqrt(3 * len(lean))
+    assert within > 4 * se, (within, se)
+    assert abs(across) < 4 * se, (across, se)
+
+
+def _nested_by_parts(V, nest, lam, sizes):
+    """The nested logit as P(nest) P(j | nest), a loop over sets (a second, independent formula)."""
+    out, r = np.empty_like(V), 0
+    for size in sizes:
+        v, k = V[r : r + size], nest[r : r + size]
+        I = {m: np.exp(v[k == m] / lam[m]).sum() for m in np.unique(k)}
+        denom = sum(I[m] ** lam[m] for m in I)
+        for j in range(size):
+            m = k[j]
+            out[r + j] = np.log(I[m] ** lam[m] / denom * np.exp(v[j] / lam[m]) / I[m])
+        r += size
+    return out
+
+
+def test_nested_logit_probabilities_equal_the_two_level_form_and_the_logit_at_lambda_1():
+    rng = np.random.default_rng(4)
+    sizes = rng.integers(1, 7, 60)
+    rows = int(sizes.sum())
+    V = 3 * rng.standard_normal(rows)
+    nest = rng.integers(0, 3, rows)
+    lam = np.array([0.3, 0.85, 1.0])
+    logp = nested_logit_log_probabilities(V, nest, lam, sizes)
+    np.testing.assert_allclose(logp, _nested_by_parts(V, nest, lam, sizes), rtol=1e-12, atol=1e-12)
+    set_of_row = np.repeat(np.arange(len(sizes)), sizes)
+    np.testing.assert_allclose(np.bincount(set_of_row, np.exp(logp)), 1.0, rtol=1e-12)
+    logit = V - np.log(np.bincount(set_of_row, np.exp(V)))[set_of_row]
+    np.testing.assert_allclose(nested_logit_log_probabilities(V, nest, np.ones(3), sizes), logit, rtol=1e-12, atol=1e-12)
+
+
+def test_nests_are_contiguous_with_sizes_as_equal_as_possible():
+    assert nest_sizes(10, 3) == [3, 3, 4] and nest_sizes(4, 4) == [1, 1, 1, 1]
+    assert nests_text(10, 3) == "n1=a1,a2,a3; n2=a4,a5,a6; n3=a7,a8,a9,a10"
+
+
+@pytest.fixture(scope="module")
+def nested_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("nested") / "n.h5"
+    simulate_choice_data(path, design="nested-logit", sets=6000, alternatives=(4, 7), params=3, moments=9,
+                         nests=3, seed=6)
+    return path
+
+
+def test_nested_logit_choice_shares_match_the_mean_probabilities(nested_file):
+    """Per alternative, the share of sets choosing it equals the mean of its RU2 probabilities at
+    the stored truth (4 standard errors); sets hold random subsets of the 7 alternatives."""
+    with ChoiceDataFile(nested_file) as f:
+        data, truth, names, nests = f.read_sets(), f.truth, f.truth_names, f.nests
+        assert f.alt_names == [f"a{j}" for j in range(1, 8)]
+    assert nests == "n1=a1,a2; n2=a3,a4; n3=a5,a6,a7"
+    assert names == ["x1", "x2", "x3", "log_lambda_n1", "log_lambda_n2", "log_lambda_n3"]
+    lam = np.exp(truth[3:])
+    assert np.all((lam > 0.3) & (lam < 0.9))
+    sizes = np.diff(data.offsets)
+    assert sizes.min() == 4 and sizes.max() == 7
+    set_of_row = np.repeat(np.arange(len(sizes)), sizes)
+    # each set lists distinct alternatives, in order
+    assert np.all((np.diff(data.alt) > 0) | (np.diff(set_of_row) > 0))
+    nest = np.array([0, 0, 1, 1, 2, 2, 2])[data.alt]
+    p = np.exp(nested_logit_log_probabilities(data.X @ truth[:3], nest, lam, sizes))
+    chosen = data.chosen.astype(float)
+    for j in range(7):
+        at = data.alt == j
+        share, mean_p = chosen[at].sum() / len(sizes), p[at].sum() / len(sizes)
+        se = np.sqrt(np.sum(p[at] * (1 - p[at]))) / len(sizes)
+        assert abs(share - mean_p) < 4 * se, (j, share, mean_p)
+    # and the chosen rows follow the nesting: within nest 3 the shares are not those of a logit
+    # with the same b (lambda < 1 concentrates choices on the nest's best alternative)
+    logit = np.exp(data.X @ truth[:3] - np.log(np.bincount(set_of_row, np.exp(data.X @ truth[:3])))[set_of_row])
+    assert np.abs(np.bincount(set_of_row, chosen * np.log(p)).sum() - np.bincount(set_of_row, chosen * np.log(logit)).sum()) > 10
+
+
+def test_nested_logit_instruments_are_x_and_x_times_the_nest_dummies(nested_file):
+    with ChoiceDataFile(nested_file) as f:
+        data, moment_names = f.read_sets(), f.moment_names
+    assert moment_names == ["x1", "x2", "x3", "x1*d_n1", "x1*d_n2", "x1*d_n3", "x2*d_n1", "x2*d_n2", "x2*d_n3"]
+    nest = np.array([0, 0, 1, 1, 2, 2, 2])[data.alt]
+    Z = np.column_stack([data.X] + [data.X[:, k] * (nest == n) for k in range(2) for n in range(3)])
+    sizes = np.diff(data.offsets)
+    np.testing.assert_allclose(data.dm, Z - np.repeat(Z[data.chosen == 1], sizes, axis=0), rtol=0, atol=1e-15)
+
+
+@pytest.mark.skipif("nested-logit" not in MODELS, reason="the nested-logit model is not registered on this branch")
+def test_nested_logit_data_recover_the_truth(nested_file):
+    with ChoiceDataFile(nested_file) as f:
+        nests = f.nests
+    r = estimate(nested_file, EstimateOptions(model="nested-logit", nests=nests))
+    assert r.converged and r.truth is not None
+    z = (r.params - r.truth) / r.std_errors
+    assert np.all(np.abs(z) < 4), z
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        pytest.param(["--random", "x1"], ["--random is for --design mixed-logit", "not logit"], id="random-for-logit"),
+        pytest.param(["--panel-size", "3"], ["--panel-size is for --design mixed-logit"], id="panel-size-for-logit"),
+        pytest.param(["--design", "mixed-logit", "--nests", "2"], ["--nests is for --design nested-logit"], id="nests-for-mixed"),
+        pytest.param(["--design", "mixed-logit", "--cluster-size", "4"], ["--cluster-size", "use --panel-size"], id="clusters-for-mixed"),
+        pytest.param(["--design", "mixed-logit", "--random", "x9"], ["--random: 'x9' is not a column of x"], id="random-unknown"),
+        pytest.param(["--design", "mixed-logit", "--random", "4"], ["--random 4", "between 1 and --params (3)"], id="random-count"),
+        pytest.param(["--design", "mixed-logit", "--random", "x1,x2", "--correlated", "--moments", "5"],
+                     ["--moments 5", "below the 6 parameters", "chol_x2_x1"], id="too-few-moments"),
+        pytest.param(["--design", "mixed-logit", "--panel-size", "0"], ["--panel-size 0"], id="empty-decision-maker"),
+        pytest.param(["--design", "nested-logit", "--nests", "5"], ["--nests 5", "between 1 and 4"], id="more-nests-than-alternatives"),
+        pytest.param(["--design", "nested-logit", "--moments", "30"], ["--moments 30", "at most 12"], id="nested-too-many-moments"),
+    ],
+)
+def test_bad_model_design_options_are_one_line_exit_2_and_no_file(tmp_path, args, words):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "estpipe", "simulate", str(tmp_path / "o.h5"), "--sets", "20",
+                           "--alternatives", "4", "--params", "3", "--moments", "6", *args], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("estpipe: error: "), done.stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
     assert os.listdir(tmp_path) == []

@@ -2,9 +2,13 @@
 
 Rows of a set must be contiguous, and so must the sets of a cluster. X gets the `--x` columns;
 dm = z - z of the chosen row, with instruments `--z` (default: the x columns), or `--dm` columns
-are taken as given. `--alt-col C --asc` appends one 0/1 constant per level of C except the base
-level (`--asc-base`, default the first level: numbers sort numerically, text lexically) to X and,
-unless `--z` is given, to z. A set with a single alternative carries no information: it is
+are taken as given. `--alt-col C` stores each row's alternative (codes into the sorted levels of
+C, numbers numerically, text lexically; the names in the file), which nested logit needs; with
+`--asc` it also appends one 0/1 constant per level of C except the base level (`--asc-base`,
+default the first level) to X and, unless `--z` is given, to z. `--panel-col P` stores each set's
+decision maker: one value per set, each decision maker's sets contiguous (sort by P) and, with
+`--cluster-col`, inside one cluster; mixed logit draws its coefficients once per decision maker,
+and the standard errors treat decision makers as the independent observations. A set with a single alternative carries no information: it is
 dropped, with a note on stderr (the count and the first set id) and the count in the provenance.
 The file is read in batches, so memory does not grow with it. Bad input: one line naming the file,
 the line or set id and the fix; exit code 2; no output file.
@@ -42,10 +46,11 @@ def command(
     x: Annotated[str, typer.Option("--x", help="Covariate columns, comma-separated: X and the parameters.", show_default=False)],
     z: Annotated[Optional[str], typer.Option("--z", help="Instrument columns (default: the x columns); dm = z - z of the chosen row.")] = None,
     dm: Annotated[Optional[str], typer.Option("--dm", help="Moment columns taken as given (instead of --z).")] = None,
-    alt_col: Annotated[Optional[str], typer.Option("--alt-col", help="Column naming the alternative (for --asc).")] = None,
+    alt_col: Annotated[Optional[str], typer.Option("--alt-col", help="Column naming the alternative: stored per row (nested logit needs it), and the levels of --asc.")] = None,
     asc: Annotated[bool, typer.Option("--asc", help="Add alternative-specific constants, one per level of --alt-col but the base.")] = False,
     asc_base: Annotated[Optional[str], typer.Option("--asc-base", help="Base level of --alt-col (default: the first level).")] = None,
     cluster_col: Annotated[Optional[str], typer.Option("--cluster-col", help="Cluster id column (integers or text) for clustered errors.")] = None,
+    panel_col: Annotated[Optional[str], typer.Option("--panel-col", help="Decision-maker (panel unit) id column: one value per set, each unit's sets contiguous.")] = None,
 ) -> None:
     from estpipe.data.load import load_choice_data
 
@@ -61,10 +66,15 @@ def command(
         asc=asc,
         asc_base=asc_base,
         cluster_col=cluster_col,
+        panel_col=panel_col,
     )
     for note in summary.notes:
         print(f"estpipe: note: {note}", file=sys.stderr)
     clusters = f", {count(summary.n_clusters, 'cluster')}" if summary.n_clusters is not None else ""
+    if summary.n_units is not None:
+        clusters += f", {count(summary.n_units, 'decision maker')}"
+    if summary.alt_names is not None:
+        clusters += f", {count(len(summary.alt_names), 'alternative')} ({', '.join(summary.alt_names)})"
     print(
         f"wrote {summary.output}: {count(summary.n_sets, 'set')}, {summary.n_rows} rows{clusters}, "
         f"K = {summary.K} ({', '.join(summary.param_names)}), M = {summary.M}; "

@@ -5,8 +5,13 @@ stored in the file (truth/params); dm = z - z_chosen with instruments z = x, the
 one, pairwise products and cubes of x, up to M columns. `--design seed` makes the original
 report's timing data (X ~ N(0,1), dm ~ U(0,1)), which has no estimate. `--cluster-size C` groups
 contiguous sets into clusters of C sets; in the logit design each cluster shares a random shock to
-the coefficients (utility shock sd 0.5), so that clustered standard errors matter. The same seed
-gives the same arrays, whatever the chunk size. A summary goes to stderr.
+the coefficients (utility shock sd 0.5), so that clustered standard errors matter.
+`--design mixed-logit` draws the coefficients of the `--random` columns once per decision maker
+(`--panel-size` sets each; the decision makers are stored), normal or lognormal, correlated with
+`--correlated`; `--design nested-logit` draws from an RU2 nested logit with `--nests` contiguous
+nests of the alternatives (the nests text is stored: pass it to `estimate --nests`). Every design
+stores each row's alternative (a1..aJ) and the truth by name. The same seed gives the same
+arrays, whatever the chunk size. A summary goes to stderr.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from estpipe.cli.argv import option_argv
 from estpipe.errors import UserError
 
 NAME = "simulate"
-EPILOG = "Example: `estpipe simulate data.h5 --sets 100000 --alternatives 2:30 --params 20 --moments 40 --seed 1`"
+EPILOG = ("Example: `estpipe simulate data.h5 --sets 100000 --alternatives 2:30 --params 20 --moments 40 --seed 1`; "
+          "`estpipe simulate ml.h5 --design mixed-logit --random x2 --panel-size 5 --params 3 --moments 6 --alternatives 4`")
 
 
 def parse_alternatives(text: str) -> tuple[int, int]:
@@ -57,6 +63,10 @@ def command(
     moments: Annotated[int, typer.Option(help="Number of moments M (columns of dm), M >= K.")] = 40,
     seed: Annotated[int, typer.Option(help="Seed of the random generators.")] = 0,
     cluster_size: Annotated[int | None, typer.Option("--cluster-size", help="Group contiguous sets into clusters of this many sets.")] = None,
+    random: Annotated[str | None, typer.Option(help="mixed-logit: the random x columns (e.g. x1,x2 or x2:-lognormal) or their count (x1..xn); default 1.")] = None,
+    correlated: Annotated[bool, typer.Option("--correlated", help="mixed-logit: correlated random coefficients (a Cholesky factor).")] = False,
+    panel_size: Annotated[int | None, typer.Option("--panel-size", help="mixed-logit: sets per decision maker (their coefficients drawn once; the decision makers stored).")] = None,
+    nests: Annotated[int | None, typer.Option(help="nested-logit: the number of contiguous nests of the alternatives (default 2).")] = None,
 ) -> None:
     from estpipe.data.simulate import simulate_choice_data
 
@@ -64,6 +74,7 @@ def command(
     # SIGINT, SIGTERM and SIGHUP are estpipe.interrupts' (the temporary file is registered there).
     summary = simulate_choice_data(
         out, design=design, sets=sets, alternatives=lo_hi, params=params, moments=moments,
-        seed=seed, cluster_size=cluster_size, progress=True,
+        seed=seed, cluster_size=cluster_size, random=random, correlated=correlated, panel_size=panel_size,
+        nests=nests, progress=True,
     )
     print(f"estpipe: {summary.line()}", file=sys.stderr)

@@ -80,7 +80,7 @@ class ChoiceData:
 
     @property
     def nbytes(self) -> int:
-        extra = sum(a.nbytes for a in (self.chosen, self.cluster) if a is not None)
+        extra = sum(a.nbytes for a in (self.chosen, self.cluster, self.alt, self.panel) if a is not None)
         return self.X.nbytes + self.dm.nbytes + self.offsets.nbytes + extra
 
 
@@ -101,8 +101,9 @@ class ChoiceDataFile:
     """An open choice-data file, checked on open. Use as a context manager or call close().
 
     Attributes read without touching the arrays: n_sets, n_rows, K, M, param_names,
-    moment_names, provenance, has_chosen, has_cluster, truth. `offsets` (n_sets + 1,) is read
-    once on open (it is small: 8 bytes per set) and checked.
+    moment_names, provenance, has_chosen, has_cluster, has_alt, alt_names, has_panel, truth,
+    truth_names, nests. `offsets` (n_sets + 1,) is read once on open (it is small: 8 bytes per
+    set) and checked, and so are the panel units (8 bytes per set) when the file has them.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -191,23 +192,59 @@ class ChoiceDataFile:
         self.offsets = offsets
         self.has_chosen = "chosen" in f
         self.has_cluster = "cluster" in f
+        self.has_alt = "alt" in f
+        self._has_panel = "panel" in f
         self.truth = f["truth/params"][...].astype(np.float64) if "truth/params" in f else None
+        self.truth_names = _strings(f.attrs["truth_names"]) if "truth_names" in f.attrs else None
+        self._alt_names = _strings(f.attrs["alt_names"]) if "alt_names" in f.attrs else None
+        nests = f.attrs.get("nests")
+        self.nests = (nests.decode() if isinstance(nests, bytes) else str(nests)) if nests is not None else None
         if self.has_chosen and f["chosen"].shape != (self.n_rows,):
             raise UserError(f"{p}: dataset chosen has shape {f['chosen'].shape}, expected ({self.n_rows},); rewrite the file")
         if self.has_cluster and f["cluster"].shape != (self.n_sets,):
             raise UserError(f"{p}: dataset cluster has shape {f['cluster'].shape}, expected ({self.n_sets},); rewrite the file")
-        if self.truth is not None and self.truth.shape != (self.K,):
-            raise UserError(f"{p}: dataset truth/params has shape {self.truth.shape}, expected ({self.K},); rewrite the file")
-        if self.has_cluster:
-            self._check_clusters_contiguous()
+        if self.truth is not None:
+            # truth/params is in the order of the simulated model's parameters, named by the
+            # attribute truth_names (files before it hold the K coefficients of the logit)
+            if self.truth_names is None:
+                if self.truth.shape != (self.K,):
+                    raise UserError(f"{p}: dataset truth/params has shape {self.truth.shape}, expected ({self.K},); rewrite the file")
+                self.truth_names = list(self.param_names)
+            elif self.truth.shape != (len(self.truth_names),):
+                raise UserError(f"{p}: dataset truth/params has shape {self.truth.shape} but the file names "
+                                f"{len(self.truth_names)} true parameters (attribute truth_names); rewrite the file")
+        if self.has_alt:
+            if f["alt"].shape != (self.n_rows,):
+                raise UserError(f"{p}: dataset alt has shape {f['alt'].shape}, expected ({self.n_rows},); rewrite the file")
+            if not self._alt_names:
+                raise UserError(f"{p}: dataset alt has no attribute alt_names (the alternatives' names); rewrite the file")
+        elif self._alt_names is not None:
+            raise UserError(f"{p}: attribute alt_names without the dataset alt; rewrite the file")
+        if self._has_panel and f["panel"].shape != (self.n_sets,):
+            raise UserError(f"{p}: dataset panel has shape {f['panel'].shape}, expected ({self.n_sets},); rewrite the file")
+        cluster = self._check_contiguous("cluster") if self.has_cluster else None
+        panel = self._check_contiguous("panel", "panel unit") if self._has_panel else None
+        if cluster is not None and panel is not None:
+            # units nest in clusters: a decision maker's sets all lie in one cluster
+            starts = np.flatnonzero(np.r_[True, panel[1:] != panel[:-1]])
+            stops = np.r_[starts[1:], len(panel)] - 1
+            split = np.flatnonzero(cluster[starts] != cluster[stops])
+            if split.size:
+                i = int(starts[split[0]])
+                raise UserError(
+                    f"{self.path}: panel unit {panel[i]} (sets {i}..{int(stops[split[0]])}) spans clusters "
+                    f"{cluster[i]} and {cluster[stops[split[0]]]}; panel units must nest in clusters, rewrite the file")
+        self.panel = panel  # (n_sets,) int64 or None: kept, 8 bytes per set like the offsets
 
-    def _check_clusters_contiguous(self) -> None:
-        """Every cluster's sets form one block (the estimators split the data at cluster
-        boundaries). The ids cost 8 bytes per set, like the offsets."""
+    def _check_contiguous(self, name: str, what: str | None = None) -> np.ndarray:
+        """The ids of dataset `name` (cluster or panel), (n_sets,) int64, checked: every id's sets
+        form one block (the estimators split the data at unit boundaries). The ids cost 8 bytes
+        per set, like the offsets."""
+        what = what or name
         try:
-            ids = self._f["cluster"][...].astype(np.int64)
+            ids = self._f[name][...].astype(np.int64)
         except OSError as exc:
-            raise UserError(f"{self.path}: dataset cluster cannot be read ({exc}); the file is truncated or damaged") from None
+            raise UserError(f"{self.path}: dataset {name} cannot be read ({exc}); the file is truncated or damaged") from None
         starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if ids.size else ids
         if len(starts) != len(np.unique(ids)):
             run_ids = ids[starts]
@@ -215,9 +252,10 @@ class ChoiceDataFile:
             dup = np.flatnonzero(run_ids[order][1:] == run_ids[order][:-1])[0]
             first, second = starts[order[dup]], starts[order[dup + 1]]
             raise UserError(
-                f"{self.path}: cluster {ids[first]} is split into non-contiguous blocks (its sets start at "
-                f"set {first} and again at set {second}); every cluster's sets must be contiguous, rewrite the file"
+                f"{self.path}: {what} {ids[first]} is split into non-contiguous blocks (its sets start at "
+                f"set {first} and again at set {second}); every {what}'s sets must be contiguous, rewrite the file"
             )
+        return ids
 
     # -- reading ------------------------------------------------------------------------------
     def read_sets(self, start: int = 0, stop: int | None = None, empty=np.empty) -> ChoiceData:
@@ -238,12 +276,14 @@ class ChoiceDataFile:
                 f["dm"].read_direct(dm, np.s_[r0:r1], np.s_[:])
             chosen = f["chosen"][r0:r1].astype(np.int8) if self.has_chosen else None
             cluster = f["cluster"][start:stop].astype(np.int64) if self.has_cluster else None
+            alt = f["alt"][r0:r1].astype(np.int32) if self.has_alt else None
         except OSError as exc:
             raise UserError(
                 f"{self.path}: rows {r0}:{r1} cannot be read ({exc}); the file is truncated or damaged, rewrite it"
             ) from None
+        panel = self.panel[start:stop].copy() if self.panel is not None else None
         return ChoiceData(X=X, dm=dm, offsets=self.offsets[start : stop + 1] - r0, chosen=chosen, cluster=cluster,
-                          first_set=start)
+                          alt=alt, panel=panel, first_set=start)
 
     @property
     def x_names(self) -> list[str]:
@@ -252,11 +292,22 @@ class ChoiceDataFile:
 
     @property
     def alt_names(self) -> list[str] | None:
-        return None
+        """The alternatives' names (attribute alt_names; code c of dataset alt is alt_names[c]),
+        or None when the file has no alternative ids."""
+        return list(self._alt_names) if self._alt_names is not None else None
 
     @property
     def has_panel(self) -> bool:
-        return False
+        """Whether the file stores each set's panel unit (decision maker): dataset panel."""
+        return self._has_panel
+
+    def read_panel(self) -> np.ndarray | None:
+        """Panel unit per set (n_sets,) int64, each unit's sets contiguous, or None."""
+        return None if self.panel is None else self.panel.copy()
+
+    def read_alt(self) -> np.ndarray | None:
+        """Alternative code per row (n_rows,) int32, or None (reads the whole dataset: 4 bytes per row)."""
+        return self._f["alt"][...].astype(np.int32) if self.has_alt else None
 
     def read_cluster(self) -> np.ndarray | None:
         """Cluster id per set (n_sets,), or None when the file has none."""
@@ -269,6 +320,10 @@ class ChoiceDataFile:
         h.update(json.dumps([self.n_sets, self.n_rows, self.K, self.M, self.param_names, self.moment_names]).encode())
         h.update(json.dumps(self.provenance, sort_keys=True).encode())
         h.update(self.offsets.tobytes())
+        if self._has_panel:  # the units change S and the standard errors
+            h.update(b"panel" + self.panel.tobytes())
+        if self.has_alt:  # the alternatives change a nested logit
+            h.update(b"alt" + json.dumps(self._alt_names).encode() + np.ascontiguousarray(self._f["alt"][:4096]).tobytes())
         n = min(self.n_rows, 4096)
         for name in ("X", "dm"):
             ds = self._f[name]
@@ -299,9 +354,30 @@ class ChoiceDataFile:
             "has_chosen": self.has_chosen,
             "has_cluster": self.has_cluster,
             "n_clusters": int(len(np.unique(self.read_cluster()))) if self.has_cluster else None,
+            "alt_names": self.alt_names,
+            "n_alternatives": len(self._alt_names) if self._alt_names is not None else None,
+            "panel": self._describe_panel(),
+            "nests": self.nests,
             "truth": self.truth.tolist() if self.truth is not None else None,
+            "truth_names": self.truth_names,
             "provenance": self.provenance,
             "fingerprint": self.fingerprint(),
+        }
+
+    def _describe_panel(self) -> dict | None:
+        """Panel units: their count and the distribution of sets per unit, or None."""
+        if self.panel is None:
+            return None
+        ids = self.panel
+        starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if ids.size else ids
+        per_unit = np.diff(np.r_[starts, len(ids)])
+        return {
+            "n_units": int(len(starts)),
+            "sets_per_unit": {
+                "min": int(per_unit.min()) if per_unit.size else 0,
+                "mean": float(per_unit.mean()) if per_unit.size else 0.0,
+                "max": int(per_unit.max()) if per_unit.size else 0,
+            },
         }
 
     def close(self) -> None:
@@ -312,6 +388,25 @@ class ChoiceDataFile:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _strings(values) -> list[str]:
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+
+
+def first_split_unit(ids: np.ndarray) -> tuple[int, int] | None:
+    """ids: (n,) a unit id per set. Where a unit's sets are not contiguous: (first, again), the
+    set that starts its first block and the set that starts a later block; or None."""
+    ids = np.asarray(ids)
+    if ids.size == 0:
+        return None
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    _, first_run, inverse = np.unique(ids[starts], return_index=True, return_inverse=True)
+    again = np.flatnonzero(first_run[inverse] != np.arange(len(starts)))
+    if again.size == 0:
+        return None
+    j = int(again[0])  # the earliest block of a unit seen before
+    return int(starts[first_run[inverse[j]]]), int(starts[j])
 
 
 def read_choice_data(path: str | os.PathLike, start: int = 0, stop: int | None = None) -> ChoiceData:
@@ -325,7 +420,13 @@ class ChoiceDataWriter:
     """Streams choice data into a new file. Use as a context manager:
 
         with ChoiceDataWriter(path, param_names, moment_names, provenance=...) as w:
-            w.append(X, dm, set_sizes, chosen=..., cluster=...)
+            w.append(X, dm, set_sizes, chosen=..., cluster=..., alt=..., panel=...)
+
+    alt_names: the alternatives' names when the file records each row's alternative code (alt,
+    int32 0 .. len(alt_names) - 1); with_panel: the file records each set's panel unit (panel,
+    int64; each unit's sets contiguous and, with clusters, in one cluster: checked on close);
+    truth, truth_names: the true parameters of a simulation in the model's parameter order and
+    their names (default: param_names); nests: the nests text of a nested-logit simulation.
 
     Rows, offsets and cluster ids go to a temporary file in the target folder as they come, so
     memory does not grow with the data; on a clean exit the attributes are written and the file
@@ -342,6 +443,10 @@ class ChoiceDataWriter:
     with_cluster: bool = False
     truth: np.ndarray | None = None
     chunk_rows: int = DEFAULT_CHUNK_ROWS
+    alt_names: list[str] | None = None
+    with_panel: bool = False
+    truth_names: list[str] | None = None
+    nests: str | None = None
 
     def __post_init__(self):
         self.path = Path(self.path)
@@ -387,6 +492,10 @@ class ChoiceDataWriter:
             self._offsets[0] = 0
             if self.with_cluster:
                 self._cluster = self._f.create_dataset("cluster", (0,), maxshape=(None,), dtype="i8", chunks=(c,))
+            if self.alt_names is not None:
+                self._alt = self._f.create_dataset("alt", (0,), maxshape=(None,), dtype="i4", chunks=(c,))
+            if self.with_panel:
+                self._panel = self._f.create_dataset("panel", (0,), maxshape=(None,), dtype="i8", chunks=(c,))
         except (OSError, RuntimeError) as exc:
             self._discard()
             raise outputs.write_error(self.path, exc) from None
@@ -395,9 +504,10 @@ class ChoiceDataWriter:
             raise
         return self
 
-    def append(self, X, dm, set_sizes, chosen=None, cluster=None) -> None:
+    def append(self, X, dm, set_sizes, chosen=None, cluster=None, alt=None, panel=None) -> None:
         """Append whole sets: X (rows, K), dm (rows, M), set_sizes (sets,) summing to rows, each
-        at least 1; chosen (rows,) when the file has it; cluster (sets,) when the file has it."""
+        at least 1; chosen (rows,), cluster (sets,), alt (rows,) and panel (sets,) when the file
+        has them."""
         set_sizes = np.asarray(set_sizes, dtype=np.int64)
         rows = int(set_sizes.sum())
         if X.shape != (rows, self.K) or dm.shape != (rows, self.M):
@@ -408,6 +518,10 @@ class ChoiceDataWriter:
             raise ValueError("append: this file records chosen rows, pass one chosen flag per row")
         if self.with_cluster and (cluster is None or len(cluster) != len(set_sizes)):
             raise ValueError("append: this file records clusters, pass one id per set")
+        if (self.alt_names is not None) != (alt is not None) or (alt is not None and len(alt) != rows):
+            raise ValueError("append: pass one alternative code per row exactly when the file records alt_names")
+        if self.with_panel != (panel is not None) or (panel is not None and len(panel) != len(set_sizes)):
+            raise ValueError("append: pass one panel unit per set exactly when the file records panel units")
         r0, r1 = self.n_rows, self.n_rows + rows
         s0, s1 = self.n_sets, self.n_sets + len(set_sizes)
         try:
@@ -418,12 +532,18 @@ class ChoiceDataWriter:
             if self.with_chosen:
                 self._chosen.resize(r1, axis=0)
                 self._chosen[r0:r1] = chosen
+            if alt is not None:
+                self._alt.resize(r1, axis=0)
+                self._alt[r0:r1] = np.asarray(alt, dtype=np.int32)
             if s1 > s0:
                 self._offsets.resize(s1 + 1, axis=0)
                 self._offsets[s0 + 1 : s1 + 1] = r0 + np.cumsum(set_sizes)
                 if self.with_cluster:
                     self._cluster.resize(s1, axis=0)
                     self._cluster[s0:s1] = np.asarray(cluster, dtype=np.int64)
+                if panel is not None:
+                    self._panel.resize(s1, axis=0)
+                    self._panel[s0:s1] = np.asarray(panel, dtype=np.int64)
         except (OSError, RuntimeError) as exc:  # h5py's errors: a full disk, a quota, an I/O error
             raise outputs.write_error(self.path, exc) from None
         self.n_rows, self.n_sets = r1, s1
@@ -482,8 +602,28 @@ class ChoiceDataWriter:
 
     def _finish(self) -> None:
         f = self._f
+        if self.with_panel:
+            ids = self._panel[...]
+            split = first_split_unit(ids)
+            if split is not None:
+                raise ValueError(f"panel unit {ids[split[0]]} is not contiguous (sets {split[0]} and {split[1]})")
+            if self.with_cluster and ids.size:
+                cluster = self._cluster[...]
+                starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+                if np.any(cluster[starts] != cluster[np.r_[starts[1:], len(ids)] - 1]):
+                    raise ValueError("a panel unit lies in more than one cluster")
         if self.truth is not None:
-            f.create_dataset("truth/params", data=np.asarray(self.truth, dtype=np.float64))
+            truth = np.asarray(self.truth, dtype=np.float64)
+            names = list(self.truth_names) if self.truth_names is not None else list(self.param_names)
+            if truth.shape != (len(names),):
+                raise ValueError(f"truth {truth.shape} does not match its {len(names)} names")
+            f.create_dataset("truth/params", data=truth)
+            if self.truth_names is not None:
+                f.attrs["truth_names"] = names
+        if self.alt_names is not None:
+            f.attrs["alt_names"] = [str(a) for a in self.alt_names]
+        if self.nests is not None:
+            f.attrs["nests"] = str(self.nests)
         f.attrs["estpipe_format"] = FORMAT_NAME
         f.attrs["estpipe_format_version"] = FORMAT_VERSION
         f.attrs["n_sets"] = self.n_sets
@@ -498,17 +638,23 @@ class ChoiceDataWriter:
 _current_umask = outputs.current_umask
 
 
-def estimated_file_bytes(n_rows: int, n_sets: int, K: int, M: int, with_chosen: bool, with_cluster: bool) -> int:
+def estimated_file_bytes(n_rows: int, n_sets: int, K: int, M: int, with_chosen: bool, with_cluster: bool,
+                         with_alt: bool = False, with_panel: bool = False) -> int:
     """Bytes a ChoiceDataWriter file of these sizes takes on disk, a little more rather than less:
-    X and dm float64, chosen int8, offsets and cluster ids int64, the last HDF5 chunk of each
-    dataset allocated whole, and 1 MiB for the metadata."""
-    per_row = 8 * (K + M) + (1 if with_chosen else 0)
-    last_chunks = DEFAULT_CHUNK_ROWS * (per_row + 16)
-    return n_rows * per_row + 8 * (n_sets + 1) + (8 * n_sets if with_cluster else 0) + last_chunks + 2**20
+    X and dm float64, chosen int8, alt int32, offsets, cluster and panel ids int64, the last HDF5
+    chunk of each dataset allocated whole, and 1 MiB for the metadata."""
+    per_row = 8 * (K + M) + (1 if with_chosen else 0) + (4 if with_alt else 0)
+    last_chunks = DEFAULT_CHUNK_ROWS * (per_row + 24)
+    per_set = 8 + (8 if with_cluster else 0) + (8 if with_panel else 0)
+    return n_rows * per_row + 8 + n_sets * per_set + last_chunks + 2**20
 
 
-def write_choice_data(path, data: ChoiceData, param_names, moment_names, provenance=None, truth=None) -> None:
-    """Write an in-memory ChoiceData in one go (tests and small files)."""
+def write_choice_data(path, data: ChoiceData, param_names, moment_names, provenance=None, truth=None,
+                      alt_names=None, truth_names=None, nests=None) -> None:
+    """Write an in-memory ChoiceData in one go (tests and small files); alt_names is needed when
+    data.alt is given."""
+    if (data.alt is None) != (alt_names is None):
+        raise ValueError("write_choice_data: give alt_names exactly when data.alt is given")
     with ChoiceDataWriter(
         path,
         list(param_names),
@@ -517,5 +663,10 @@ def write_choice_data(path, data: ChoiceData, param_names, moment_names, provena
         with_chosen=data.chosen is not None,
         with_cluster=data.cluster is not None,
         truth=truth,
+        alt_names=None if alt_names is None else list(alt_names),
+        with_panel=data.panel is not None,
+        truth_names=None if truth_names is None else list(truth_names),
+        nests=nests,
     ) as w:
-        w.append(data.X, data.dm, np.diff(data.offsets), chosen=data.chosen, cluster=data.cluster)
+        w.append(data.X, data.dm, np.diff(data.offsets), chosen=data.chosen, cluster=data.cluster,
+                 alt=data.alt, panel=data.panel)

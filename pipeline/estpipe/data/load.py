@@ -36,7 +36,8 @@ from estpipe.errors import UserError, term
 from estpipe.text import count
 
 DEFAULT_BATCH_ROWS = 65_536
-MAX_ALT_LEVELS = 200
+MAX_ALT_LEVELS = 200  # levels of the alternative column for constants (--asc)
+MAX_ALT_IDS = 4000  # ... for alternative ids alone (their names are one HDF5 attribute)
 CSV_BLOCK_MAX = 1 << 20
 CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -62,6 +63,8 @@ class LoadSummary:
     n_clusters: int | None = None
     asc_levels: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # for stderr: what the user may want to change
+    alt_names: list[str] | None = None  # the alternatives (alt ids stored) or None
+    n_units: int | None = None  # panel units (decision makers) or None
 
     @property
     def rows_per_second(self) -> float:
@@ -211,14 +214,16 @@ def _text(value) -> str:
 @dataclass
 class _Structure:
     """What the structure pass found. set_starts: (n_sets,) first row of each set; set_ids:
-    (n_sets,) Arrow array; cluster_codes: (n_sets,) int64, clusters numbered from 0 in order of
-    appearance, or None; levels: the sorted levels of the alternative column, or None."""
+    (n_sets,) Arrow array; cluster_codes, panel_codes: (n_sets,) int64, clusters and panel units
+    numbered from 0 in order of appearance, or None; levels: the sorted levels of the alternative
+    column, or None."""
 
     n_rows: int
     set_starts: np.ndarray
     set_ids: pa.Array
     cluster_codes: np.ndarray | None
     levels: list | None
+    panel_codes: np.ndarray | None = None
 
     def __post_init__(self):
         self.set_ends = np.append(self.set_starts[1:], self.n_rows)  # (n_sets,) one past each set's last row
@@ -277,12 +282,52 @@ def _sorted_levels(levels: set) -> list:
         return sorted(levels, key=str)
 
 
-def _scan_structure(table: _Table, set_col: str, cluster_col: str | None, alt_col: str | None) -> _Structure:
-    columns = [c for c in dict.fromkeys([set_col, cluster_col, alt_col]) if c is not None]
+class _SetColumn:
+    """A column that holds one value per set (the cluster, the panel unit), scanned batch by
+    batch: it refuses a set whose rows disagree and keeps the first row and the value of each run
+    of equal values (O(runs))."""
+
+    def __init__(self, table: _Table, column: str, what: str):
+        self.table, self.column, self.what = table, column, what
+        self.last = None
+        self.starts: list[np.ndarray] = []
+        self.ids: list[pa.Array] = []
+
+    def scan(self, batch, row0: int, ids: pa.Array, set_starts: np.ndarray, open_set_start: int) -> None:
+        """batch's rows row0..; ids: its set ids; set_starts: positions in the batch where sets start;
+        open_set_start: the first row of the set open at the end of the previous batch."""
+        table = self.table
+        values = _plain(batch.column(self.column))
+        _check_missing(table, values, row0, self.column, f"the {self.what} id")
+        starts = _run_starts(values, self.last)
+        inside = np.setdiff1d(starts, set_starts, assume_unique=True)
+        if inside.size:
+            i = int(inside[0])
+            earlier = set_starts[set_starts < i]
+            set_start = int(earlier[-1]) + row0 if earlier.size else open_set_start
+            before = values[i - 1].as_py() if i > 0 else self.last
+            raise UserError(
+                f"{table.path}: set {ids[i].as_py()} (from {table.where(set_start)}) has rows in different {self.what}s "
+                f"({self.column} {before}, then {values[i].as_py()} at {table.where(row0 + i)}); every row of a "
+                f"set must carry the same {self.what} id"
+            )
+        self.starts.append(starts + row0)
+        self.ids.append(_kept(values, starts))
+        self.last = values[-1].as_py()
+
+    def runs(self) -> tuple[np.ndarray, pa.Array]:
+        """(first row of each run (n_runs,), the value of each run)."""
+        return np.concatenate(self.starts), pa.concat_arrays(self.ids)
+
+
+def _scan_structure(table: _Table, set_col: str, cluster_col: str | None, alt_col: str | None,
+                    panel_col: str | None = None, max_levels: int = MAX_ALT_LEVELS) -> _Structure:
+    columns = [c for c in dict.fromkeys([set_col, cluster_col, panel_col, alt_col]) if c is not None]
     set_starts, set_ids = [], []
-    cluster_starts, cluster_ids = [], []
+    clusters = _SetColumn(table, cluster_col, "cluster") if cluster_col is not None else None
+    panel = _SetColumn(table, panel_col, "panel unit") if panel_col is not None else None
     levels: set = set()
-    last_set = last_cluster = None
+    last_set = None
     open_set_start = 0  # first row of the set still open at the end of the previous batch
     n_rows = 0
     for row0, batch in table.batches(columns):
@@ -293,32 +338,18 @@ def _scan_structure(table: _Table, set_col: str, cluster_col: str | None, alt_co
         starts = _run_starts(ids, last_set)
         set_starts.append(starts + row0)
         set_ids.append(_kept(ids, starts))
-        if cluster_col is not None:
-            clusters = _plain(batch.column(cluster_col))
-            _check_missing(table, clusters, row0, cluster_col, "the cluster id")
-            cstarts = _run_starts(clusters, last_cluster)
-            inside = np.setdiff1d(cstarts, starts, assume_unique=True)
-            if inside.size:
-                i = int(inside[0])
-                earlier = starts[starts < i]
-                set_start = int(earlier[-1]) + row0 if earlier.size else open_set_start
-                before = clusters[i - 1].as_py() if i > 0 else last_cluster
-                raise UserError(
-                    f"{table.path}: set {ids[i].as_py()} (from {table.where(set_start)}) has rows in different clusters "
-                    f"({cluster_col} {before}, then {clusters[i].as_py()} at {table.where(row0 + i)}); every row of a "
-                    "set must carry the same cluster id"
-                )
-            cluster_starts.append(cstarts + row0)
-            cluster_ids.append(_kept(clusters, cstarts))
-            last_cluster = clusters[-1].as_py()
+        for column in (clusters, panel):
+            if column is not None:
+                column.scan(batch, row0, ids, starts, open_set_start)
         if alt_col is not None:
             alts = _plain(batch.column(alt_col))
             _check_missing(table, alts, row0, alt_col, "the alternative")
             levels.update(pc.unique(alts).to_pylist())
-            if len(levels) > MAX_ALT_LEVELS:
+            if len(levels) > max_levels:
+                use = "alternative-specific constants need" if max_levels == MAX_ALT_LEVELS else "alternative ids need"
                 raise UserError(
-                    f"{table.path}: column {alt_col} has more than {MAX_ALT_LEVELS} levels; alternative-specific "
-                    f"constants need a column naming the alternative (a few levels): check {term('alt_col')}"
+                    f"{table.path}: column {alt_col} has more than {max_levels} levels; {use} a column naming the "
+                    f"alternative (a few levels): check {term('alt_col')}"
                 )
         last_set = ids[-1].as_py()
         if starts.size:
@@ -338,10 +369,13 @@ def _scan_structure(table: _Table, set_col: str, cluster_col: str | None, alt_co
             f"{table.where(int(starts[a]))} to {table.where(int(ends[a]) - 1)} and appears again at "
             f"{table.where(int(starts[b]))}; sort the file by {set_col} so that each set's rows are together"
         )
+
+    def set_at(row: int):
+        return ids[int(np.searchsorted(starts, row, side="right")) - 1].as_py()
+
     codes = None
-    if cluster_col is not None:
-        cstarts = np.concatenate(cluster_starts)
-        cids = pa.concat_arrays(cluster_ids)
+    if clusters is not None:
+        cstarts, cids = clusters.runs()
         repeat = _first_repeat(cids)
         if repeat is not None:
             a, b = repeat
@@ -351,12 +385,40 @@ def _scan_structure(table: _Table, set_col: str, cluster_col: str | None, alt_co
                 f"sort the file by {cluster_col} (then {set_col}) so that each cluster's sets are together"
             )
         codes = np.searchsorted(cstarts, starts, side="right").astype(np.int64) - 1
+    panel_codes = None
+    if panel is not None:
+        pstarts, pids = panel.runs()
+        repeat = _first_repeat(pids)
+        if repeat is not None:
+            a, b = repeat
+            order = f"{cluster_col}, then {panel_col}, then {set_col}" if cluster_col else f"{panel_col} (then {set_col})"
+            raise UserError(
+                f"{table.path}: the sets of panel unit {pids[b].as_py()} (column {panel_col}) are not contiguous: they start "
+                f"with set {set_at(int(pstarts[a]))} ({table.where(int(pstarts[a]))}) and the unit appears again at set "
+                f"{set_at(int(pstarts[b]))} ({table.where(int(pstarts[b]))}) after other units; sort the file by {order} "
+                "so that each decision maker's sets are together"
+            )
+        if clusters is not None:
+            # units nest in clusters: every cluster boundary is a unit boundary
+            inside = np.setdiff1d(cstarts, pstarts, assume_unique=True)
+            if inside.size:
+                row = int(inside[0])
+                u = int(np.searchsorted(pstarts, row, side="right")) - 1
+                c = int(np.searchsorted(cstarts, row, side="right")) - 1
+                raise UserError(
+                    f"{table.path}: panel unit {pids[u].as_py()} (column {panel_col}) lies in two clusters: its sets are in "
+                    f"{cluster_col} {cids[c - 1].as_py()} and, from set {set_at(row)} ({table.where(row)}), in "
+                    f"{cluster_col} {cids[c].as_py()}; a decision maker must lie in one cluster: check {term('panel_col')} "
+                    f"and {term('cluster_col')}"
+                )
+        panel_codes = np.searchsorted(pstarts, starts, side="right").astype(np.int64) - 1
     return _Structure(
         n_rows=n_rows,
         set_starts=starts,
         set_ids=ids,
         cluster_codes=codes,
         levels=_sorted_levels(levels) if alt_col is not None else None,
+        panel_codes=panel_codes,
     )
 
 
@@ -489,28 +551,52 @@ class _XColumnFacts:
 
 
 class _SetBuilder:
-    """Turns rows of whole sets into X (rows, K), dm (rows, M), chosen and set sizes, checks that
-    each set has exactly one chosen row, and drops sets with a single alternative."""
+    """Turns rows of whole sets into X (rows, K), dm (rows, M), chosen, set sizes, alternative
+    codes and panel units, checks that each set has exactly one chosen row and (with alternative
+    ids) no alternative twice, and drops sets with a single alternative."""
 
     def __init__(self, table: _Table, spec: _Spec, structure: _Structure, asc_levels: list | None, base):
         self.table, self.spec, self.structure = table, spec, structure
         self.asc_levels = asc_levels
         self.level_values = None
-        if asc_levels is not None:
-            # level of each ASC column, matched against the alternative column's own values
+        if structure.levels is not None:
+            # alternative codes: positions in the sorted levels of the alternative column
             self.level_values = pa.array(structure.levels)
+        if asc_levels is not None:
             self.asc_index = np.array([i for i, v in enumerate(structure.levels) if v != base], dtype=np.int64)
         self.n_dropped = 0
         self.first_dropped: str | None = None
         self.x_facts = _XColumnFacts(spec.x)
 
-    def asc(self, alts: pa.Array) -> np.ndarray:
-        """alts: (rows,) alternative levels -> (rows, n_levels - 1) 0/1 constants."""
-        idx = pc.index_in(_plain(alts), value_set=self.level_values).to_numpy(zero_copy_only=False)
-        return (idx[:, None] == self.asc_index[None, :]).astype(np.float64)
+    def codes(self, alts: pa.Array) -> np.ndarray:
+        """alts: (rows,) alternative levels -> (rows,) int32 codes into structure.levels."""
+        return pc.index_in(_plain(alts), value_set=self.level_values).to_numpy(zero_copy_only=False).astype(np.int32)
+
+    def asc(self, codes: np.ndarray) -> np.ndarray:
+        """codes: (rows,) alternative codes -> (rows, n_levels - 1) 0/1 constants."""
+        return (codes[:, None] == self.asc_index[None, :]).astype(np.float64)
+
+    def _check_distinct_alternatives(self, codes: np.ndarray, starts: np.ndarray, sizes: np.ndarray, set_lo: int, row_lo: int) -> None:
+        """No set lists an alternative twice (codes (rows,) of sets starting at `starts`)."""
+        n_levels = len(self.structure.levels)
+        set_of_row = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)
+        key = set_of_row * n_levels + codes
+        order = np.argsort(key, kind="stable")
+        same = np.flatnonzero(key[order][1:] == key[order][:-1])
+        if same.size:
+            second = int(min(order[same + 1]))
+            k = int(set_of_row[second])
+            first = int(np.flatnonzero((set_of_row == k) & (codes == codes[second]))[0])
+            raise UserError(
+                f"{self.table.path}: set {self.structure.set_ids[set_lo + k].as_py()} lists alternative "
+                f"{_text(self.structure.levels[codes[second]])} twice ({self.table.where(row_lo + first)} and "
+                f"{self.table.where(row_lo + second)}); each alternative may appear once per set: check {term('alt_col')}"
+            )
 
     def build(self, cols: dict[str, np.ndarray], set_lo: int, set_hi: int, row_lo: int):
-        """cols: column -> (rows,) for the rows of sets set_lo:set_hi, which start at row_lo."""
+        """cols: column -> (rows,) for the rows of sets set_lo:set_hi, which start at row_lo;
+        cols["__alt__"]: their alternative codes or None. Returns X, dm, sizes, chosen, cluster,
+        alt codes and panel units of the kept sets."""
         s = self.structure
         starts = s.set_starts[set_lo:set_hi] - row_lo
         sizes = np.diff(np.append(starts, s.set_ends[set_hi - 1] - row_lo))
@@ -532,7 +618,10 @@ class _SetBuilder:
                 f"{self.table.path}: set {s.set_ids[set_lo + k].as_py()} ({self.table.where(first)} to "
                 f"{self.table.where(last)}) has {problem}; exactly one row of each set must have {self.spec.choice_col} = 1"
             )
-        asc = cols["__asc__"]
+        alt = cols["__alt__"]
+        if alt is not None:
+            self._check_distinct_alternatives(alt, starts, sizes, set_lo, row_lo)
+        asc = self.asc(alt) if self.asc_levels is not None else None
         X = np.column_stack([cols[c] for c in self.spec.x] + ([asc] if asc is not None else []))
         if self.spec.dm is not None:
             dm = np.column_stack([cols[c] for c in self.spec.dm])
@@ -543,6 +632,7 @@ class _SetBuilder:
             dm = Z - np.repeat(Z[chosen_rows], sizes, axis=0)
         keep_sets = sizes > 1
         cluster = s.cluster_codes[set_lo:set_hi] if s.cluster_codes is not None else None
+        panel = s.panel_codes[set_lo:set_hi] if s.panel_codes is not None else None
         if not keep_sets.all():
             dropped = np.flatnonzero(~keep_sets)
             if self.first_dropped is None:
@@ -552,8 +642,10 @@ class _SetBuilder:
             X, dm, choice = X[keep_rows], dm[keep_rows], choice[keep_rows]
             sizes = sizes[keep_sets]
             cluster = cluster[keep_sets] if cluster is not None else None
+            panel = panel[keep_sets] if panel is not None else None
+            alt = alt[keep_rows] if alt is not None else None
         self.x_facts.update(X[:, : len(self.spec.x)], sizes)
-        return X, dm, sizes, choice.astype(np.int8), cluster
+        return X, dm, sizes, choice.astype(np.int8), cluster, alt, panel
 
 
 def _columns_list(option: str, value) -> list[str] | None:
@@ -581,6 +673,7 @@ def load_choice_data(
     asc: bool = False,
     asc_base: str | None = None,
     cluster_col: str | None = None,
+    panel_col: str | None = None,
     batch_rows: int = DEFAULT_BATCH_ROWS,
     command: str = "estpipe load",
 ) -> LoadSummary:
@@ -588,9 +681,13 @@ def load_choice_data(
     choice-data file at `out`.
 
     x: the covariate columns -> X (n_rows, K); z: instrument columns (default: x), dm = z - z of the
-    chosen row of the set; or dm: moment columns taken as given. With `alt_col` and `asc`, one
-    0/1 constant per level of `alt_col` except `asc_base` (default: the first level, numbers sorted
-    numerically, text lexically) is appended to X as "asc_<level>" and, unless z is given, to z.
+    chosen row of the set; or dm: moment columns taken as given. With `alt_col`, each row's
+    alternative is stored as a code into the sorted levels of `alt_col` (numbers sorted
+    numerically, text lexically; names in the attribute alt_names; a set may list an alternative
+    once). With `asc` too, one 0/1 constant per level except `asc_base` (default: the first level)
+    is appended to X as "asc_<level>" and, unless z is given, to z. With `panel_col`, each set's
+    panel unit (decision maker): one value per set, each unit's sets contiguous and, with
+    `cluster_col`, inside one cluster; units are numbered from 0 in order of appearance.
     Column lists are lists or comma-separated strings. Sets with a single alternative are dropped.
     Raises UserError for bad input and leaves no file behind.
     """
@@ -604,8 +701,6 @@ def load_choice_data(
     if z_cols is not None and dm_cols is not None:
         raise UserError(f"{term('z')} and {term('dm')} together: give instruments with {term('z')} (dm = z - z of the chosen row) "
                         f"or ready moment columns with {term('dm')}, not both")
-    if alt_col is not None and not asc:
-        raise UserError(f"{term('alt_col')} {alt_col} does nothing without {term('asc')}: add {term('asc')} for alternative-specific constants")
     if asc and alt_col is None:
         raise UserError(f"{term('asc')} needs {term('alt_col')}: name the column that says which alternative a row is")
     if asc_base is not None and not asc:
@@ -624,9 +719,10 @@ def load_choice_data(
     outputs.check_writable(out, "")
 
     table = _Table(input, batch_rows)
-    spec = _Spec(set_col, choice_col, x_cols, z_cols, dm_cols, alt_col if asc else None, cluster_col)
+    spec = _Spec(set_col, choice_col, x_cols, z_cols, dm_cols, alt_col, cluster_col)
     asked = {"set_col": [set_col], "choice_col": [choice_col], "x": x_cols, "z": z_cols or [], "dm": dm_cols or [],
-             "alt_col": [alt_col] if alt_col else [], "cluster_col": [cluster_col] if cluster_col else []}
+             "alt_col": [alt_col] if alt_col else [], "cluster_col": [cluster_col] if cluster_col else [],
+             "panel_col": [panel_col] if panel_col else []}
     for argument, names in asked.items():
         for name in names:
             if name not in table.names:
@@ -634,9 +730,13 @@ def load_choice_data(
                     f"{input}: no column {name!r} (asked by {term(argument)}); the columns are: {', '.join(table.names)}"
                 )
 
-    structure = _scan_structure(table, set_col, cluster_col, spec.alt_col)
+    for argument, name in (("set_col", set_col), ("cluster_col", cluster_col), ("alt_col", alt_col)):
+        if panel_col is not None and name == panel_col:
+            raise UserError(f"{term('panel_col')} {panel_col} is also {term(argument)}; the decision maker's id is a column of its own")
+    structure = _scan_structure(table, set_col, cluster_col, spec.alt_col, panel_col,
+                                max_levels=MAX_ALT_LEVELS if asc else MAX_ALT_IDS)
     asc_levels, base = None, None
-    if spec.alt_col is not None:
+    if asc:
         levels = structure.levels
         if asc_base is None:
             base = levels[0]
@@ -660,7 +760,8 @@ def load_choice_data(
         )
 
     outputs.check_free_space(
-        out, estimated_file_bytes(structure.n_rows, structure.n_sets, K, M, True, cluster_col is not None),
+        out, estimated_file_bytes(structure.n_rows, structure.n_sets, K, M, True, cluster_col is not None,
+                                  alt_col is not None, panel_col is not None),
         "free some space there or write the output to another folder")
     builder = _SetBuilder(table, spec, structure, asc_levels, base)
     value_columns = spec.value_columns
@@ -670,26 +771,33 @@ def load_choice_data(
         "input_delimiter": table.delimiter if table.kind == "csv" else None,
         "options": {
             "set_col": set_col, "choice_col": choice_col, "x": x_cols, "z": z_cols, "dm": dm_cols,
-            "alt_col": alt_col, "asc": asc, "asc_base": asc_base, "cluster_col": cluster_col,
+            "alt_col": alt_col, "asc": asc, "asc_base": asc_base, "cluster_col": cluster_col, "panel_col": panel_col,
         },
-        "asc_levels": [_text(v) for v in structure.levels] if structure.levels is not None else None,
+        "asc_levels": [_text(v) for v in structure.levels] if structure.levels is not None and asc else None,
         "asc_base_level": _text(base) if base is not None else None,
         "single_alternative_sets": "dropped (they carry no information)",
     }
     if cluster_col is not None:
         details["cluster_ids"] = "numbered from 0 in order of appearance in the input"
+    if panel_col is not None:
+        details["panel_ids"] = "numbered from 0 in order of appearance in the input"
+    alt_names = [_text(v) for v in structure.levels] if structure.levels is not None else None
+    if alt_names is not None and len(set(alt_names)) != len(alt_names):
+        raise UserError(f"{input}: column {alt_col} has levels that read the same as text ({', '.join(alt_names)}); "
+                        "give each alternative one spelling")
     table.n_batches = 0
     carry: dict[str, np.ndarray] | None = None
     carry_row = 0
     next_set = 0
     ends = structure.set_ends
     writer = ChoiceDataWriter(
-        out, param_names, moment_names, provenance={}, with_chosen=True, with_cluster=cluster_col is not None
+        out, param_names, moment_names, provenance={}, with_chosen=True, with_cluster=cluster_col is not None,
+        alt_names=alt_names, with_panel=panel_col is not None,
     )
     with writer:
         for row0, batch in table.batches(value_columns):
             cols = {c: _float_column(table, batch.column(c), row0, c) for c in spec.numeric_columns}
-            cols["__asc__"] = builder.asc(batch.column(spec.alt_col)) if spec.alt_col is not None else None
+            cols["__alt__"] = builder.codes(batch.column(spec.alt_col)) if spec.alt_col is not None else None
             if carry is not None:
                 cols = {c: (np.concatenate([carry[c], v]) if v is not None else None) for c, v in cols.items()}
                 row_lo = carry_row
@@ -700,9 +808,9 @@ def load_choice_data(
             if set_hi > next_set:
                 cut = int(ends[set_hi - 1]) - row_lo
                 part = {c: (v[:cut] if v is not None else None) for c, v in cols.items()}
-                X, dm_rows, sizes, chosen, cluster = builder.build(part, next_set, set_hi, row_lo)
+                X, dm_rows, sizes, chosen, cluster, alt, panel = builder.build(part, next_set, set_hi, row_lo)
                 if sizes.size:
-                    writer.append(X, dm_rows, sizes, chosen=chosen, cluster=cluster)
+                    writer.append(X, dm_rows, sizes, chosen=chosen, cluster=cluster, alt=alt, panel=panel)
                 next_set = set_hi
                 cols = {c: (v[cut:] if v is not None else None) for c, v in cols.items()}
                 row_lo += cut
@@ -729,6 +837,9 @@ def load_choice_data(
     n_clusters = None
     if structure.cluster_codes is not None:
         n_clusters = int(len(np.unique(structure.cluster_codes[_kept_sets(structure)])))
+    n_units = None
+    if structure.panel_codes is not None:
+        n_units = int(len(np.unique(structure.panel_codes[_kept_sets(structure)])))
     return LoadSummary(
         output=str(out),
         input=str(input),
@@ -746,6 +857,8 @@ def load_choice_data(
         n_clusters=n_clusters,
         asc_levels=[_text(v) for v in asc_levels or []],
         notes=notes,
+        alt_names=alt_names,
+        n_units=n_units,
     )
 
 

@@ -19,7 +19,10 @@ import numpy as np
 class ChoiceProblem:
     """path: the file (absolute); n_sets, n_rows, K (covariates), M (moments); x_names (K,),
     moment_names (M,); offsets: (n_sets + 1,) int64; cluster: (n_sets,) int64 or None;
-    has_chosen; truth: (K,) or None; fingerprint; provenance (dict)."""
+    has_chosen; truth: (P,) or None, the true parameters of a simulation named by truth_names (P,);
+    fingerprint; provenance (dict); alt_names: the alternatives' names when the file has
+    alternative ids; panel: (n_sets,) int64 panel unit per set or None; nests: the nests text of
+    a nested-logit simulation or None."""
 
     path: Path
     n_sets: int
@@ -36,6 +39,8 @@ class ChoiceProblem:
     provenance: dict = field(default_factory=dict)
     alt_names: list[str] | None = None
     panel: np.ndarray | None = None
+    truth_names: list[str] | None = None
+    nests: str | None = None
 
     @property
     def has_panel(self) -> bool:
@@ -48,6 +53,16 @@ class ChoiceProblem:
     @property
     def n_clusters(self) -> int | None:
         return None if self.cluster is None else int(len(np.unique(self.cluster)))
+
+    def truth_for(self, param_names: list[str]) -> np.ndarray | None:
+        """The true parameters in the order of `param_names` when the file has a truth for every
+        one of them (by name), else None."""
+        if self.truth is None or self.truth_names is None:
+            return None
+        known = dict(zip(self.truth_names, self.truth))
+        if not all(n in known for n in param_names):
+            return None
+        return np.array([known[n] for n in param_names], dtype=np.float64)
 
     def summary(self) -> dict:
         """path, sizes and fingerprint: the results file's `data` record."""
@@ -64,5 +79,6 @@ def read_problem(path: str | os.PathLike) -> ChoiceProblem:
             path=Path(path).resolve(), n_sets=f.n_sets, n_rows=f.n_rows, K=f.K, M=f.M,
             x_names=list(f.param_names), moment_names=list(f.moment_names), offsets=f.offsets,
             cluster=f.read_cluster(), has_chosen=f.has_chosen, truth=f.truth, fingerprint=f.fingerprint(),
-            provenance=dict(f.provenance),
+            provenance=dict(f.provenance), alt_names=f.alt_names, panel=f.read_panel(),
+            truth_names=f.truth_names, nests=f.nests,
         )

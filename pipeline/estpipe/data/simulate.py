@@ -52,6 +52,8 @@ from estpipe.text import count
 DESIGNS: Registry[Choice] = Registry("design", [
     Choice("logit", "choices from a true logit model"),
     Choice("seed", "timing data, no estimate"),
+    Choice("mixed-logit", "random coefficients per decision maker (--random, --correlated, --panel-size)"),
+    Choice("nested-logit", "an RU2 nested logit of --nests contiguous nests of the alternatives"),
 ])
 TRUTH_UTILITY_SD = 1.5
 CLUSTER_SHOCK_SD = 0.5
@@ -68,7 +70,9 @@ MAX_ROWS = 2**62
 PREFETCH = True
 
 # One independent stream per random quantity (the order is part of the file's reproducibility).
-_STREAMS = ("truth", "sizes", "X", "choice", "dm", "cluster_shock")
+# Streams are children of SeedSequence(seed) by position, so names added at the end leave the
+# earlier streams (and the logit and seed designs' files) unchanged.
+_STREAMS = ("truth", "sizes", "X", "choice", "dm", "cluster_shock", "coefficients", "alternatives")
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,9 @@ class SimulationSummary:
     bytes: int  # X and dm (the bulk of the file), float64
     file_bytes: int
     truth: list[float] | None
+    truth_names: list[str] | None = None
+    n_units: int | None = None  # decision makers (panel units) when stored
+    nests: str | None = None
 
     @property
     def rows_per_second(self) -> float:
@@ -105,6 +112,8 @@ class SimulationSummary:
             f"wrote {self.path}: {count(self.n_sets, 'set', thousands=True)}, {self.n_rows:,} rows, K={self.K}, M={self.M}, "
             f"{self.bytes / 1e6:,.1f} MB in {self.seconds:.2f} s: {self.rows_per_second:,.0f} rows/s, "
             f"{self.mb_per_second:,.0f} MB/s (CPU {self.cpu_seconds:.2f} s)"
+            + (f"; {count(self.n_units, 'decision maker', thousands=True)}" if self.n_units is not None else "")
+            + (f"; nests {self.nests}" if self.nests is not None else "")
         )
 
 
@@ -285,11 +294,20 @@ def simulate_choice_data(
     moments: int = 40,
     seed: int = 0,
     cluster_size: int | None = None,
+    random: str | int | None = None,
+    correlated: bool = False,
+    panel_size: int | None = None,
+    nests: int | None = None,
     chunk_sets: int | None = None,
     progress: bool = False,
     should_stop: Callable[[], bool] | None = None,
 ) -> SimulationSummary:
     """Simulate `sets` choice sets and write them to the choice-data file `path`.
+
+    Every design stores each row's alternative ("a1".."aJ", J the largest set size). The
+    "mixed-logit" and "nested-logit" designs (data/simulate_models.py) take random (the random x
+    columns, "x1,x2:-lognormal" or a count), correlated and panel_size (sets per decision maker;
+    the panel units are stored), and nests (the number of nests; the nests text is stored).
 
     alternatives: (lo, hi), set sizes drawn uniformly in lo..hi per set (fixed when lo == hi).
     params, moments: K and M. cluster_size: contiguous clusters of that many sets (see the module
@@ -299,6 +317,12 @@ def simulate_choice_data(
     chunk; when it returns True the run stops with KeyboardInterrupt and leaves no file.
     """
     lo, hi = _check_options(design, sets, alternatives, params, moments, seed, cluster_size, chunk_sets)
+    from estpipe.data import simulate_models
+
+    simulate_models.check_design_options(design, cluster_size, random, correlated, panel_size, nests)
+    if design in ("mixed-logit", "nested-logit"):
+        return _simulate_model(path, design, int(sets), lo, hi, int(params), int(moments), int(seed), random,
+                               correlated, panel_size, nests, chunk_sets, progress, should_stop)
     sets, K, M, seed = int(sets), int(params), int(moments), int(seed)
     logit = design == "logit"
     moment_names = instrument_names(K, M) if logit else [f"u{m + 1}" for m in range(M)]
@@ -328,13 +352,13 @@ def simulate_choice_data(
     bar = _Progress(sets, enabled=progress)
     writer = ChoiceDataWriter(
         path, param_names, moment_names, provenance=prov, with_chosen=logit,
-        with_cluster=cluster_size is not None, truth=truth,
+        with_cluster=cluster_size is not None, truth=truth, alt_names=simulate_models.alternative_names(hi),
         # HDF5 allocates whole chunks: a small file gets one small chunk, not 16,384 rows.
         chunk_rows=min(DEFAULT_CHUNK_ROWS, sets * lo),
     )
     outputs.check_writable(path, "")
     # the expected rows (set sizes are uniform in lo..hi)
-    need = estimated_file_bytes(sets * (lo + hi) // 2, sets, K, M, logit, cluster_size is not None)
+    need = estimated_file_bytes(sets * (lo + hi) // 2, sets, K, M, logit, cluster_size is not None, True)
     outputs.check_free_space(
         path, need,
         f"simulate fewer sets ({term('sets')}), alternatives or columns ({term('params')}, {term('moments')}), or write to another folder")
@@ -342,7 +366,7 @@ def simulate_choice_data(
     # OpenBLAS threads spin after each call, doubling the CPU time and slowing the writer.
     with writer, bar, threadpool_limits(limits=1, user_api="blas"):
         for s0, c in (_chunks_prefetched if PREFETCH else _chunks_in_turn)(chunks, sets, chunk_sets):
-            writer.append(c.X, c.dm, c.sizes, chosen=c.chosen, cluster=c.cluster)
+            writer.append(c.X, c.dm, c.sizes, chosen=c.chosen, cluster=c.cluster, alt=_positions(c.sizes, lo, hi))
             bar.advance(len(c.sizes))
             if should_stop is not None and should_stop():
                 raise KeyboardInterrupt
@@ -354,6 +378,75 @@ def simulate_choice_data(
         n_clusters=-(-sets // int(cluster_size)) if cluster_size else None,
         seconds=seconds, cpu_seconds=cpu_seconds, bytes=n_rows * (K + M) * 8, file_bytes=Path(path).stat().st_size,
         truth=truth.tolist() if truth is not None else None,
+        truth_names=list(param_names) if truth is not None else None,
+    )
+
+
+def _positions(sizes: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """(rows,) int32 each row's position in its set: its alternative code (a1 is code 0)."""
+    if lo == hi:
+        return np.tile(np.arange(lo, dtype=np.int32), len(sizes))
+    rows = int(sizes.sum())
+    return (np.arange(rows) - np.repeat(np.cumsum(sizes) - sizes, sizes)).astype(np.int32)
+
+
+def _simulate_model(path, design, sets, lo, hi, K, M, seed, random, correlated, panel_size, nests,
+                    chunk_sets, progress, should_stop) -> SimulationSummary:
+    """The mixed-logit and nested-logit designs (data/simulate_models.py), written in chunks of
+    whole decision makers."""
+    from estpipe.data import simulate_models as sm
+
+    streams = dict(zip(_STREAMS, (np.random.Generator(np.random.SFC64(s)) for s in np.random.SeedSequence(seed).spawn(len(_STREAMS)))))
+    b = true_params(streams["truth"], K)
+    if design == "mixed-logit":
+        model = sm.MixedLogitDesign(K, M, lo, hi, b, streams["truth"], random, correlated, panel_size)
+    else:
+        model = sm.NestedLogitDesign(K, M, lo, hi, b, streams["truth"], nests)
+    truth, truth_names = model.truth()
+    moment_names = model.moment_names()
+    P = len(truth)
+    if M < P:
+        raise UserError(f"{term('moments')} {M} is below the {P} parameters of the {design} design "
+                        f"({', '.join(truth_names)}); GMM needs M >= P: use {term('moments')} {P} or more")
+    options = dict(design=design, sets=sets, alternatives=[lo, hi], params=K, moments=M, seed=seed)
+    if design == "mixed-logit":
+        options.update(random=model.random_text, correlated=bool(correlated), panel_size=panel_size)
+    else:
+        options.update(nests=model.N)
+    prov = provenance("estpipe simulate", options=options, seed=seed, design=design)
+    prov["truth_utility_sd"] = TRUTH_UTILITY_SD
+    target_rows = min(TARGET_CHUNK_ROWS, TARGET_CHUNK_BYTES // (8 * (K + 3 * M + 1)))
+    chunk_sets = min(int(chunk_sets) if chunk_sets is not None else max(1, target_rows // hi), sets)
+    _check_memory(chunk_sets, hi, K, M)
+    with_panel = design == "mixed-logit" and panel_size is not None
+    writer = ChoiceDataWriter(
+        path, list(model.x_names), moment_names, provenance=prov, with_chosen=True, truth=truth,
+        truth_names=truth_names, alt_names=model.alternatives(), with_panel=with_panel,
+        nests=model.nests if design == "nested-logit" else None,
+        chunk_rows=min(DEFAULT_CHUNK_ROWS, sets * lo),
+    )
+    outputs.check_writable(path, "")
+    need = estimated_file_bytes(sets * (lo + hi) // 2, sets, K, M, True, False, True, with_panel)
+    outputs.check_free_space(
+        path, need,
+        f"simulate fewer sets ({term('sets')}), alternatives or columns ({term('params')}, {term('moments')}), or write to another folder")
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    n_chunks = 0
+    with writer, _Progress(sets, enabled=progress) as bar, threadpool_limits(limits=1, user_api="blas"):
+        for s0, c in sm.simulate_chunks(model, streams, sets, chunk_sets):
+            writer.append(c.X, c.dm, c.sizes, chosen=c.chosen, alt=c.alt, panel=c.panel)
+            n_chunks += 1
+            bar.advance(len(c.sizes))
+            if should_stop is not None and should_stop():
+                raise KeyboardInterrupt
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
+    n_rows = writer.n_rows
+    return SimulationSummary(
+        path=str(path), design=design, n_sets=sets, n_rows=n_rows, K=K, M=M, seed=seed,
+        chunk_sets=chunk_sets, chunks=n_chunks, n_clusters=None, seconds=seconds, cpu_seconds=cpu_seconds,
+        bytes=n_rows * (K + M) * 8, file_bytes=Path(path).stat().st_size, truth=truth.tolist(),
+        truth_names=list(truth_names), n_units=-(-sets // int(panel_size)) if with_panel else None,
+        nests=model.nests if design == "nested-logit" else None,
     )
 
 

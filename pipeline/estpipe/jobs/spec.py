@@ -1,8 +1,9 @@
 """Job specs: one TOML file says which data, which estimate options, where it runs, where results go.
 
     [data]      path = "data.h5" and either a simulate spec (design, sets, alternatives, params,
-                moments, seed, cluster_size) or `input` plus load options (set_col, choice_col, x,
-                z, dm, alt_col, asc, asc_base, cluster_col)
+                moments, seed, cluster_size; mixed-logit: random, correlated, panel_size;
+                nested-logit: nests) or `input` plus load options (set_col, choice_col, x, z, dm,
+                alt_col, asc, asc_base, cluster_col, panel_col)
     [estimate]  the options of `estpipe estimate` that change the estimate, and max_iter and
                 partitions (ESTIMATE_KEYS), checked by EstimateOptions as on the command line
     [backend]   kind = local | dask | a batch system of execution.jobqueue.KINDS (slurm, pbs), and
@@ -30,8 +31,10 @@ from estpipe.text import count
 
 BACKEND_KINDS = ("local", "dask") + KINDS.names
 
-SIMULATE_KEYS = ("path", "design", "sets", "alternatives", "params", "moments", "seed", "cluster_size")
-LOAD_KEYS = ("path", "input", "set_col", "choice_col", "x", "z", "dm", "alt_col", "asc", "asc_base", "cluster_col")
+SIMULATE_KEYS = ("path", "design", "sets", "alternatives", "params", "moments", "seed", "cluster_size", "random",
+                 "correlated", "panel_size", "nests")
+LOAD_KEYS = ("path", "input", "set_col", "choice_col", "x", "z", "dm", "alt_col", "asc", "asc_base", "cluster_col",
+             "panel_col")
 # The estimate options a job fixes: those that change the estimate, how long it may run and in how
 # many pieces. Where it runs and where its output goes come from [backend] and [output].
 ESTIMATE_KEYS = RESULT_OPTIONS + ("max_iter", "partitions")
@@ -63,6 +66,10 @@ class SimulateSpec:
     moments: int = 40
     seed: int = 0
     cluster_size: int | None = None
+    random: str | None = None
+    correlated: bool = False
+    panel_size: int | None = None
+    nests: int | None = None
 
     def arguments(self) -> dict:
         """The keyword arguments of simulate_choice_data(path, ...) that make this data."""
@@ -84,6 +91,7 @@ class LoadSpec:
     asc: bool = False
     asc_base: str | None = None
     cluster_col: str | None = None
+    panel_col: str | None = None
 
     def arguments(self) -> dict:
         """The keyword arguments of load_choice_data(input, path, ...) that make this data."""
@@ -317,13 +325,14 @@ def _data(table: _Table) -> SimulateSpec | LoadSpec | None:
         if (asc or asc_base is not None) and alt_col is None:
             table.problems.add("data.asc", "asc needs alt_col (the column naming each alternative)")
         cluster_col = table.string("cluster_col")
+        panel_col = table.string("panel_col")
         if source is not None and path is not None and not path.exists() and not source.exists():
             table.problems.add("data.input", f"{str(source)!r} does not exist (and data.path {str(path)!r} is not made yet); give the CSV or Parquet file to load")
         if None in (path, source, set_col, choice_col, x):
             return None
         return LoadSpec(path=path, input=source, set_col=set_col, choice_col=choice_col, x=x, z=z, dm=dm,
                         alt_col=alt_col, asc=asc, asc_base=None if asc_base is None else str(asc_base),
-                        cluster_col=cluster_col)
+                        cluster_col=cluster_col, panel_col=panel_col)
     table.check_keys(SIMULATE_KEYS, " for simulated data (no `input` is given)")
     design = table.string("design", "logit", choices=DESIGNS.names)
     sets = table.integer("sets", 1000)
@@ -332,12 +341,29 @@ def _data(table: _Table) -> SimulateSpec | LoadSpec | None:
     moments = table.integer("moments", 40)
     seed = table.integer("seed", 0, minimum=0)
     cluster_size = table.integer("cluster_size")
+    random = table.values.get("random")
+    if isinstance(random, int) and not isinstance(random, bool) and random >= 1:
+        random = str(random)
+    elif random is not None:
+        names = table.names("random")  # a list of columns or one comma-separated string
+        random = ",".join(names) if names else None
+    correlated = table.boolean("correlated")
+    panel_size = table.integer("panel_size")
+    nests = table.integer("nests")
+    for key, value, allowed in (("random", random, "mixed-logit"), ("correlated", correlated or None, "mixed-logit"),
+                                ("panel_size", panel_size, "mixed-logit"), ("nests", nests, "nested-logit")):
+        if value is not None and design != allowed:
+            table.problems.add(f"data.{key}", f"is for design {allowed!r}, not {design!r}")
+    if cluster_size is not None and design in ("mixed-logit", "nested-logit"):
+        table.problems.add("data.cluster_size", f"is for the logit design, not {design!r}"
+                           + (" (decision makers: panel_size)" if design == "mixed-logit" else ""))
     if params is not None and moments is not None and moments < params and table.has("moments"):
         table.problems.bad("data.moments", moments, f"moments must be >= params ({params})")
     if path is None:
         return None
     return SimulateSpec(path=path, design=design, sets=sets, alternatives=alternatives, params=params,
-                        moments=moments, seed=seed, cluster_size=cluster_size)
+                        moments=moments, seed=seed, cluster_size=cluster_size, random=random, correlated=correlated,
+                        panel_size=panel_size, nests=nests)
 
 
 def _estimate(table: _Table) -> tuple[EstimateOptions, tuple[str, ...]]:

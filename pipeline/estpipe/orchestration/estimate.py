@@ -195,7 +195,7 @@ def estimate(path: str | os.PathLike, options: EstimateOptions | None = None, *,
             gradient_rule=rule,
         )
         results = Results.from_estimate(est, config=options.to_dict(), data=problem.summary(), telemetry=telemetry,
-                                        truth=problem.truth)
+                                        truth=problem.truth_for(est.param_names))
     finally:
         evaluator.close()
     if options.out:
