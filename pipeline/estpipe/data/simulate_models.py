@@ -23,8 +23,9 @@ fixed size J hold all). With V_j = x_j'b and lambda_k in (0.3, 0.9) per nest of 
 alternatives (a nest of one has lambda 1, no parameter),
     P_j = exp(V_j / l_k) I_k^(l_k - 1) / sum_m I_m^(l_m),   I_k = sum_{i in k, in the set} exp(V_i / l_k).
 Parameters: b, then log_lambda_<nest> for each nest with a parameter. The instruments are x,
-then x interacted with the nest dummies (x_1 d_n1, x_1 d_n2, ..., x_2 d_n1, ...: they identify
-lambda), then the squares less one of x.
+then x interacted with the nest dummies of the nests with a parameter (x_1 d_n1, x_1 d_n2, ...,
+x_2 d_n1, ...: they identify lambda; the last nest's left out when every alternative is in one,
+as then the dummies sum to 1 and x is the sum of its interactions), then the squares less one of x.
 
 Reproducibility: as the logit design, one generator per random quantity consumed in set order
 (sizes, X, the alternatives present, one row of eta per decision maker, one uniform per choice),
@@ -253,8 +254,11 @@ class NestedLogitDesign(ModelDesign):
     def instrument_terms(self) -> list:
         K, names = self.K, self.x_names
         terms = [(names[k], _column(k)) for k in range(K)]
+        # when every alternative is in a nest with a parameter, the nest dummies sum to 1 and x is
+        # the sum of its interactions: the last nest's would make the moments collinear (S singular)
+        interacted = self.with_param[:-1] if len(self.with_param) == self.N else self.with_param
         for k in range(K):
-            for n in self.with_param:
+            for n in interacted:
                 terms.append((f"{names[k]}*d_n{n + 1}", self._in_nest(k, n)))
         terms += [(f"{names[k]}^2-1", _square(k)) for k in range(K)]
         return terms
