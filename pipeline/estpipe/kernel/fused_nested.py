@@ -14,7 +14,8 @@ term, so the block [P | dP/db | dP/dtheta] (rows, 1 + P) costs a few passes over
     dP_j/db       = (P_j / l_g) (x_j + c_g),   c_g = (l_g - 1) xbar_g - l_g xbar_s
     dP_j/dtheta_k = P_j (a_gk - [g = k] W_j),  a_gk = [g = k] (Wbar_g + D_g) - Q_k D_k
 
-and the value with the Jacobian is ONE GEMM dm' [P | dP]. The sums over groups (S, Wbar, xbar)
+and the value with the Jacobian is ONE GEMM dm' [P | dP] (the per-group factors taken to the rows
+cost less than sums of w o dm over groups and products with them). The sums over groups (S, Wbar, xbar)
 are products with the groups' sparse indicator (dual/groups.py); the ones over the ~3 groups of
 each set are small. Utilities within a group are shifted by its maximum only when a bound on |W| says exp could
 overflow (as in fused_logit.py). Tested equal to the model's reference (tests/test_nested_logit.py).
@@ -112,28 +113,18 @@ class FusedNested:
         c = np.take(xbar_s, groups.group_set, axis=0, out=ws.take((ng, K)))
         c *= -lam_g[:, None]
         c += xbar * (lam_g - 1.0)[:, None]
-        # with w = P / l: dP/db = w o X + w o c[g], dP/dtheta = P o a[g] - w o E (E = V o [j's nest is k],
-        # P W = w V). The row terms go through ONE GEMM dm' [P | w o X | w o E]; the group terms through
-        # the groups' sums of w o dm, U (n_groups, M): U' c and (l U)' a.
+        # with w = P / l: dP/db = w o (X + c[g]), dP/dtheta = P o a[g] - w o E (E = V o [j's nest is k],
+        # P W = w V): the block [P | dP] (rows, 1 + P) from a few passes, then ONE GEMM dm' [P | dP]
         w = np.divide(P, lv["lam_row"], out=ws.take((rows,)))
         # column-major: each partial's column is written contiguously (measured ~20% faster than a
         # row-major block at 16,384 x 14); BLAS takes either
         B = ws.take((1 + K + Pn, rows)).T
         B[:, 0] = P
-        np.multiply(X, w[:, None], out=B[:, 1 : 1 + K])
+        xc = np.take(c, groups.row_group, axis=0, out=ws.take((rows, K)))
+        xc += X
+        np.multiply(xc, w[:, None], out=B[:, 1 : 1 + K])
         if Pn:
             _, N_rows, _, _, _ = self.model.layout(tile)
-            wV = np.multiply(w, lv["V"], out=ws.take((rows,)))
-            wV *= -1.0
-            for k in range(Pn):
-                np.multiply(wV, N_rows[:, k], out=B[:, 1 + K + k])
-        out = dm.T @ B  # (M, 1 + P)
-        U = groups.weighted_sum(w, dm, ws.take((ng, M)))  # (n_groups, M)
-        out[:, 1 : 1 + K] += U.T @ c
-        lU = None
-        if Pn or need_h:
-            lU = np.multiply(U, lam_g[:, None], out=U)  # group sums of P o dm
-        if Pn:
             pg = lv["param_group"]
             nested = np.flatnonzero(pg >= 0)
             QD = ws.take((ng, Pn))
@@ -142,8 +133,18 @@ class FusedNested:
             a = np.take(groups.set_sum(QD, ws.take((n_sets, Pn))), groups.group_set, axis=0, out=ws.take((ng, Pn)))
             a *= -1.0  # -Q_k D_k of the set
             a[nested, pg[nested]] += (Wbar + D)[nested]
-            out[:, 1 + K :] += lU.T @ a
-        H = groups.set_sum(lU) if need_h else None
+            aT = np.ascontiguousarray(a.T)  # (Pn, n_groups)
+            wV = np.multiply(w, lv["V"], out=ws.take((rows,)))
+            scratch = ws.take((rows,))
+            for k in range(Pn):
+                col = B[:, 1 + K + k]
+                np.take(aT[k], groups.row_group, out=col)
+                col *= P
+                col -= np.multiply(wV, N_rows[:, k], out=scratch)
+        out = dm.T @ B  # (M, 1 + P)
+        H = None
+        if need_h:  # per-set h_i = sum_j P_j dm_j
+            H = tile.seg.sum(np.multiply(dm, P[:, None], out=ws.take(dm.shape)), np.empty((n_sets, M)))
         return out, H, lv
 
     # -- the strategy protocol ------------------------------------------------------------------------
