@@ -56,7 +56,7 @@ class FusedNested:
         V = np.dot(X, params[:K], out=ws.take((rows,)))
         W = np.divide(V, lam_row, out=ws.take((rows,)))
         e = ws.take((rows,))
-        if np.abs(W).max(initial=0.0) < SAFE_UTILITY:
+        if max(W.max(initial=0.0), -W.min(initial=0.0)) < SAFE_UTILITY:  # max |W| without a temporary
             shift = None
             np.exp(W, out=e)
         else:
@@ -112,7 +112,7 @@ class FusedNested:
         # c = (l - 1) xbar_g - l xbar_s (n_groups, K)
         c = np.take(xbar_s, groups.group_set, axis=0, out=ws.take((ng, K)))
         c *= -lam_g[:, None]
-        c += xbar * (lam_g - 1.0)[:, None]
+        c += np.multiply(xbar, (lam_g - 1.0)[:, None], out=ws.take((ng, K)))
         # with w = P / l: dP/db = w o (X + c[g]), dP/dtheta = P o a[g] - w o E (E = V o [j's nest is k],
         # P W = w V): the block [P | dP] (rows, 1 + P) from a few passes, then ONE GEMM dm' [P | dP]
         w = np.divide(P, lv["lam_row"], out=ws.take((rows,)))
