@@ -41,6 +41,7 @@ from estpipe.kernel.blas import controller as _blas_controller
 from estpipe.kernel.derivatives import DERIVATIVES
 from estpipe.kernel.fused_logit import FusedLogit
 from estpipe.kernel.fused_mixed import FusedMixed
+from estpipe.kernel.fused_nested import FusedNested
 from estpipe.kernel.generic import GenericDual
 from estpipe.kernel.request import Request
 from estpipe.kernel.sums import MomentSums
@@ -49,6 +50,7 @@ from estpipe.kernel.tiles import DEFAULT_TILE_ROWS, TileData, plan_tiles
 from estpipe.models import get_model
 from estpipe.models.logit import Logit
 from estpipe.models.mixed_logit import MixedLogit
+from estpipe.models.nested_logit import NestedLogit
 
 STRIPE_FACTOR = 8
 
@@ -61,6 +63,8 @@ def strategy_class(model, fast: bool = True):
         return FusedLogit
     if fast and type(model) is MixedLogit:
         return FusedMixed
+    if fast and type(model) is NestedLogit:
+        return FusedNested
     return GenericDual
 
 
@@ -70,6 +74,8 @@ def choose_strategy(model, K: int, fast: bool = True, chunk: int | None = None):
         return FusedLogit()
     if cls is FusedMixed:
         return FusedMixed(model)
+    if cls is FusedNested:
+        return FusedNested(model)
     return GenericDual(model, K, chunk)
 
 

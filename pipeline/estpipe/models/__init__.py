@@ -16,9 +16,10 @@ from estpipe.models.base import Model
 from estpipe.models.logit import Logit
 from estpipe.models.logit_signed import LogitSigned
 from estpipe.models.mixed_logit import MixedLogit
+from estpipe.models.nested_logit import NestedLogit
 from estpipe.registry import Registry
 
-MODELS: Registry[Model] = Registry("model", [Logit(), LogitSigned(), MixedLogit()])
+MODELS: Registry[Model] = Registry("model", [Logit(), LogitSigned(), MixedLogit(), NestedLogit()])
 
 
 def get_model(name: str) -> Model:
