@@ -21,6 +21,7 @@ from estpipe.errors import UserError
 from estpipe.kernel import PartitionKernel
 from estpipe.kernel.tiles import TileData
 from estpipe.models import MODELS, get_model
+from estpipe.estimation.gmm import Reporter
 from estpipe.orchestration import EstimateOptions, estimate
 
 
@@ -271,6 +272,24 @@ def test_recovers_the_truth_and_reports_lambda(tmp_path):
         assert d.estimate == pytest.approx(np.exp(theta)) and d.null == 1.0
         assert d.std_error == pytest.approx(np.exp(theta) * se, rel=1e-4)  # the delta method
         assert abs(d.estimate - lam) < 4 * d.std_error
+
+
+def test_the_default_start_is_a_logit_fit(tmp_path):
+    """Without --start, the coefficients start from a one-step logit GMM run on the nested model's
+    own evaluator at lambda = 1 (estimation.gmm.logit_start): the same start, and so the same
+    estimate, as a separate logit fit given as --start; and it says so in the log."""
+    path = _simulate(tmp_path / "n.h5", seed=11)
+    lines = []
+
+    class Log(Reporter):
+        def log(self, message):
+            lines.append(message)
+
+    default = estimate(path, EstimateOptions(model="nested-logit", nests=NESTS), reporter=Log())
+    explicit = _nested(path)
+    assert default.converged
+    np.testing.assert_allclose(default.params, explicit.params, rtol=1e-7, atol=1e-9)
+    assert any(line.startswith("start: the coefficients of a one-step logit fit") for line in lines), lines
 
 
 def test_which_instruments_identify_lambda(tmp_path):

@@ -365,3 +365,72 @@ def estimate_gmm(source: SumsSource, problem, model, settings: GmmSettings, x0: 
     converged=False."""
     return _Gmm(source, problem, model, settings, clustered, reporter or Reporter(), state).run(
         np.asarray(x0, dtype=np.float64))
+
+
+class FixedParameters:
+    """A SumsSource over some of a model's parameters, the others held fixed: params (len(free),)
+    of a request become the full (P,) vector `fixed` with `free` filled in, and the sums' Jacobian
+    keeps the free columns. It lets the GMM of a simpler model (the logit) run on the evaluator of
+    a model that nests it (the nested logit at lambda = 1) without loading the data again."""
+
+    def __init__(self, source: SumsSource, fixed: np.ndarray, free: np.ndarray):
+        self.source = source
+        self.fixed = np.asarray(fixed, dtype=np.float64)
+        self.free = np.asarray(free, dtype=np.int64)
+
+    def _full(self, request):
+        params = self.fixed.astype(np.result_type(self.fixed, request.params))
+        params[self.free] = request.params
+
+        def widen(v, fill):
+            if v is None:
+                return None
+            out = np.full(len(self.fixed), fill, dtype=np.float64)
+            out[self.free] = v
+            return out
+
+        from dataclasses import replace
+
+        return replace(request, params=params, seed_scale=widen(request.seed_scale, 1.0),
+                       fd_steps=widen(request.fd_steps, 1.0))
+
+    def evaluate(self, request):
+        from dataclasses import replace
+
+        sums = self.source.evaluate(self._full(request))
+        if sums.gG.shape[1] > 1:
+            sums = replace(sums, gG=sums.gG[:, np.r_[0, 1 + self.free]])
+        return sums
+
+    def pullback_of(self, request, v):
+        return np.asarray(self.source.pullback_of(self._full(request), v))[self.free]
+
+    def column_absmax(self):
+        return self.source.column_absmax()
+
+    def within_set_covariance(self, inv_scale):
+        return self.source.within_set_covariance(inv_scale)
+
+
+def logit_start(source: SumsSource, problem, model, logit, settings: GmmSettings, clustered: bool,
+                reporter: Reporter | None = None) -> np.ndarray | None:
+    """The start of a model whose first K parameters are the logit's coefficients and whose
+    default start for the others makes it the logit (Model.logit_start: the nested logit at
+    lambda = 1): those K from a one-step logit GMM on the same data and evaluator, the others at
+    their default. None for other models. A nested logit cannot start at b = 0: every utility is
+    0 there and the moments hardly move with lambda. logit: the logit model (models.Logit)."""
+    if not getattr(model, "logit_start", False):
+        return None
+
+    K = problem.K
+    x0 = np.asarray(model.start(K), dtype=np.float64)
+    free = np.arange(K)
+    first = GmmSettings(optimizer="gauss-newton", derivatives="dual", steps=1, tol=settings.tol,
+                        max_iter=settings.max_iter)
+    est = estimate_gmm(FixedParameters(source, x0, free), problem, logit, first, x0[:K], clustered,
+                       reporter=None)
+    if reporter is not None:
+        reporter.log(f"start: the coefficients of a one-step logit fit ({count(est.evaluations, 'evaluation')}), "
+                     f"the other parameters at their default")
+    x0[free] = est.params
+    return x0

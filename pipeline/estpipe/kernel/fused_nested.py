@@ -31,6 +31,8 @@ from estpipe.kernel.tiles import TileData
 
 # Below this |utility| exp cannot overflow and no group's sum can underflow (kernel/fused_logit.py).
 SAFE_UTILITY = 600.0
+# |log lambda| beyond this is the boundary (lambda below 1e-13 or above 1e13): evaluated there
+LOG_LAMBDA_LIMIT = 30.0
 
 
 class FusedNested:
@@ -50,7 +52,9 @@ class FusedNested:
         X = tile.X
         rows, K = X.shape
         ng, n_sets = groups.n_groups, tile.seg.n_sets
-        lam_ext = np.r_[np.exp(params[K:]), 1.0]  # index -1: no parameter, lambda 1
+        # log lambda clipped to +-LOG_LAMBDA_LIMIT: an optimizer step far out (exp overflowing) gives a
+        # model at the boundary, not an overflow; the results then note the lambda at the boundary
+        lam_ext = np.r_[np.exp(np.clip(params[K:].real, -LOG_LAMBDA_LIMIT, LOG_LAMBDA_LIMIT)) if not np.iscomplexobj(params) else np.exp(params[K:]), 1.0]  # index -1: no parameter, lambda 1
         lam_row = np.take(lam_ext, param_row, out=ws.take((rows,)))
         lam_g = np.take(lam_ext, param_group, out=ws.take((ng,)))
         V = np.dot(X, params[:K], out=ws.take((rows,)))

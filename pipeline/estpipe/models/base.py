@@ -25,6 +25,10 @@ class Model:
     name: str = ""
     description: str = ""
     needs: frozenset = frozenset()
+    # True when the first K parameters are the logit's coefficients and `start` makes the model
+    # the logit for the others: the estimator then starts them from a one-step logit fit
+    # (estimation.gmm.logit_start), for a model that b = 0 cannot start (the nested logit).
+    logit_start: bool = False
 
     def bind(self, facts, **options) -> "Model":
         """This model for a file with these facts (x_names, alt_names, has_panel) and options; a

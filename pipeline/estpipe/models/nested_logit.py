@@ -80,10 +80,15 @@ def parse_nests(text: str, alt_names: list[str]) -> list[Nest]:
     return nests
 
 
+# A lambda beyond [1e-3, 1e3] has run to where the probabilities no longer move with it.
+BOUNDARY_LAMBDA = 1e-3
+
+
 class NestedLogit(Model):
     name = "nested-logit"
     description = "nests of alternatives with a lambda each (RU2 form; alternatives in no nest are their own)"
     needs = frozenset({"alt"})
+    logit_start = True  # b = 0 cannot start it: the coefficients come from a one-step logit fit
 
     def __init__(self, x_names=(), alt_names=(), nests=()):
         self.x_names = list(x_names)
@@ -141,9 +146,19 @@ class NestedLogit(Model):
         return {f"lambda_{self.nests[k].name}": 1.0 for k in self.parameter_nests}
 
     def derived_notes(self, values: dict[str, float]) -> list[str]:
-        return [f"{name} = {value:.4g} > 1: not consistent with utility maximization for all x (RU2 nested logit "
-                "needs 0 < lambda <= 1; McFadden 1978, Train ch. 4)"
-                for name, value in values.items() if name.startswith("lambda_") and value > 1]
+        notes = []
+        for name, value in values.items():
+            if not name.startswith("lambda_"):
+                continue
+            if value < BOUNDARY_LAMBDA or value > 1 / BOUNDARY_LAMBDA:
+                notes.append(f"{name} = {value:.4g} ran to the boundary, where the moments no longer move with it: "
+                             "the instruments do not pin it down on these data (weakly identified); use more sets "
+                             "or instruments that move with lambda (x less its mean within the nest, times the nest "
+                             "dummy: DESIGN.md, 'Nested logit'), or start nearer (--start)")
+            elif value > 1:
+                notes.append(f"{name} = {value:.4g} > 1: not consistent with utility maximization for all x (RU2 "
+                             "nested logit needs 0 < lambda <= 1; McFadden 1978, Train ch. 4)")
+        return notes
 
     # -- the tile's layout: groups (a nest within a set) and the maps from parameters to lambdas -----
     def layout(self, tile):

@@ -19,12 +19,13 @@ import numpy as np
 
 from estpipe.data.problem import ChoiceProblem, read_problem
 from estpipe.errors import EXIT_NOT_CONVERGED, EXIT_USER, UserError, term
-from estpipe.estimation.gmm import GmmSettings, GmmState, Reporter, estimate_gmm
+from estpipe.estimation.gmm import GmmSettings, GmmState, Reporter, estimate_gmm, logit_start
 from estpipe.estimation.results import Results, Telemetry
 from estpipe.execution import start_backend
 from estpipe.execution.planning import default_partitions, plan_partitions, unit_ids
 from estpipe.kernel.engine import gradient_rule
 from estpipe.models.spec import ModelSpec
+from estpipe.models import get_model
 from estpipe.orchestration.checkpoint import Checkpoint, load_checkpoint
 from estpipe.orchestration.options import EstimateOptions
 from estpipe.outputs import check_writable, write_error, write_json_atomic
@@ -175,6 +176,9 @@ def estimate(path: str | os.PathLike, options: EstimateOptions | None = None, *,
         settings = GmmSettings(optimizer=options.optimizer, derivatives=options.derivatives, steps=options.steps,
                                tol=options.tol, max_iter=options.max_iter)
         writer = _CheckpointWriter(reporter, options.checkpoint, problem.fingerprint, result_options)
+        if options.start is None and ckpt is None:
+            x0 = logit_start(evaluator, problem, model, get_model("logit"), settings, clustered, reporter) \
+                if model.logit_start else x0
         try:
             est = estimate_gmm(evaluator, problem, model, settings, x0, clustered,
                                state=None if ckpt is None else ckpt.state, reporter=writer)
