@@ -172,14 +172,16 @@ def test_instruments_dm_and_constants(tmp_path):
     assert summary.asc_levels == ["2", "3", "4", "5"]
     assert_loaded(out, expected(frame, ["x0"], asc_levels=levels), names, names)
 
-    # with --z the constants go to X only; --asc-base picks another base
+    # with --z the constants go to X and to z too (each its own instrument: a user cannot name a
+    # constant load makes); --asc-base picks another base
     z = ["x0", "x1", "x2", "w", "alt"]
     load_choice_data(path, out, set_col="sid", choice_col="choice", x="x0", z=z,
                      alt_col="alt", asc=True, asc_base="4", batch_rows=5)
-    want = expected(frame, ["x0"], z=z, asc_levels=[1, 2, 3, 5], asc_in_z=False)
-    assert_loaded(out, want, ["x0", "asc_1", "asc_2", "asc_3", "asc_5"], z)
-    with pytest.raises(UserError, match="M = 5 .* K = 6"):
-        load_choice_data(path, out, set_col="sid", choice_col="choice", x="x0,x1", z=z,
+    want = expected(frame, ["x0"], z=z, asc_levels=[1, 2, 3, 5], asc_in_z=True)
+    ascs = ["asc_1", "asc_2", "asc_3", "asc_5"]
+    assert_loaded(out, want, ["x0", *ascs], z + ascs)
+    with pytest.raises(UserError, match="M = 5 .* K = 7"):
+        load_choice_data(path, out, set_col="sid", choice_col="choice", x="x0,x1,x2", z="x0",
                          alt_col="alt", asc=True, asc_base="4", batch_rows=5)
 
 

@@ -5,7 +5,7 @@ dm = z - z of the chosen row, with instruments `--z` (default: the x columns), o
 are taken as given. `--alt-col C` stores each row's alternative (codes into the sorted levels of
 C, numbers numerically, text lexically; the names in the file), which nested logit needs; with
 `--asc` it also appends one 0/1 constant per level of C except the base level (`--asc-base`,
-default the first level) to X and, unless `--z` is given, to z. `--panel-col P` stores each set's
+default the first level) to X and to z (with `--z` too: a constant is its own instrument). `--panel-col P` stores each set's
 decision maker: one value per set, each decision maker's sets contiguous (sort by P) and, with
 `--cluster-col`, inside one cluster; mixed logit draws its coefficients once per decision maker,
 and the standard errors treat decision makers as the independent observations. A set with a single alternative carries no information: it is

@@ -627,7 +627,7 @@ class _SetBuilder:
             dm = np.column_stack([cols[c] for c in self.spec.dm])
         else:
             z_cols = [cols[c] for c in (self.spec.z or self.spec.x)]
-            Z = np.column_stack(z_cols + ([asc] if asc is not None and self.spec.z is None else []))
+            Z = np.column_stack(z_cols + ([asc] if asc is not None else []))
             chosen_rows = np.flatnonzero(choice == 1)
             dm = Z - np.repeat(Z[chosen_rows], sizes, axis=0)
         keep_sets = sizes > 1
@@ -685,7 +685,7 @@ def load_choice_data(
     alternative is stored as a code into the sorted levels of `alt_col` (numbers sorted
     numerically, text lexically; names in the attribute alt_names; a set may list an alternative
     once). With `asc` too, one 0/1 constant per level except `asc_base` (default: the first level)
-    is appended to X as "asc_<level>" and, unless z is given, to z. With `panel_col`, each set's
+    is appended to X as "asc_<level>" and to z (given or not: a constant is its own instrument). With `panel_col`, each set's
     panel unit (decision maker): one value per set, each unit's sets contiguous and, with
     `cluster_col`, inside one cluster; units are numbered from 0 in order of appearance.
     Column lists are lists or comma-separated strings. Sets with a single alternative are dropped.
@@ -750,7 +750,7 @@ def load_choice_data(
         asc_levels = [v for v in levels if v != base]
     asc_names = [f"asc_{_text(v)}" for v in asc_levels or []]
     param_names = x_cols + asc_names
-    moment_names = dm_cols if dm_cols is not None else (z_cols if z_cols is not None else x_cols + asc_names)
+    moment_names = dm_cols if dm_cols is not None else (z_cols if z_cols is not None else x_cols) + asc_names
     K, M = len(param_names), len(moment_names)
     if M < K:
         source = term("dm") if dm_cols is not None else term("z")
