@@ -123,6 +123,8 @@ def assert_same_estimate(job: dict, reference: dict, rtol: float) -> None:
     [
         pytest.param("seed.toml", None, None, id="seed-as-shipped"),
         pytest.param("slurm.toml", None, {"sets": 4000}, id="larger-2-workers"),
+        pytest.param("mixed-slurm.toml", None, None, id="panel-mixed-logit"),
+        pytest.param("nested-slurm.toml", None, {"sets": 10000}, id="nested-logit"),
     ],
 )
 def test_submitted_job_equals_an_in_process_run(slurm, tmp_path, source, backend, data):
