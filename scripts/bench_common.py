@@ -84,3 +84,22 @@ def run_measured(cmd: list[str], env: dict | None = None, interval: float = SAMP
 def gb(n: float) -> str:
     """Bytes as decimal GB (the unit of the issue's targets: 1.44 GB of data)."""
     return f"{n / 1e9:.2f}"
+
+
+def interleaved_medians(calls: dict, repeat: int) -> dict[str, float]:
+    """Median seconds of each call (name -> function of no arguments) over `repeat` rounds, the
+    calls interleaved within each round so that the machine's noise hits all of them alike; one
+    warm-up call each first."""
+    import time
+
+    import numpy as np
+
+    for fn in calls.values():
+        fn()
+    times = {k: [] for k in calls}
+    for _ in range(repeat):
+        for k, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: float(np.median(v)) for k, v in times.items()}

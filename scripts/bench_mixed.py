@@ -17,9 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
+import sys
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import interleaved_medians  # noqa: E402
 
 
 def main() -> None:
@@ -96,15 +99,7 @@ def main() -> None:
         calls["jax value"] = jax_value
         calls["jax jit(jacfwd)"] = jax_jacobian
         jax_g = np.asarray(jax_value()) / n
-    for fn in calls.values():
-        fn()
-    times = {k: [] for k in calls}
-    for _ in range(a.repeat):
-        for k, fn in calls.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    med = {k: float(np.median(v)) for k, v in times.items()}
+    med = interleaved_medians(calls, a.repeat)
     out = {"sets": n, "alternatives": J, "K": K, "random": Kr, "draws": R, "M": M, "threads": kernel.threads,
            "median_seconds": med, "ratio_to_value": {k: v / med["value"] for k, v in med.items()},
            "buffer_bytes_per_batch": int(8 * kernel.tiles[0].seg.n_rows * max(1, min(R, (8 * 2**20) // (8 * kernel.tiles[0].seg.n_rows)))),

@@ -18,9 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
+import sys
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import interleaved_medians  # noqa: E402
 
 
 def nests_text(J: int, N: int) -> str:
@@ -71,15 +74,7 @@ def main() -> None:
     for label, kernel in kernels.items():
         calls[f"{label}value"] = (lambda k: lambda: k.evaluate(value))(kernel)
         calls[f"{label}value+jacobian"] = (lambda k: lambda: k.evaluate(full))(kernel)
-    for fn in calls.values():
-        fn()
-    times = {k: [] for k in calls}
-    for _ in range(a.repeat):
-        for k, fn in calls.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    med = {k: float(np.median(v)) for k, v in times.items()}
+    med = interleaved_medians(calls, a.repeat)
     fast = kernels[""]
     out = {"model": a.model, "sets": n, "alternatives": J, "nests": N, "K": K, "P": P, "M": M,
            "strategy": fast.strategy.name, "threads": fast.threads, "repeat": a.repeat,

@@ -27,3 +27,22 @@ def write_huge_file(path, n_sets: int = 1000, J: int = 10_000_000):
                          n_params=2, n_moments=2, param_names=["a", "b"], moment_names=["a", "b"], provenance="{}").items():
             f.attrs[k] = v
     return path
+
+
+def one_error_line(stderr: str) -> str:
+    """The one `estpipe: error:` line of a user mistake's stderr (and no traceback), asserted."""
+    errors = [line for line in stderr.splitlines() if line.startswith("estpipe: error:")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr
+    return errors[0]
+
+
+def estimate_error_line(path, args, model: str) -> str:
+    """`python -m estpipe estimate PATH --model MODEL ARGS` as a user runs it: asserts exit 2
+    and returns its one error line."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "estpipe", "estimate", str(path), "--model", model, *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    return one_error_line(done.stderr)

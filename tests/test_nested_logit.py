@@ -6,14 +6,13 @@ its bad input through the real CLI."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import estimate_error_line
 from estpipe.data.format import ChoiceData, write_choice_data
 from estpipe.data.simulate_models import nested_logit_log_probabilities
 from estpipe.dual import Workspace, seed
@@ -341,12 +340,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, expected):
         write_choice_data(path, ChoiceData(X=X, dm=X.copy(), offsets=np.arange(0, 61, 3)), ["x1", "x2"], ["z1", "z2"])
     else:
         path = _simulate(tmp_path / "n.h5", seed=1, n=200)
-    cmd = [sys.executable, "-m", "estpipe", "estimate", str(path), "--model", "nested-logit", *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2, done.stderr
-    lines = [line for line in done.stderr.splitlines() if line.startswith("estpipe: error:")]
-    assert len(lines) == 1 and expected in lines[0], done.stderr
-    assert "Traceback" not in done.stderr
+    assert expected in estimate_error_line(path, args, "nested-logit")
 
 
 def test_inference_over_40_data_sets(tmp_path):
