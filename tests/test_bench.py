@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+
+import pytest
 import subprocess
 import sys
 
@@ -55,3 +57,13 @@ def test_bench_model_times_a_user_file_on_the_generic_path():
     assert builtin.returncode == 0 and json.loads(builtin.stdout)["model_strategy"] == "generic-dual"
     bad = _bench("--model", "missing.py:Nope")
     assert bad.returncode == 2 and "no such file missing.py" in bad.stderr
+
+
+@pytest.mark.parametrize(("model", "strategy"), [("mixed-logit", "fused-mixed-logit"), ("nested-logit", "fused-nested-logit")])
+def test_bench_model_times_the_models_that_need_options(model, strategy):
+    """bench --model gives the mixed logit random coefficients on x1..x3 and the nested logit up
+    to 3 contiguous nests of a1..aJ (its data then carry alternative ids), on their fused kernels."""
+    run = _bench("--json", "--model", model)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["model_strategy"] == strategy and result["model_ratio"] > 0

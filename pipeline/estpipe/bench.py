@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import tracemalloc
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -99,12 +99,26 @@ class _Facts:
     has_panel: bool = False
 
 
-def bench_model(name: str, K: int):
+# Options the bench gives the models that need some (its data: x1..xK, alternatives a1..aJ).
+def _bench_options(name: str, K: int, J: int) -> dict:
+    if name == "mixed-logit":
+        return {"random": ",".join(f"x{k + 1}" for k in range(min(3, K)))}
+    if name == "nested-logit":
+        n_nests = max(1, min(3, J // 2))
+        bounds = np.linspace(0, J, n_nests + 1).round().astype(int)
+        return {"nests": "; ".join(f"n{i + 1}=" + ",".join(f"a{j + 1}" for j in range(bounds[i], bounds[i + 1]))
+                                   for i in range(n_nests))}
+    return {}
+
+
+def bench_model(name: str, K: int, J: int = 0):
     """The model `name` (a registry name, path.py:Class or an installed model) bound to K
-    covariates x1..xK, as estimate would build it."""
+    covariates x1..xK and J alternatives a1..aJ, as estimate would build it; the mixed logit with
+    random coefficients on x1..x3 (200 draws), the nested logit with up to 3 contiguous nests."""
     from estpipe.models.spec import ModelSpec
 
-    return ModelSpec.of(name).build(_Facts([f"x{k + 1}" for k in range(K)]))
+    facts = _Facts([f"x{k + 1}" for k in range(K)], [f"a{j + 1}" for j in range(J)] if J else None)
+    return ModelSpec.of(name, **_bench_options(name, K, J)).build(facts)
 
 
 def run_bench(sets=1000, alternatives=30, params=20, moments=40, repeat=30, tile_rows=None, seed=0,
@@ -119,7 +133,9 @@ def run_bench(sets=1000, alternatives=30, params=20, moments=40, repeat=30, tile
                for mode in ("dual", "adjoint", "fd")}
     generic = PartitionKernel(data, derivatives="dual", tile_rows=tile_rows, fast=False, threads=threads)
     if model is not None:
-        chosen = bench_model(model, params)
+        chosen = bench_model(model, params, alternatives)
+        if "alt" in chosen.needs:  # every set holds alternatives a1..aJ in order
+            data = replace(data, alt=np.tile(np.arange(alternatives, dtype=np.int32), sets))
         user = PartitionKernel(data, model=chosen, derivatives="dual", tile_rows=tile_rows, threads=threads)
         user_params = b if user.n_params == params else np.asarray(chosen.start(params), dtype=np.float64)
 

@@ -35,7 +35,7 @@ def command(
     seed: Annotated[int, typer.Option(help="Seed of the data generator.")] = 0,
     model: Annotated[str | None, typer.Option(help="Also time value + Jacobian of this model (row dual-model, and its "
                                                    "ratio to the fused logit): {estpipe.models:MODELS}, or "
-                                                   "my_models.py:ClassName, or an installed model.")] = None,
+                                                   "my_models.py:ClassName, or an installed model (mixed-logit: random x1..x3; nested-logit: up to 3 contiguous nests).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     from estpipe.bench import run_bench
