@@ -34,6 +34,7 @@ def command(
     jobqueue: Annotated[Optional[str], typer.Option(help="Start --workers N dask workers as batch jobs of this batch system: {estpipe.execution.jobqueue:KINDS}.", rich_help_panel=_BACKEND)] = None,
     partitions: Annotated[Optional[int], typer.Option(help="Contiguous partitions of the sets, balanced by rows (default: 1 per worker, 1 in-process).", min=1, rich_help_panel=_BACKEND)] = None,
     connect_timeout: Annotated[float, typer.Option("--connect-timeout", help="Seconds to wait for a scheduler or batch-job workers.", rich_help_panel=_BACKEND)] = 30.0,
+    estimator: Annotated[str, typer.Option(help="{estpipe.estimation.estimators:ESTIMATORS}; mle needs the chosen rows and uses BFGS then Newton steps (the GMM options --optimizer, --steps do not apply).", rich_help_panel=_GMM)] = "gmm",
     model: Annotated[str, typer.Option(help="{estpipe.models:MODELS}; or a model class in your own file: my_models.py:BoxCoxCost; or a model a package installs (entry point group estpipe.models).", rich_help_panel=_MODEL)] = "logit",
     random: Annotated[Optional[str], typer.Option(help="mixed-logit: the x columns with random coefficients, comma-separated, each normal or with :lognormal or :-lognormal (a fixed sign), e.g. time,cost:-lognormal.", rich_help_panel=_MODEL)] = None,
     correlated: Annotated[bool, typer.Option("--correlated", help="mixed-logit: correlated random coefficients (a Cholesky factor).", rich_help_panel=_MODEL)] = False,
@@ -59,7 +60,7 @@ def command(
 
     options = EstimateOptions(
         workers=workers, scheduler=scheduler, scheduler_file=scheduler_file, jobqueue=jobqueue, partitions=partitions,
-        model=model, random=random, correlated=correlated, nests=nests, draws=draws, draws_kind=draws_kind,
+        estimator=estimator, model=model, random=random, correlated=correlated, nests=nests, draws=draws, draws_kind=draws_kind,
         draws_seed=draws_seed, panel=panel, optimizer=optimizer, derivatives=derivatives, steps=steps, start=start, tol=tol,
         max_iter=max_iter, no_cluster=no_cluster, out=out, checkpoint=checkpoint, resume=resume, json=json,
         connect_timeout=connect_timeout,

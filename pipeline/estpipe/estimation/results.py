@@ -18,6 +18,7 @@ import numpy as np
 
 from estpipe.estimation.gmm import GmmEstimate, StepRecord
 from estpipe.estimation.inference import JTest, z_table
+from estpipe.estimation.mle import MleEstimate
 from estpipe.estimation.weighting import WeightMatrix
 from estpipe.text import count
 
@@ -69,16 +70,34 @@ class Results:
     derived: list = field(default_factory=list)
     notes: list = field(default_factory=list)
     units: str = "sets"
+    likelihood: dict | None = None  # MLE only: loglik_null, rho_squared(_adj), aic, bic, n_units
 
     @classmethod
-    def from_estimate(cls, est: GmmEstimate, *, config: dict, data: dict, telemetry: Telemetry,
+    def from_estimate(cls, est: GmmEstimate | MleEstimate, *, config: dict, data: dict, telemetry: Telemetry,
                       truth: np.ndarray | None = None) -> "Results":
-        return cls(params=est.params, param_names=est.param_names, covariances={est.se_type: est.covariance},
+        """est: a GmmEstimate, or an MleEstimate (estimation/mle.py: several covariances, and the
+        likelihood's statistics)."""
+        covariances = dict(getattr(est, "covariances", None) or {est.se_type: est.covariance})
+        return cls(params=est.params, param_names=est.param_names, covariances=covariances,
                    se_type=est.se_type, n_clusters=est.n_clusters, weight=est.weight, j_test=est.j_test,
                    objective=est.objective, loglik=est.loglik, converged=est.converged, message=est.message,
                    steps=est.steps, config=config, data=data, telemetry=telemetry,
                    truth=truth if truth is not None and len(truth) == len(est.params) else None,
-                   derived=list(est.derived), notes=list(est.notes), units=est.units)
+                   derived=list(est.derived), notes=list(est.notes), units=est.units,
+                   likelihood=getattr(est, "likelihood", None))
+
+    @property
+    def estimator(self) -> str:
+        return "gmm" if self.likelihood is None else "mle"
+
+    def std_errors_of(self, se_type: str) -> np.ndarray:
+        """Standard errors under `se_type` (a key of covariances)."""
+        return np.sqrt(np.diag(self.covariances[se_type]))
+
+    @property
+    def robust_type(self) -> str:
+        """The sandwich's name among the covariances: "robust" or "clustered"."""
+        return next(k for k in self.covariances if k != "classical")
 
     # -- derived --------------------------------------------------------------------------------------
     @property
@@ -165,7 +184,17 @@ class Results:
             "derived": [d.to_dict() for d in self.derived],
             "notes": list(self.notes),
             "units": self.units,
-        }
+        } | self.mle_dict()
+
+    def mle_dict(self) -> dict:
+        """The MLE's keys (DESIGN.md, "Maximum likelihood (first slice)"); empty for GMM."""
+        if self.likelihood is None:
+            return {}
+        L = self.likelihood
+        return {"estimator": "mle", "loglik_null": L["loglik_null"], "rho_squared": L["rho_squared"],
+                "rho_squared_adj": L["rho_squared_adj"], "aic": L["aic"], "bic": L["bic"], "n_units": L["n_units"],
+                "std_errors_classical": self.std_errors_of("classical").tolist(),
+                "std_errors_robust": self.std_errors_of(self.robust_type).tolist()}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
@@ -175,14 +204,26 @@ class Results:
         zt = self._z()
         d = self.data
         steps = len(self.steps)
+        mle = self.likelihood is not None
+        method = ("maximum likelihood" if mle else
+                  f"{'two-step' if steps == 2 else 'one-step'} GMM, W = {'S(b1)^-1' if steps == 2 else 'I'}")
         lines = [
             f"estpipe estimate: {d['path']}  ({count(d['n_sets'], 'set')}, {d['n_rows']} rows, K = {d['K']}, M = {d['M']})",
-            f"{'two-step' if steps == 2 else 'one-step'} GMM, W = {'S(b1)^-1' if steps == 2 else 'I'}; "
+            f"{method}; "
             f"{self.se_type} standard errors" + (f" ({count(self.n_clusters, self.units.rstrip('s').replace('panel unit', 'decision maker'))})"
-                                                 if self.n_clusters else ""),
+                                                 if self.n_clusters else "") + ("; classical beside them" if mle else ""),
             "",
         ]
         w = max(9, *(len(n) for n in self.param_names))
+        if mle:
+            lines.pop()
+            lines += ["", self._mle_rows(w)]
+            if self.derived:
+                lines += ["", f"{'derived':<{w}} {'estimate':>11} {'std.err':>10} {'z':>8} {'P>|z|':>7}  null"]
+                for d in self.derived:
+                    lines.append(f"{d.name:<{w}} {d.estimate:>11.5g} {d.std_error:>10.4g} {d.z:>8.3f} "
+                                 f"{d.p_value:>7.4f}  {d.null:g}")
+            return self._tail(lines)
         head = f"{'':<{w}} {'estimate':>11} {'std.err':>10} {'z':>8} {'P>|z|':>7} {'[95% interval]':>23}"
         if self.truth is not None:
             head += f" {'truth':>10}"
@@ -198,14 +239,43 @@ class Results:
             lines += ["", f"{'derived':<{w}} {'estimate':>11} {'std.err':>10} {'z':>8} {'P>|z|':>7}  null"]
             for d in self.derived:
                 lines.append(f"{d.name:<{w}} {d.estimate:>11.5g} {d.std_error:>10.4g} {d.z:>8.3f} {d.p_value:>7.4f}  {d.null:g}")
+        return self._tail(lines)
+
+    def _mle_rows(self, w: int) -> str:
+        """The MLE's table: estimate, classical and robust (or clustered) standard errors, z, p
+        and the 95% interval under the default (se_type)."""
+        zt = self._z()
+        robust = self.robust_type
+        head = (f"{'':<{w}} {'estimate':>11} {'classical':>10} {robust:>10} {'z':>8} {'P>|z|':>7} "
+                f"{'[95% interval]':>23}" + (f" {'truth':>10}" if self.truth is not None else ""))
+        rows = [head]
+        se_c, se_r = self.std_errors_of("classical"), self.std_errors_of(robust)
+        for k, name in enumerate(self.param_names):
+            row = (f"{name:<{w}} {self.params[k]:>11.5g} {se_c[k]:>10.4g} {se_r[k]:>10.4g} {zt['z'][k]:>8.3f} "
+                   f"{zt['p'][k]:>7.4f} {zt['lower'][k]:>11.5g} {zt['upper'][k]:>11.5g}")
+            if self.truth is not None:
+                row += f" {self.truth[k]:>10.5g}"
+            rows.append(row)
+        return "\n".join(rows)
+
+    def _tail(self, lines: list[str]) -> str:
         lines += [f"note: {n}" for n in self.notes]
         lines.append("")
+        if self.likelihood is not None:
+            L = self.likelihood
+            lines.append(f"loglik = {self.loglik:.6g}; null (equal probabilities) {L['loglik_null']:.6g}; rho^2 = "
+                         f"{L['rho_squared']:.4f} (adjusted {L['rho_squared_adj']:.4f}); AIC {L['aic']:.6g}, "
+                         f"BIC {L['bic']:.6g} (n = {count(L['n_units'], 'unit')})")
+            return self._last_line(lines)
         tail = f"objective Q = {self.objective:.6g}"
         if self.j_test is not None:
             tail += f"; J = {self.j_statistic:.4g} (df {self.j_df}, p = {self.j_pvalue:.4g})"
         if self.loglik is not None and math.isfinite(self.loglik):
             tail += f"; loglik = {self.loglik:.6g}"
         lines.append(tail)
+        return self._last_line(lines)
+
+    def _last_line(self, lines: list[str]) -> str:
         lines.append(
             f"{'converged' if self.converged else 'NOT converged'}: {self.message}; "
             f"{count(self.evaluations, 'evaluation')}, {self.wall_seconds:.2f} s, {self.telemetry.backend}"

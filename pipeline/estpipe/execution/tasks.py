@@ -22,6 +22,7 @@ from estpipe.kernel.request import Request
 from estpipe.models.spec import ModelSpec
 from estpipe.kernel import MomentSums, PartitionKernel
 from estpipe.kernel.blas import blas_libraries
+from estpipe.kernel.likelihood import LikelihoodSums
 
 
 @dataclass(eq=False)
@@ -46,13 +47,13 @@ class TaskResult:
     """What leaves a worker per evaluation: the payload, the kernel's own time in seconds, and the
     pid of the process that ran it (to find the critical path when a worker runs several)."""
 
-    value: MomentSums | np.ndarray
+    value: MomentSums | LikelihoodSums | np.ndarray
     seconds: float
     pid: int = 0
 
     def __sizeof__(self) -> int:
         v = self.value
-        return 64 + (v.nbytes if isinstance(v, (MomentSums, np.ndarray)) else 0)
+        return 64 + (v.nbytes if isinstance(v, (MomentSums, LikelihoodSums, np.ndarray)) else 0)
 
 
 # Below this, np.empty: the saving is in the many page faults of a large array.

@@ -2,7 +2,8 @@
 
     k = PartitionKernel(data, model="logit", derivatives="dual", tile_rows=None)
     k.n_params                                   P, the model's parameter count
-    k.evaluate(Request) -> MomentSums           what the request needs (kernel/request.py)
+    k.evaluate(Request) -> MomentSums           what the request needs (kernel/request.py);
+                                                 LikelihoodSums for a "likelihood" request
     k.pullback_of(Request, v) -> (P,)            sum_i (dh_i/dbeta)' v, i.e. n G' v
     k.sums(params, jacobian=True, ...)           the same as evaluate, from keyword arguments
 
@@ -43,6 +44,7 @@ from estpipe.kernel.fused_logit import FusedLogit
 from estpipe.kernel.fused_mixed import FusedMixed
 from estpipe.kernel.fused_nested import FusedNested
 from estpipe.kernel.generic import GenericDual
+from estpipe.kernel.likelihood import likelihood_sums
 from estpipe.kernel.request import Request
 from estpipe.kernel.sums import MomentSums
 from estpipe.kernel.units import UnitSums
@@ -284,9 +286,12 @@ class PartitionKernel:
                                            fd_steps=fd_steps), v)
 
     def evaluate(self, request: Request) -> MomentSums:
-        """The additive sums `request` needs, by this kernel's derivative mode."""
+        """The additive sums `request` needs, by this kernel's derivative mode (a likelihood
+        request: its LikelihoodSums, by dual blocks whatever the mode)."""
         if np.shape(request.params) != (self.n_params,):
             raise ValueError(f"params must have shape ({self.n_params},), got {np.shape(request.params)}")
+        if request.likelihood:
+            return likelihood_sums(self, request)
         return self.derivative.sums(self, request)
 
     def pullback_of(self, request: Request, v) -> np.ndarray:

@@ -2,7 +2,9 @@
 
 A request names the quantities it needs (`needs`), so the protocol grows by new names, not by
 new flags: today "moments" (always), "jacobian" (the partials of the moments, by the derivative
-mode) and "covariance" (the per-unit sums S needs, and the log-likelihood of the chosen rows).
+mode) "covariance" (the per-unit sums S needs, and the log-likelihood of the chosen rows) and
+"likelihood" (answered alone, by kernel/likelihood.py's LikelihoodSums: the log-likelihood, the
+score sum and the OPG per unit and per cluster, for the MLE).
 The scales and steps say in which units the answer comes (DESIGN.md, "Units").
 """
 
@@ -15,7 +17,8 @@ import numpy as np
 MOMENTS = "moments"
 JACOBIAN = "jacobian"
 COVARIANCE = "covariance"
-QUANTITIES = (MOMENTS, JACOBIAN, COVARIANCE)
+LIKELIHOOD = "likelihood"
+QUANTITIES = (MOMENTS, JACOBIAN, COVARIANCE, LIKELIHOOD)
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,6 +61,14 @@ class Request:
     @property
     def covariance(self) -> bool:
         return COVARIANCE in self.needs
+
+    @property
+    def likelihood(self) -> bool:
+        return LIKELIHOOD in self.needs
+
+    @classmethod
+    def for_likelihood(cls, params, clustered: bool = True, seed_scale=None) -> "Request":
+        return cls(params=np.asarray(params), needs=frozenset({LIKELIHOOD}), clustered=clustered, seed_scale=seed_scale)
 
     @property
     def complex_step(self) -> bool:

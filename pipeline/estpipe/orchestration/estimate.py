@@ -20,6 +20,7 @@ import numpy as np
 from estpipe.data.problem import ChoiceProblem, read_problem
 from estpipe.errors import EXIT_NOT_CONVERGED, EXIT_USER, UserError, term
 from estpipe.estimation.gmm import GmmSettings, GmmState, Reporter, estimate_gmm, logit_start
+from estpipe.estimation.mle import MleSettings, estimate_mle
 from estpipe.estimation.results import Results, Telemetry
 from estpipe.execution import start_backend
 from estpipe.execution.planning import default_partitions, plan_partitions, unit_ids
@@ -115,7 +116,10 @@ class _CheckpointWriter(Reporter):
 def _start(problem: ChoiceProblem, model, options: EstimateOptions) -> np.ndarray:
     P = model.n_params(problem.K)
     names = model.param_names(problem.x_names)
-    if problem.M < P:
+    if options.estimator == "mle" and not problem.has_chosen:
+        raise UserError(f"{problem.path}: the file has no chosen rows; {term('estimator')} mle needs them: write the "
+                        "file with estpipe load --chosen COLUMN, or use the default GMM estimator")
+    if problem.M < P and options.estimator == "gmm":
         more = (" (a mixed logit's variances need instruments beyond x, e.g. squares and interactions of the random "
                 "x: estpipe simulate --design mixed-logit writes them)" if model.name == "mixed-logit" else "")
         raise UserError(f"{problem.path}: M = {count(problem.M, 'moment')} for {count(P, 'parameter')} of model "
@@ -176,12 +180,16 @@ def estimate(path: str | os.PathLike, options: EstimateOptions | None = None, *,
         settings = GmmSettings(optimizer=options.optimizer, derivatives=options.derivatives, steps=options.steps,
                                tol=options.tol, max_iter=options.max_iter)
         writer = _CheckpointWriter(reporter, options.checkpoint, problem.fingerprint, result_options)
-        if options.start is None and ckpt is None:
+        if options.start is None and ckpt is None and options.estimator == "gmm":
             x0 = logit_start(evaluator, problem, model, get_model("logit"), settings, clustered, reporter) \
                 if model.logit_start else x0
         try:
-            est = estimate_gmm(evaluator, problem, model, settings, x0, clustered,
-                               state=None if ckpt is None else ckpt.state, reporter=writer)
+            if options.estimator == "mle":
+                est = estimate_mle(evaluator, problem, model, MleSettings(tol=options.tol, max_iter=options.max_iter),
+                                   x0, clustered, reporter=reporter)
+            else:
+                est = estimate_gmm(evaluator, problem, model, settings, x0, clustered,
+                                   state=None if ckpt is None else ckpt.state, reporter=writer)
         except UserError:
             if options.checkpoint and not checkpoint_existed and Path(options.checkpoint).exists():
                 os.unlink(options.checkpoint)
@@ -198,7 +206,7 @@ def estimate(path: str | os.PathLike, options: EstimateOptions | None = None, *,
             timing={"evaluation_seconds": stats.wall_seconds, "kernel_seconds": stats.kernel_seconds,
                     "overhead_per_evaluation_seconds": stats.overhead_seconds(),
                     "result_bytes_per_evaluation": stats.result_bytes / max(1, stats.evaluations)},
-            gradient_rule=rule,
+            gradient_rule=est.gradient_rule if options.estimator == "mle" else rule,
         )
         results = Results.from_estimate(est, config=options.to_dict(), data=problem.summary(), telemetry=telemetry,
                                         truth=problem.truth_for(est.param_names))

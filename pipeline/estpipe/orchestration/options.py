@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Iterable, Mapping, NamedTuple
 
 from estpipe.errors import UserError, term
+from estpipe.estimation.estimators import ESTIMATORS
 from estpipe.estimation.optimizers import OPTIMIZERS
 from estpipe.execution.jobqueue import KINDS
 from estpipe.kernel.derivatives import DERIVATIVES
@@ -26,12 +27,13 @@ STEPS = (1, 2)
 # The options that name a choice, each checked against its registry (the registry's `argument` is
 # the field; a field whose default is None may stay None: no batch system). The model is checked
 # by models.model_problem: a registered model, a user's file "path.py:Class" or an installed one.
-CHOICES = (OPTIMIZERS, DERIVATIVES, KINDS)
+CHOICES = (ESTIMATORS, OPTIMIZERS, DERIVATIVES, KINDS)
 
 # Options that change the estimate; a checkpoint written under other values of these is refused.
 # Where and how the work runs (workers, partitions, scheduler), how long it may run (max_iter) and
-# where output goes do not change it.
-RESULT_OPTIONS = ("model", "random", "correlated", "nests", "draws", "draws_kind", "draws_seed", "panel", "optimizer",
+# where output goes do not change it. (The estimator at its default, gmm, is left out of a
+# checkpoint's options, so that checkpoints written before it existed stay valid.)
+RESULT_OPTIONS = ("estimator", "model", "random", "correlated", "nests", "draws", "draws_kind", "draws_seed", "panel", "optimizer",
                   "derivatives", "steps", "start", "tol", "no_cluster")
 # The options a model takes (models/spec.py): given to the model's bind, which refuses the ones it
 # does not take. Their defaults mean "not given".
@@ -56,6 +58,7 @@ class EstimateOptions:
     scheduler_file: str | None = None
     jobqueue: str | None = None
     partitions: int | None = None
+    estimator: str = "gmm"
     model: str = "logit"
     random: str | None = None
     correlated: bool = False
@@ -98,7 +101,7 @@ class EstimateOptions:
         return asdict(self)
 
     def result_options(self) -> dict:
-        return {k: getattr(self, k) for k in RESULT_OPTIONS}
+        return {k: getattr(self, k) for k in RESULT_OPTIONS if not (k == "estimator" and self.estimator == "gmm")}
 
     def model_options(self) -> dict:
         """The model options given (not at their defaults), for ModelSpec."""
@@ -156,6 +159,16 @@ class EstimateOptions:
                     f"{term('derivatives')} {mode.name} gives only the gradient of Q, but {optimizer.name} needs the "
                     f"moment Jacobian G; use {term('optimizer')} {either(free)} with {mode.name}, or "
                     f"{term('derivatives')} {full}")
+        if self.estimator == "mle" and not found:
+            if self.model == "mixed-logit":
+                add("estimator", f"{term('estimator')} mle: simulated maximum likelihood for mixed-logit is not built yet; "
+                    f"use the default GMM estimator")
+            elif self.derivatives != "dual":
+                add("derivatives", f"{term('derivatives')} {self.derivatives}: {term('estimator')} mle takes its scores "
+                    f"from dual blocks only so far; leave {term('derivatives')} at dual")
+            elif self.checkpoint:
+                add("checkpoint", f"{term('checkpoint')}: {term('estimator')} mle writes no checkpoints yet; drop "
+                    f"{term('checkpoint')} (an MLE run is short) or use the default GMM estimator")
         given = [field for field in ("scheduler", "scheduler_file", "jobqueue") if getattr(self, field)]
         if len(given) > 1:
             add(given[0], f"{' and '.join(map(term, given))} both choose the cluster; give only one")

@@ -1,0 +1,11 @@
+"""The estimators (`estimator=`): two-step GMM (estimation/gmm.py, the default) and maximum
+likelihood (estimation/mle.py, first slice: models whose probabilities are not simulated)."""
+
+from __future__ import annotations
+
+from estpipe.registry import Choice, Registry
+
+ESTIMATORS: Registry[Choice] = Registry("estimator", [
+    Choice("gmm", "two-step GMM on the file's moments (the default)"),
+    Choice("mle", "maximum likelihood of the chosen rows (not yet for mixed-logit)"),
+])
