@@ -1,0 +1,201 @@
+"""Maximum likelihood (--estimator mle, first slice): the logit MLE equals the GMM with z = x and
+its robust errors equal GMM's; its classical errors equal an independent closed-form Hessian and
+statsmodels' ConditionalLogit; scores against central differences of the log-likelihood (logit,
+nested logit with missing alternatives); the OPG per unit and per cluster against per-set scores,
+whatever the tiles and partitions; nested logit at lambda = 1 has the logit's scores; in-process
+equals real dask workers; recovery on simulated nested-logit data; bad input as one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import estimate_error_line
+from estpipe.data.format import ChoiceData, ChoiceDataFile, write_choice_data
+from estpipe.kernel import PartitionKernel
+from estpipe.kernel.request import Request
+from estpipe.models import get_model
+from estpipe.orchestration import EstimateOptions, estimate
+from test_nested_logit import B_TRUE, LAMBDA_TRUE, NESTS, Facts, _simulate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def modechoice(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mc") / "mc.h5"
+    subprocess.run([sys.executable, "-m", "estpipe", "load", str(REPO / "data" / "modechoice.csv"), str(path),
+                    "--set-col", "individual", "--choice-col", "choice", "--x", "invc,invt,ttme", "--alt-col", "mode",
+                    "--asc"], check=True, capture_output=True, timeout=120)
+    return path
+
+
+def _logit_probabilities(X, offsets, b):
+    u = X @ b
+    s = np.empty_like(u)
+    for a, z in zip(offsets[:-1], offsets[1:]):
+        e = np.exp(u[a:z] - u[a:z].max())
+        s[a:z] = e / e.sum()
+    return s
+
+
+def test_logit_mle_is_gmm_with_z_x_and_its_classical_errors_the_closed_form_hessian(modechoice):
+    mle = estimate(modechoice, EstimateOptions(estimator="mle"))
+    gmm = estimate(modechoice, EstimateOptions())
+    assert mle.converged and mle.se_type == "robust" and mle.param_names == gmm.param_names
+    assert round(float(mle.params[0]), 5) == -0.01391  # Greene's clogit, invc
+    np.testing.assert_allclose(mle.params, gmm.params, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(mle.std_errors, gmm.std_errors, rtol=1e-8)
+    np.testing.assert_allclose(mle.loglik, gmm.loglik, rtol=1e-12)
+    # -H = sum_i X~' diag(s) X~, X~ = X minus the set's s-weighted mean, at the estimate
+    with ChoiceDataFile(modechoice) as f:
+        d = f.read_sets(0, f.n_sets)
+    s = _logit_probabilities(d.X, d.offsets, mle.params)
+    info = np.zeros((d.K, d.K))
+    for a, z in zip(d.offsets[:-1], d.offsets[1:]):
+        Xt = d.X[a:z] - s[a:z] @ d.X[a:z]
+        info += Xt.T @ (s[a:z, None] * Xt)
+    se = np.sqrt(np.diag(np.linalg.inv(info)))
+    np.testing.assert_allclose(mle.std_errors_of("classical"), se, rtol=1e-6)
+    out = mle.to_dict()
+    assert out["std_errors_robust"] == pytest.approx(list(gmm.std_errors), rel=1e-8)
+    assert out["loglik_null"] == pytest.approx(-float(np.sum(np.log(np.diff(d.offsets)))), rel=1e-12)
+    assert out["rho_squared"] == pytest.approx(1 - out["loglik"] / out["loglik_null"])
+    assert out["aic"] == pytest.approx(2 * 6 - 2 * out["loglik"]) and out["bic"] == pytest.approx(
+        6 * np.log(210) - 2 * out["loglik"])
+    assert out["j_statistic"] is None and set(gmm.to_dict()) <= set(out)
+    table = mle.table()
+    assert "classical" in table and "robust" in table and f"{se[0]:.4g}" in table
+
+
+def test_classical_errors_equal_statsmodels_conditional_logit(modechoice):
+    from statsmodels.discrete.conditional_models import ConditionalLogit
+
+    with ChoiceDataFile(modechoice) as f:
+        d = f.read_sets(0, f.n_sets)
+    groups = np.repeat(np.arange(len(d.offsets) - 1), np.diff(d.offsets))
+    fit = ConditionalLogit(d.chosen.astype(float), d.X, groups=groups).fit(method="newton", disp=False, maxiter=100,
+                                                                           tol=1e-14)
+    mle = estimate(modechoice, EstimateOptions(estimator="mle"))
+    np.testing.assert_allclose(mle.params, fit.params, rtol=1e-7)
+    np.testing.assert_allclose(mle.std_errors_of("classical"), np.sqrt(np.diag(fit.cov_params())), rtol=1e-5)
+
+
+def _random_sets(seed, n=60, J=5, K=2, missing=True):
+    rng = np.random.default_rng(seed)
+    alts = [np.sort(rng.choice(J, rng.integers(2, J + 1), replace=False)) if missing else np.arange(J) for _ in range(n)]
+    sizes = np.array([len(a) for a in alts])
+    offsets = np.r_[0, np.cumsum(sizes)].astype(np.int64)
+    chosen = np.zeros(offsets[-1], dtype=np.int8)
+    chosen[offsets[:-1] + rng.integers(0, sizes)] = 1
+    cluster = np.repeat(np.arange(n // 3), 3).astype(np.int64)  # clusters of 3 sets
+    return ChoiceData(X=rng.standard_normal((offsets[-1], K)), dm=rng.standard_normal((offsets[-1], 3)),
+                      offsets=offsets, chosen=chosen, cluster=cluster, alt=np.concatenate(alts).astype(np.int32))
+
+
+def _nested_model(K=2):
+    return get_model("nested-logit").bind(Facts(K, [f"a{j + 1}" for j in range(5)]), nests="n1=a1,a2; n2=a3,a4,a5")
+
+
+@pytest.mark.parametrize("which", ["logit", "nested-logit"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_scores_are_central_differences_of_the_loglik(which, seed):
+    data = _random_sets(seed)
+    model = "logit" if which == "logit" else _nested_model()
+    k = PartitionKernel(data, model=model, tile_rows=17)
+    rng = np.random.default_rng(seed + 10)
+    params = np.r_[rng.uniform(-1, 1, 2), np.log(rng.uniform(0.4, 1.5, k.n_params - 2))]
+    s = k.evaluate(Request.for_likelihood(params))
+    central = np.empty(k.n_params)
+    for j in range(k.n_params):
+        e = np.zeros(k.n_params)
+        e[j] = 1e-6
+        central[j] = (k.evaluate(Request.for_likelihood(params + e)).loglik
+                      - k.evaluate(Request.for_likelihood(params - e)).loglik) / 2e-6
+    np.testing.assert_allclose(s.score, central, rtol=1e-6, atol=1e-6)
+    assert s.n_chosen == data.n_sets and s.loglik < 0
+
+
+def test_opg_per_unit_and_per_cluster_from_per_set_scores_across_tiles_and_partitions():
+    """The logit's per-set score x_chosen - sum s x, summed per set (OPG over sets) and per
+    cluster of 3 sets, computed here; the kernel's, with tiles that cut clusters, and split into
+    two partitions at a cluster boundary and added, equal them."""
+    data = _random_sets(4, n=90)
+    b = np.array([0.3, -0.7])
+    s = _logit_probabilities(data.X, data.offsets, b)
+    per_set = np.array([data.X[a:z][data.chosen[a:z] == 1].sum(axis=0) - s[a:z] @ data.X[a:z]
+                        for a, z in zip(data.offsets[:-1], data.offsets[1:])])
+    per_cluster = np.add.reduceat(per_set, np.arange(0, 90, 3), axis=0)
+    whole = PartitionKernel(data, model="logit", tile_rows=7).evaluate(Request.for_likelihood(b))
+    cut = 45  # a cluster boundary (clusters of 3 sets)
+    halves = [ChoiceData(X=data.X[data.offsets[a]:data.offsets[z]], dm=data.dm[data.offsets[a]:data.offsets[z]],
+                         offsets=data.offsets[a:z + 1] - data.offsets[a],
+                         chosen=data.chosen[data.offsets[a]:data.offsets[z]], cluster=data.cluster[a:z],
+                         alt=data.alt[data.offsets[a]:data.offsets[z]]) for a, z in ((0, cut), (cut, 90))]
+    added = sum(PartitionKernel(h, model="logit", tile_rows=11).evaluate(Request.for_likelihood(b)) for h in halves)
+    for got in (whole, added):
+        np.testing.assert_allclose(got.score, per_set.sum(axis=0), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(got.opg, per_set.T @ per_set, rtol=1e-12)
+        np.testing.assert_allclose(got.opg_cluster, per_cluster.T @ per_cluster, rtol=1e-12)
+        assert (got.n_units, got.n_clusters) == (90, 30)
+    unclustered = PartitionKernel(data, model="logit").evaluate(Request.for_likelihood(b, clustered=False))
+    assert unclustered.opg_cluster is None and unclustered.n_clusters == 0
+
+
+def test_nested_logit_at_lambda_one_has_zero_beta_scores_at_the_logit_mle(tmp_path):
+    path = _simulate(tmp_path / "n.h5", seed=3, n=800)
+    logit = estimate(path, EstimateOptions(estimator="mle"))
+    with ChoiceDataFile(path) as f:
+        data = f.read_sets(0, f.n_sets)
+    model = get_model("nested-logit").bind(Facts(2, [f"a{j + 1}" for j in range(6)]), nests=NESTS)
+    s = PartitionKernel(data, model=model).evaluate(Request.for_likelihood(np.r_[logit.params, 0.0, 0.0]))
+    scale = np.sqrt(np.diag(s.opg))
+    assert np.all(np.abs(s.score[:2]) < 1e-8 * scale[:2]), (s.score, scale)
+    assert np.any(np.abs(s.score[2:]) > 1e-3 * scale[2:])  # lambda is not at its MLE there: the test can fail
+    assert s.loglik == pytest.approx(logit.loglik, rel=1e-12)
+
+
+def test_nested_logit_recovery_and_dask_workers_equal_in_process(tmp_path):
+    path = _simulate(tmp_path / "n.h5", seed=11)
+    options = dict(model="nested-logit", nests=NESTS, estimator="mle")
+    base = estimate(path, EstimateOptions(**options))
+    assert base.converged and base.param_names == ["x1", "x2", "log_lambda_n1", "log_lambda_n2"]
+    z = (base.params - np.r_[B_TRUE, np.log(LAMBDA_TRUE)]) / base.std_errors
+    assert np.all(np.abs(z) < 4), z
+    assert {d.name for d in base.derived} == {"lambda_n1", "lambda_n2"}
+    dask = estimate(path, EstimateOptions(workers=2, **options))
+    assert dask.telemetry.workers == 2
+    np.testing.assert_allclose(dask.params, base.params, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(dask.std_errors, base.std_errors, rtol=1e-8)
+    np.testing.assert_allclose(dask.std_errors_of("classical"), base.std_errors_of("classical"), rtol=1e-8)
+
+
+def test_clustered_file_gives_clustered_errors(tmp_path):
+    path = tmp_path / "c.h5"
+    data = _random_sets(7, n=300, missing=False)
+    write_choice_data(path, data, ["x1", "x2"], ["m1", "m2", "m3"], alt_names=[f"a{j + 1}" for j in range(5)])
+    r = estimate(path, EstimateOptions(estimator="mle"))
+    ignored = estimate(path, EstimateOptions(estimator="mle", no_cluster=True))
+    assert (r.se_type, r.n_clusters, ignored.se_type) == ("clustered", 100, "robust")
+    np.testing.assert_allclose(r.params, ignored.params, rtol=1e-10)
+    np.testing.assert_allclose(r.std_errors_of("classical"), ignored.std_errors_of("classical"), rtol=1e-8)
+    assert not np.allclose(r.std_errors, ignored.std_errors, rtol=1e-3)
+    assert r.to_dict()["std_errors_robust"] == pytest.approx(list(r.std_errors))
+
+
+def test_bad_input_is_one_line(tmp_path, modechoice):
+    path = tmp_path / "nochosen.h5"
+    d = _random_sets(1, missing=False)
+    write_choice_data(path, ChoiceData(X=d.X, dm=d.dm, offsets=d.offsets), ["x1", "x2"], ["m1", "m2", "m3"])
+    line = estimate_error_line(path, ["--estimator", "mle"], "logit")
+    assert "no chosen rows" in line and "--estimator mle" in line
+    line = estimate_error_line(modechoice, ["--estimator", "mle", "--random", "invc"], "mixed-logit")
+    assert "simulated maximum likelihood for mixed-logit is not built yet; use the default GMM estimator" in line
+    line = estimate_error_line(modechoice, ["--estimator", "mel"], "logit")
+    assert "unknown estimator 'mel'" in line and "did you mean 'mle'" in line
+    line = estimate_error_line(modechoice, ["--estimator", "mle", "--derivatives", "fd"], "logit")
+    assert "--derivatives fd" in line
