@@ -199,3 +199,20 @@ def test_bad_input_is_one_line(tmp_path, modechoice):
     assert "unknown estimator 'mel'" in line and "did you mean 'mle'" in line
     line = estimate_error_line(modechoice, ["--estimator", "mle", "--derivatives", "fd"], "logit")
     assert "--derivatives fd" in line
+
+
+def test_a_job_spec_runs_the_mle_and_no_checkpoint_is_written(tmp_path):
+    spec = tmp_path / "job.toml"
+    spec.write_text('[data]\npath = "d.h5"\ndesign = "logit"\nsets = 300\nalternatives = 4\nparams = 3\nmoments = 3\n'
+                    'seed = 0\n\n[estimate]\nestimator = "mle"\n\n[backend]\nkind = "local"\nworkers = 1\n\n'
+                    '[output]\nresults = "r.json"\ncheckpoint = "c.json"\n')
+    done = subprocess.run([sys.executable, "-m", "estpipe", "run", str(spec)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    import json
+
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["estimator"] == "mle" and r["config"]["estimator"] == "mle" and len(r["std_errors_classical"]) == 3
+    assert not (tmp_path / "c.json").exists() and "writes no checkpoints yet" in done.stderr
+    direct = estimate(tmp_path / "d.h5", EstimateOptions(estimator="mle"))
+    np.testing.assert_allclose(r["params"], direct.params, rtol=1e-12)

@@ -6,6 +6,6 @@ from __future__ import annotations
 from estpipe.registry import Choice, Registry
 
 ESTIMATORS: Registry[Choice] = Registry("estimator", [
-    Choice("gmm", "two-step GMM on the file's moments (the default)"),
-    Choice("mle", "maximum likelihood of the chosen rows (not yet for mixed-logit)"),
+    Choice("gmm", "two-step GMM on the file's moments, the default"),
+    Choice("mle", "maximum likelihood of the chosen rows; not yet for mixed-logit"),
 ])

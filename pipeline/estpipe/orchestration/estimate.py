@@ -156,6 +156,10 @@ def estimate(path: str | os.PathLike, options: EstimateOptions | None = None, *,
     result_options = options.result_options() | ({"model_file": spec.digest} if spec.digest else {})
 
     ckpt = None
+    if options.estimator == "mle" and options.checkpoint:
+        reporter.log(f"note: {term('estimator')} mle writes no checkpoints yet (an MLE run is short); "
+                     f"{term('checkpoint')} {options.checkpoint} is neither read nor written")
+        options = replace(options, checkpoint=None, resume=False)
     if options.checkpoint and options.resume:
         ckpt = load_checkpoint(options.checkpoint, problem.fingerprint, result_options, str(path))
         reporter.log(f"resuming from {options.checkpoint}: step {ckpt.step}, {count(ckpt.evaluations, 'evaluation')} so far"

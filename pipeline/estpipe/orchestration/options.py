@@ -166,9 +166,6 @@ class EstimateOptions:
             elif self.derivatives != "dual":
                 add("derivatives", f"{term('derivatives')} {self.derivatives}: {term('estimator')} mle takes its scores "
                     f"from dual blocks only so far; leave {term('derivatives')} at dual")
-            elif self.checkpoint:
-                add("checkpoint", f"{term('checkpoint')}: {term('estimator')} mle writes no checkpoints yet; drop "
-                    f"{term('checkpoint')} (an MLE run is short) or use the default GMM estimator")
         given = [field for field in ("scheduler", "scheduler_file", "jobqueue") if getattr(self, field)]
         if len(given) > 1:
             add(given[0], f"{' and '.join(map(term, given))} both choose the cluster; give only one")
