@@ -216,3 +216,39 @@ def test_a_job_spec_runs_the_mle_and_no_checkpoint_is_written(tmp_path):
     assert not (tmp_path / "c.json").exists() and "writes no checkpoints yet" in done.stderr
     direct = estimate(tmp_path / "d.h5", EstimateOptions(estimator="mle"))
     np.testing.assert_allclose(r["params"], direct.params, rtol=1e-12)
+
+
+def test_a_user_model_by_mle_is_the_logit_reparametrized(modechoice):
+    """examples/wtp_space.py (a user's model file: u = alpha (-cost + x'w)) is the logit in other
+    parameters: the same maximum, and its derived b's are the logit's MLE with the logit's
+    robust errors (delta method)."""
+    wtp = estimate(modechoice, EstimateOptions(estimator="mle", model=str(REPO / "examples" / "wtp_space.py:WtpSpace")))
+    logit = estimate(modechoice, EstimateOptions(estimator="mle"))
+    assert wtp.converged and wtp.param_names[0] == "log_alpha"
+    assert wtp.loglik == pytest.approx(logit.loglik, rel=1e-12)
+    derived = {d.name: d for d in wtp.derived}
+    for k, name in enumerate(logit.param_names):
+        d = derived[f"b_{name}"]
+        assert d.estimate == pytest.approx(logit.params[k], rel=1e-7, abs=1e-12)
+        assert d.std_error == pytest.approx(logit.std_errors[k], rel=1e-4)
+
+
+def test_panel_units_are_the_units_of_the_opg_and_of_the_file(tmp_path):
+    """Sets of one decision maker are one unit: the OPG sums their scores first (against per-set
+    logit scores here), and the estimate reports clustered errors over the decision makers."""
+    base = _random_sets(5, n=120, missing=False)
+    panel = np.repeat(np.arange(30), 4).astype(np.int64)  # 30 decision makers x 4 sets
+    data = ChoiceData(X=base.X, dm=base.dm, offsets=base.offsets, chosen=base.chosen, alt=base.alt, panel=panel)
+    b = np.array([-0.2, 0.5])
+    s = _logit_probabilities(data.X, data.offsets, b)
+    per_set = np.array([data.X[a:z][data.chosen[a:z] == 1].sum(axis=0) - s[a:z] @ data.X[a:z]
+                        for a, z in zip(data.offsets[:-1], data.offsets[1:])])
+    per_unit = np.add.reduceat(per_set, np.arange(0, 120, 4), axis=0)
+    got = PartitionKernel(data, model="logit", tile_rows=10).evaluate(Request.for_likelihood(b))
+    np.testing.assert_allclose(got.opg, per_unit.T @ per_unit, rtol=1e-12)
+    assert got.n_units == 30
+    path = tmp_path / "p.h5"
+    write_choice_data(path, data, ["x1", "x2"], ["m1", "m2", "m3"], alt_names=[f"a{j + 1}" for j in range(5)])
+    r = estimate(path, EstimateOptions(estimator="mle"))
+    assert (r.se_type, r.units, r.n_clusters, r.likelihood["n_units"]) == ("clustered", "panel units", 30, 30)
+    assert r.likelihood["bic"] == pytest.approx(2 * np.log(30) - 2 * r.loglik)
