@@ -207,7 +207,7 @@ class Results:
             tail += f"; loglik = {self.loglik:.6g}"
         lines.append(tail)
         lines.append(
-            f"{'converged' if self.converged else 'NOT converged'}: {self.message}; "
+            f"{'converged' if self.converged else 'NOT converged'}: {self.message.rstrip('.')}; "
             f"{count(self.evaluations, 'evaluation')}, {self.wall_seconds:.2f} s, {self.telemetry.backend}"
         )
         return "\n".join(lines)
