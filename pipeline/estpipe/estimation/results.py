@@ -277,7 +277,7 @@ class Results:
 
     def _last_line(self, lines: list[str]) -> str:
         lines.append(
-            f"{'converged' if self.converged else 'NOT converged'}: {self.message}; "
+            f"{'converged' if self.converged else 'NOT converged'}: {self.message.rstrip('.')}; "
             f"{count(self.evaluations, 'evaluation')}, {self.wall_seconds:.2f} s, {self.telemetry.backend}"
         )
         return "\n".join(lines)

@@ -24,7 +24,8 @@ import numpy as np
 
 from estpipe.dual import Workspace
 from estpipe.kernel.request import Request
-from estpipe.kernel.tiles import DEFAULT_TILE_ROWS, TileData
+from estpipe.kernel import tiles
+from estpipe.kernel.tiles import TileData
 
 # Bytes of one (sets, J, draws) array per batch: the batch of draws is chosen to fit it.
 BATCH_BYTES = 8 * 2**20
@@ -43,10 +44,14 @@ class FusedMixed:
 
     def __init__(self, model):
         self.model = model
-        # A row costs R row-draws here, so tiles (and value stripes) hold fewer rows than the
-        # logit's: enough tiles for every thread, each still one batch of draws or more.
-        self.tile_rows = int(min(DEFAULT_TILE_ROWS, max(MIN_TILE_ROWS, TILE_ROW_DRAWS // max(1, model.draws.R))))
         self._groups: dict[tuple[int, int], list[tuple[int, np.ndarray, np.ndarray]]] = {}
+
+    @property
+    def tile_rows(self) -> int:
+        """A row costs R row-draws here, so tiles (and value stripes) hold fewer rows than the
+        logit's: enough tiles for every thread, each still one batch of draws or more (never more
+        rows than the logit's tiles.DEFAULT_TILE_ROWS, read when the kernel is built)."""
+        return int(min(tiles.DEFAULT_TILE_ROWS, max(MIN_TILE_ROWS, TILE_ROW_DRAWS // max(1, self.model.draws.R))))
 
     # -- layout -----------------------------------------------------------------------------------
     def groups(self, tile: TileData) -> list[tuple[int, np.ndarray, np.ndarray]]:
