@@ -4,10 +4,12 @@
 
 `source` answers the kernel's "likelihood" request summed over the data (LikelihoodSums: the
 log-likelihood, the score sum and the OPG per independent unit and per cluster); this module
-starts no back end and knows no flag. The log-likelihood is maximized by BFGS on the exact
-gradient in standardized parameters theta = D b (D_k = the root mean square of unit scores at the
-start, so the optimizer sees no data units), then polished by Newton steps on the Hessian, which
-is the central difference of the exact gradient. One Hessian gives the classical standard errors
+starts no back end and knows no flag. The log-likelihood is maximized by an MLE_OPTIMIZERS entry
+(bfgs, l-bfgs-b, bhhh, trust-newton) on the exact gradient in standardized parameters theta = D b
+(D_k = the root mean square of unit scores at the start, so the optimizer sees no data units),
+then polished by BHHH steps (the OPG comes with every evaluation). ONE Hessian, the central
+difference of the exact gradient at the final estimate (2P evaluations; none when trust-newton
+has it there), then gives the classical standard errors
 (-H)^-1 and, with the OPG B, the robust sandwich H^-1 B H^-1 (clustered: B from cluster sums).
 """
 
@@ -23,19 +25,21 @@ from estpipe.errors import UserError, term
 from estpipe.estimation.gmm import Reporter, StepRecord
 from estpipe.estimation.inference import delta_method
 from estpipe.kernel.request import Request
+from estpipe.registry import Registry
 from estpipe.text import count
 
 HESSIAN_STEP = float(np.finfo(float).eps ** (1 / 3))  # central differences: error ~ step^2
-NEWTON_STEPS = 8
+POLISH_STEPS = 20
 
 
 @dataclass
 class MleSettings:
-    """tol: BFGS's gtol on the mean standardized score and the Newton polish's step size in
-    theta; max_iter: BFGS iterations."""
+    """tol: the optimizer's gtol on the mean standardized score and the Newton polish's step size
+    in theta; max_iter: the optimizer's iterations; optimizer: an MLE_OPTIMIZERS name."""
 
     tol: float = 1e-10
     max_iter: int = 200
+    optimizer: str = "bfgs"
 
 
 @dataclass
@@ -59,6 +63,7 @@ class MleEstimate:
     message: str
     steps: list[StepRecord]
     evaluations: int
+    hessian_evaluations: int = 0
     weight: None = None
     j_test: None = None
     gradient_rule: str = "dual blocks of the log-probabilities (scores)"
@@ -112,6 +117,126 @@ def _inverse_negative(H: np.ndarray, names: list[str], where: str) -> np.ndarray
     return (inv + inv.T) / 2
 
 
+
+class LikelihoodObjective:
+    """-loglik / n in standardized parameters theta = D b, as the optimizers see it: value (1,),
+    gradient (P,), OPG mean (P, P) and the central-difference Hessian of the exact gradient
+    (P, P), all through one memoized LikelihoodOracle; counts the evaluations the Hessians took."""
+
+    def __init__(self, oracle: LikelihoodOracle, D: np.ndarray, n: float):
+        self.oracle, self.D, self.n = oracle, D, n
+        self.hessian_evaluations = 0
+        self._hessians: dict[bytes, np.ndarray] = {}
+
+    def sums(self, theta):
+        return self.oracle.sums(np.asarray(theta, dtype=np.float64) / self.D)
+
+    def value(self, theta) -> float:
+        s = self.sums(theta)
+        return -s.loglik / self.n if math.isfinite(s.loglik) else np.inf
+
+    def gradient(self, theta) -> np.ndarray:
+        return -self.sums(theta).score / self.D / self.n
+
+    def opg(self, theta) -> np.ndarray:
+        """B_theta = sum_u s_u s_u' / n in theta's units (P, P): BHHH's curvature."""
+        return self.sums(theta).opg / np.outer(self.D, self.D) / self.n
+
+    def hessian(self, theta) -> np.ndarray:
+        """d gradient / d theta (P, P) by central differences, memoized by theta (2P evaluations)."""
+        theta = np.asarray(theta, dtype=np.float64)
+        key = theta.tobytes()
+        if key not in self._hessians:
+            e0 = self.oracle.evaluations
+            self._hessians[key] = hessian(self.gradient, theta, HESSIAN_STEP * np.maximum(1.0, np.abs(theta)))
+            self.hessian_evaluations += self.oracle.evaluations - e0
+        return self._hessians[key]
+
+    def hessian_known(self, theta) -> bool:
+        return np.asarray(theta, dtype=np.float64).tobytes() in self._hessians
+
+
+class MleOptimizer:
+    """One optimizer of -loglik/n in theta: minimize(objective, theta0, gtol, max_iter) ->
+    (theta, iterations, success, message)."""
+
+    name = ""
+    description = ""
+    needs_opg = False  # per-unit scores (a derivative mode that gives only the summed gradient cannot)
+
+    def minimize(self, objective: LikelihoodObjective, theta0, gtol: float, max_iter: int):
+        raise NotImplementedError
+
+
+class ScipyQuasiNewton(MleOptimizer):
+    method = ""
+
+    def minimize(self, objective, theta0, gtol, max_iter):
+        opts = {"gtol": gtol, "maxiter": max_iter}
+        if self.method == "L-BFGS-B":
+            opts["ftol"] = np.finfo(float).eps  # let gtol decide, as for BFGS
+        r = minimize(objective.value, theta0, jac=objective.gradient, method=self.method, options=opts)
+        return r.x, int(r.nit), bool(r.success), str(r.message)
+
+
+class MleBfgs(ScipyQuasiNewton):
+    name, method = "bfgs", "BFGS"
+    description = "scipy BFGS on -loglik with the exact score"
+
+
+class MleLbfgsb(ScipyQuasiNewton):
+    name, method = "l-bfgs-b", "L-BFGS-B"
+    description = "scipy L-BFGS-B on -loglik with the exact score"
+
+
+class Bhhh(MleOptimizer):
+    """Newton-like steps d = B^-1 (mean score), B the OPG mean (Berndt, Hall, Hall, Hausman), with
+    Armijo backtracking (halving) on the log-likelihood; one evaluation per trial point."""
+
+    name = "bhhh"
+    description = "Newton-like steps with the OPG as curvature and a backtracking line search"
+    needs_opg = True
+    ARMIJO, HALVINGS = 1e-4, 40
+
+    def minimize(self, objective, theta0, gtol, max_iter):
+        theta = np.asarray(theta0, dtype=np.float64).copy()
+        f = objective.value(theta)
+        for it in range(max_iter):
+            g = objective.gradient(theta)
+            if np.max(np.abs(g)) <= gtol:
+                return theta, it, True, "mean score below gtol"
+            try:
+                d = -np.linalg.solve(objective.opg(theta), g)
+            except np.linalg.LinAlgError:
+                return theta, it, False, "the OPG is singular"
+            slope, t = float(g @ d), 1.0
+            for _ in range(self.HALVINGS):
+                trial = theta + t * d
+                ft = objective.value(trial)
+                if ft <= f + self.ARMIJO * t * slope:
+                    break
+                t /= 2
+            else:
+                return theta, it, False, "the line search found no increase of the log-likelihood"
+            theta, f = trial, ft
+        ok = np.max(np.abs(objective.gradient(theta))) <= gtol
+        return theta, max_iter, bool(ok), "mean score below gtol" if ok else f"stopped after {max_iter} iterations"
+
+
+class TrustNewton(MleOptimizer):
+    name = "trust-newton"
+    description = "scipy trust-exact with the Hessian of central differences of the exact score (2P evaluations each)"
+
+    def minimize(self, objective, theta0, gtol, max_iter):
+        r = minimize(objective.value, theta0, jac=objective.gradient, hess=objective.hessian, method="trust-exact",
+                     options={"gtol": gtol, "maxiter": max_iter})
+        return r.x, int(r.nit), bool(r.success), str(r.message)
+
+
+MLE_OPTIMIZERS: Registry[MleOptimizer] = Registry("optimizer", [MleBfgs(), MleLbfgsb(), Bhhh(), TrustNewton()])
+DEFAULT_OPTIMIZER = "bfgs"
+
+
 def estimate_mle(source, problem, model, settings: MleSettings, x0: np.ndarray, clustered: bool,
                  reporter: Reporter | None = None) -> MleEstimate:
     """Maximum likelihood of `model` on the data `source` sums over (see the module docstring).
@@ -133,41 +258,34 @@ def estimate_mle(source, problem, model, settings: MleSettings, x0: np.ndarray, 
     n = s0.n_units
     rms = np.sqrt(np.diag(s0.opg) / n)
     D = np.where(np.isfinite(rms) & (rms > 1e-300), rms, 1.0)  # theta = D b
+    optimizer = MLE_OPTIMIZERS.get(settings.optimizer)
+    objective = LikelihoodObjective(oracle, D, n)
 
-    def f(theta):
-        s = oracle.sums(theta / D)
-        return -s.loglik / n if math.isfinite(s.loglik) else np.inf
+    reporter.log(f"maximum likelihood: {optimizer.name} on the exact score, then BHHH polish steps and one Hessian; "
+                 f"{count(n, 'unit')}")
+    theta, nit, _, opt_message = optimizer.minimize(objective, b0 * D, max(settings.tol, 1e-7), settings.max_iter)
+    theta = np.asarray(theta, dtype=np.float64)
+    opt_evaluations = oracle.evaluations
 
-    def grad(theta):
-        return -oracle.sums(theta / D).score / D / n
-
-    reporter.log(f"maximum likelihood: bfgs on the exact score, then Newton steps; {count(n, 'unit')}")
-    res = minimize(f, b0 * D, jac=grad, method="BFGS",
-                   options={"gtol": max(settings.tol, 1e-7), "maxiter": settings.max_iter})
-    b = res.x / D
-    score = lambda x: oracle.sums(x).score  # noqa: E731
-
-    def steps_at(x):
-        return HESSIAN_STEP * np.maximum(1.0, np.abs(x * D)) / D
-
-    # Newton polish on the same Hessian inference uses: quadratic convergence from BFGS's point
-    newton, moved = 0, np.inf
-    H = hessian(score, b, steps_at(b))
-    while newton < NEWTON_STEPS and moved > settings.tol:
-        step = _inverse_negative(H, names, "the BFGS estimate") @ oracle.sums(b).score
-        trial = b + step
-        if not oracle.sums(trial).loglik >= oracle.sums(b).loglik - 1e-12 * abs(oracle.sums(b).loglik):
-            break
-        b, moved, newton = trial, float(np.max(np.abs(step * D))), newton + 1
-        H = hessian(score, b, steps_at(b))
+    # Polish by BHHH steps (one evaluation each: the OPG comes with every evaluation, and at the
+    # maximum it is ~ -H, so from the optimizer's point they converge fast), then ONE Hessian at
+    # the final estimate for inference (2P evaluations; none when trust-newton has it there).
+    before = theta
+    theta, newton, _, _ = Bhhh().minimize(objective, theta, max(settings.tol, 1e-11), POLISH_STEPS)
+    theta = np.asarray(theta, dtype=np.float64)
+    moved = float(np.max(np.abs(theta - before)))
+    H = objective.hessian(theta)
+    b = theta / D
     s = oracle.sums(b)
     g_theta = float(np.max(np.abs(s.score / D / n)))
-    converged = bool(np.isfinite(s.loglik) and (moved <= settings.tol or g_theta <= max(settings.tol, 1e-9)))
-    message = (f"bfgs: {res.message} ({res.nit} iterations); {count(newton, 'Newton step')}, last step "
+    converged = bool(np.isfinite(s.loglik) and g_theta <= max(settings.tol, 1e-9))
+    message = (f"{optimizer.name}: {opt_message} ({nit} iterations, {count(opt_evaluations, 'evaluation')}); "
+               f"Hessian {count(objective.hessian_evaluations, 'evaluation')}; {count(newton, 'BHHH polish step')} moving "
                f"{moved:.2g} in theta, max |mean score| {g_theta:.2g} in theta")
     reporter.log(("converged: " if converged else "did NOT converge: ") + message)
 
-    classical = _inverse_negative(H, names, "the estimate")
+    # H is d^2(-loglik/n)/d theta^2; d score/d b = -n D H D
+    classical = _inverse_negative(-n * H * np.outer(D, D), names, "the estimate")
     use_clusters = clustered and s.opg_cluster is not None
     B = s.opg_cluster if use_clusters else s.opg
     robust = classical @ B @ classical
@@ -190,7 +308,7 @@ def estimate_mle(source, problem, model, settings: MleSettings, x0: np.ndarray, 
         params=b, param_names=names, covariance=covariances[se_type], covariances=covariances, se_type=se_type,
         n_clusters=None if units == "sets" else int(s.n_clusters if use_clusters else n_units),
         objective=-ll, loglik=ll, likelihood=likelihood, converged=converged, message=message,
-        steps=[StepRecord(step=1, weighting="mle", params=b.tolist(), objective=-ll, iterations=int(res.nit) + newton,
+        steps=[StepRecord(step=1, weighting="mle", params=b.tolist(), objective=-ll, iterations=int(nit) + newton,
                           evaluations=oracle.evaluations, converged=converged, message=message)],
-        evaluations=oracle.evaluations, derived=derived,
+        evaluations=oracle.evaluations, hessian_evaluations=objective.hessian_evaluations, derived=derived,
         notes=model.derived_notes({d.name: d.estimate for d in derived}), units=units)
