@@ -189,7 +189,8 @@ def estimate(path: str | os.PathLike, options: EstimateOptions | None = None, *,
                 if model.logit_start else x0
         try:
             if options.estimator == "mle":
-                est = estimate_mle(evaluator, problem, model, MleSettings(tol=options.tol, max_iter=options.max_iter),
+                est = estimate_mle(evaluator, problem, model, MleSettings(tol=options.tol, max_iter=options.max_iter,
+                                                                         optimizer=options.optimizer),
                                    x0, clustered, reporter=reporter)
             else:
                 est = estimate_gmm(evaluator, problem, model, settings, x0, clustered,

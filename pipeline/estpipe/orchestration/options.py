@@ -16,6 +16,7 @@ from typing import Iterable, Mapping, NamedTuple
 
 from estpipe.errors import UserError, term
 from estpipe.estimation.estimators import ESTIMATORS
+from estpipe.estimation.mle import DEFAULT_OPTIMIZER as MLE_DEFAULT_OPTIMIZER, MLE_OPTIMIZERS
 from estpipe.estimation.optimizers import OPTIMIZERS
 from estpipe.execution.jobqueue import KINDS
 from estpipe.kernel.derivatives import DERIVATIVES
@@ -27,7 +28,7 @@ STEPS = (1, 2)
 # The options that name a choice, each checked against its registry (the registry's `argument` is
 # the field; a field whose default is None may stay None: no batch system). The model is checked
 # by models.model_problem: a registered model, a user's file "path.py:Class" or an installed one.
-CHOICES = (ESTIMATORS, OPTIMIZERS, DERIVATIVES, KINDS)
+CHOICES = (ESTIMATORS, DERIVATIVES, KINDS)  # the optimizer's registry depends on the estimator
 
 # Options that change the estimate; a checkpoint written under other values of these is refused.
 # Where and how the work runs (workers, partitions, scheduler), how long it may run (max_iter) and
@@ -67,7 +68,7 @@ class EstimateOptions:
     draws_kind: str | None = None
     draws_seed: int | None = None
     panel: bool = False
-    optimizer: str = "gauss-newton"
+    optimizer: str | None = None  # None: the estimator's default (gauss-newton for gmm, MLE_DEFAULT_OPTIMIZER for mle)
     derivatives: str = "dual"
     steps: int = 2
     start: list[float] | None = None
@@ -86,6 +87,8 @@ class EstimateOptions:
             values, _ = _start_values(self.start)
             if values is not None:
                 self.start = values
+        if self.optimizer is None:
+            self.optimizer = MLE_DEFAULT_OPTIMIZER if self.estimator == "mle" else "gauss-newton"
 
     @classmethod
     def parse(cls, values: Mapping, allowed: Iterable[str] | None = None) -> tuple["EstimateOptions", list[Problem]]:
@@ -127,6 +130,13 @@ class EstimateOptions:
             problem = registry.problem(value)
             if problem is not None:
                 add(registry.argument, f"{term(registry.argument)}: {problem}")
+        mle = self.estimator == "mle"
+        own, other = (MLE_OPTIMIZERS, OPTIMIZERS) if mle else (OPTIMIZERS, MLE_OPTIMIZERS)
+        if self.optimizer in other and self.optimizer not in own:
+            add("optimizer", f"{term('optimizer')} {self.optimizer} is an optimizer of {term('estimator')} "
+                f"{'gmm' if mle else 'mle'}; {term('estimator')} {'mle' if mle else 'gmm'} takes {either(own.names)}")
+        elif (problem := own.problem(self.optimizer)) is not None:
+            add("optimizer", f"{term('optimizer')}: {problem}")
 
         # -- values
         if not _whole(self.steps) or self.steps not in STEPS:
@@ -150,7 +160,7 @@ class EstimateOptions:
                 add(field, f"{term(field)} must be true or false, got {getattr(self, field)!r}")
 
         # -- combinations
-        if not any(p.field in ("optimizer", "derivatives") for p in found):
+        if not mle and not any(p.field in ("optimizer", "derivatives") for p in found):
             optimizer, mode = OPTIMIZERS[self.optimizer], DERIVATIVES[self.derivatives]
             if optimizer.needs_jacobian and not mode.jacobian:
                 free = [o.name for o in OPTIMIZERS.values() if not o.needs_jacobian]
@@ -163,6 +173,10 @@ class EstimateOptions:
             if self.model == "mixed-logit":
                 add("estimator", f"{term('estimator')} mle: simulated maximum likelihood for mixed-logit is not built yet; "
                     f"use the default GMM estimator")
+            elif self.derivatives == "adjoint" and MLE_OPTIMIZERS[self.optimizer].needs_opg:
+                add("derivatives", f"{term('derivatives')} adjoint: {term('optimizer')} {self.optimizer} needs the "
+                    f"score of every unit (its OPG), which the adjoint's one summed gradient does not give; leave "
+                    f"{term('derivatives')} at dual or use {term('optimizer')} bfgs")
             elif self.derivatives != "dual":
                 add("derivatives", f"{term('derivatives')} {self.derivatives}: {term('estimator')} mle takes its scores "
                     f"from dual blocks only so far; leave {term('derivatives')} at dual")
