@@ -210,6 +210,11 @@ class Bhhh(MleOptimizer):
             except np.linalg.LinAlgError:
                 return theta, it, False, "the OPG is singular"
             slope, t = float(g @ d), 1.0
+            if -slope <= 1e4 * np.finfo(float).eps * max(1.0, abs(f)):
+                # the decrease predicted is below f's rounding: a line search on f sees only noise
+                # there, so the full step is taken, on the gradient's word
+                theta, f = theta + d, objective.value(theta + d)
+                continue
             for _ in range(self.HALVINGS):
                 trial = theta + t * d
                 ft = objective.value(trial)
