@@ -252,3 +252,80 @@ def test_panel_units_are_the_units_of_the_opg_and_of_the_file(tmp_path):
     r = estimate(path, EstimateOptions(estimator="mle"))
     assert (r.se_type, r.units, r.n_clusters, r.likelihood["n_units"]) == ("clustered", "panel units", 30, 30)
     assert r.likelihood["bic"] == pytest.approx(2 * np.log(30) - 2 * r.loglik)
+
+
+# -- optimizers (issue 11, item 4) and the one Hessian at the end
+
+MLE_OPTIMIZER_NAMES = ("bfgs", "l-bfgs-b", "bhhh", "trust-newton")
+
+
+def test_the_registry_names_the_optimizers_tested():
+    from estpipe.estimation.mle import DEFAULT_OPTIMIZER, MLE_OPTIMIZERS
+    assert MLE_OPTIMIZERS.names == MLE_OPTIMIZER_NAMES and DEFAULT_OPTIMIZER in MLE_OPTIMIZERS
+
+
+@pytest.fixture(scope="module")
+def nested_file(tmp_path_factory):
+    return _simulate(tmp_path_factory.mktemp("nl") / "n.h5", seed=5, n=1500)
+
+
+@pytest.mark.parametrize("which", ["logit", "nested-logit"])
+def test_every_optimizer_reaches_the_same_estimate(which, modechoice, nested_file):
+    path, extra = (modechoice, {}) if which == "logit" else (nested_file, {"model": "nested-logit", "nests": NESTS})
+    runs = {name: estimate(path, EstimateOptions(estimator="mle", optimizer=name, **extra))
+            for name in MLE_OPTIMIZER_NAMES}
+    base = runs["bfgs"]
+    assert base.to_dict()["config"]["optimizer"] == "bfgs"
+    for name, r in runs.items():
+        assert r.converged, (name, r.to_dict()["steps"][0]["message"])
+        assert r.to_dict()["steps"][0]["message"].startswith(f"{name}: ")  # the optimizer asked for ran
+        np.testing.assert_allclose(r.params, base.params, rtol=1e-6, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(r.std_errors, base.std_errors, rtol=1e-6, err_msg=name)
+        assert r.loglik == pytest.approx(base.loglik, rel=1e-12)
+
+
+def _mle_direct(path, optimizer):
+    """estimate_mle on a PartitionKernel over the whole file, to read its Hessian count."""
+    from types import SimpleNamespace
+
+    from estpipe.estimation.mle import MleSettings, estimate_mle
+    with ChoiceDataFile(path) as f:
+        data = f.read_sets(0, f.n_sets)
+        x_names = list(f.x_names)
+    model = get_model("logit")
+    problem = SimpleNamespace(has_chosen=True, x_names=x_names, has_panel=False, path=str(path))
+    P = len(model.param_names(x_names))
+    est = estimate_mle(PartitionKernel(data, model=model), problem, model, MleSettings(optimizer=optimizer),
+                       np.zeros(P), clustered=False)
+    return est, P
+
+
+@pytest.mark.parametrize("optimizer", ["bfgs", "bhhh"])
+def test_the_hessian_is_computed_once_at_the_end(modechoice, optimizer):
+    est, P = _mle_direct(modechoice, optimizer)
+    assert est.converged and est.hessian_evaluations == 2 * P
+    # what the first slice paid: a Hessian (2P) at the optimizer's point and after each of its
+    # Newton steps (it took >= 1 from a BFGS point): at least 2 * 2P on top of the optimizer's own
+    without_hessian = est.evaluations - est.hessian_evaluations
+    assert est.evaluations < without_hessian + 2 * (2 * P)
+    assert np.all(np.isfinite(est.covariance)) and np.all(np.diag(est.covariance) > 0)
+
+
+def test_trust_newton_reuses_its_hessian_at_the_solution_or_computes_one(modechoice):
+    est, P = _mle_direct(modechoice, "trust-newton")
+    iterations = est.steps[0].iterations
+    assert est.converged and est.hessian_evaluations % (2 * P) == 0
+    assert est.hessian_evaluations <= 2 * P * (iterations + 2)
+
+
+def test_optimizer_refusals_are_one_line(modechoice):
+    line = estimate_error_line(modechoice, ["--estimator", "mle", "--optimizer", "bhhh", "--derivatives", "adjoint"],
+                               "logit")
+    assert line.startswith("estpipe: error: --derivatives adjoint: --optimizer bhhh needs the score of every unit"), line
+    assert line.endswith("leave --derivatives at dual"), line
+    line = estimate_error_line(modechoice, ["--estimator", "mle", "--optimizer", "bhh"], "logit")
+    assert "unknown optimizer 'bhh'" in line and "did you mean 'bhhh'" in line, line
+    line = estimate_error_line(modechoice, ["--estimator", "mle", "--optimizer", "gauss-newton"], "logit")
+    assert "gauss-newton is an optimizer of --estimator gmm" in line and "bhhh" in line, line
+    line = estimate_error_line(modechoice, ["--optimizer", "trust-newton"], "logit")
+    assert "trust-newton is an optimizer of --estimator mle" in line and "gauss-newton" in line, line

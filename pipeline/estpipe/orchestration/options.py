@@ -176,7 +176,7 @@ class EstimateOptions:
             elif self.derivatives == "adjoint" and MLE_OPTIMIZERS[self.optimizer].needs_opg:
                 add("derivatives", f"{term('derivatives')} adjoint: {term('optimizer')} {self.optimizer} needs the "
                     f"score of every unit (its OPG), which the adjoint's one summed gradient does not give; leave "
-                    f"{term('derivatives')} at dual or use {term('optimizer')} bfgs")
+                    f"{term('derivatives')} at dual")
             elif self.derivatives != "dual":
                 add("derivatives", f"{term('derivatives')} {self.derivatives}: {term('estimator')} mle takes its scores "
                     f"from dual blocks only so far; leave {term('derivatives')} at dual")
