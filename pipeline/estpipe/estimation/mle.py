@@ -279,13 +279,14 @@ def estimate_mle(source, problem, model, settings: MleSettings, x0: np.ndarray, 
     theta, newton, _, _ = Bhhh().minimize(objective, theta, max(settings.tol, 1e-11), POLISH_STEPS)
     theta = np.asarray(theta, dtype=np.float64)
     moved = float(np.max(np.abs(theta - before)))
+    reuse_note = " (the optimizer's own at the end)" if objective.hessian_known(theta) else ""
     H = objective.hessian(theta)
     b = theta / D
     s = oracle.sums(b)
     g_theta = float(np.max(np.abs(s.score / D / n)))
     converged = bool(np.isfinite(s.loglik) and g_theta <= max(settings.tol, 1e-9))
     message = (f"{optimizer.name}: {opt_message} ({nit} iterations, {count(opt_evaluations, 'evaluation')}); "
-               f"Hessian {count(objective.hessian_evaluations, 'evaluation')}; {count(newton, 'BHHH polish step')} moving "
+               f"Hessian {count(objective.hessian_evaluations, 'evaluation')}{reuse_note}; {count(newton, 'BHHH polish step')} moving "
                f"{moved:.2g} in theta, max |mean score| {g_theta:.2g} in theta")
     reporter.log(("converged: " if converged else "did NOT converge: ") + message)
 
