@@ -45,7 +45,7 @@ def main(work: Path) -> None:
         run("simulate", lg, "--sets", 20000, "--alternatives", 30)
     cases = [("modechoice logit", mc, {}), ("nested logit 20000x7", nl, {"model": "nested-logit", "nests": NESTS}),
              ("logit 20000x30", lg, {})]
-    print("| data | optimizer | iterations | evaluations (optimizer / polish / Hessian / total) | seconds | loglik |")
+    print("| data | optimizer | iterations | evaluations (the step message) | seconds | loglik |")
     print("|---|---|---|---|---|---|")
     for label, path, extra in cases:
         ref = None
