@@ -56,7 +56,7 @@ def main(work: Path) -> None:
             d = r.to_dict()
             step = d["steps"][0]
             ref = r.params if ref is None else ref
-            msg = step["message"]
+            msg = step["message"].replace("|", "abs ")
             print(f"| {label} | {name} | {step['iterations']} | total {step['evaluations']} ({msg}) | {sec:.2f} | "
                   f"{r.loglik:.6f} |  max|b-b_bfgs| {np.max(np.abs(r.params - ref)):.1e} conv {r.converged}",
                   flush=True)
