@@ -218,12 +218,7 @@ class Results:
         if mle:
             lines.pop()
             lines += ["", self._mle_rows(w)]
-            if self.derived:
-                lines += ["", f"{'derived':<{w}} {'estimate':>11} {'std.err':>10} {'z':>8} {'P>|z|':>7}  null"]
-                for d in self.derived:
-                    lines.append(f"{d.name:<{w}} {d.estimate:>11.5g} {d.std_error:>10.4g} {d.z:>8.3f} "
-                                 f"{d.p_value:>7.4f}  {d.null:g}")
-            return self._tail(lines)
+            return self._tail(lines + self._derived_rows(w))
         head = f"{'':<{w}} {'estimate':>11} {'std.err':>10} {'z':>8} {'P>|z|':>7} {'[95% interval]':>23}"
         if self.truth is not None:
             head += f" {'truth':>10}"
@@ -235,11 +230,16 @@ class Results:
             if self.truth is not None:
                 row += f" {self.truth[k]:>10.5g}"
             lines.append(row)
-        if self.derived:
-            lines += ["", f"{'derived':<{w}} {'estimate':>11} {'std.err':>10} {'z':>8} {'P>|z|':>7}  null"]
-            for d in self.derived:
-                lines.append(f"{d.name:<{w}} {d.estimate:>11.5g} {d.std_error:>10.4g} {d.z:>8.3f} {d.p_value:>7.4f}  {d.null:g}")
-        return self._tail(lines)
+        return self._tail(lines + self._derived_rows(w))
+
+    def _derived_rows(self, w: int) -> list[str]:
+        """The table of derived quantities (a nest's lambda, a lognormal's mean, ...), or none."""
+        if not self.derived:
+            return []
+        lines = ["", f"{'derived':<{w}} {'estimate':>11} {'std.err':>10} {'z':>8} {'P>|z|':>7}  null"]
+        for d in self.derived:
+            lines.append(f"{d.name:<{w}} {d.estimate:>11.5g} {d.std_error:>10.4g} {d.z:>8.3f} {d.p_value:>7.4f}  {d.null:g}")
+        return lines
 
     def _mle_rows(self, w: int) -> str:
         """The MLE's table: estimate, classical and robust (or clustered) standard errors, z, p
