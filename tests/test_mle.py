@@ -193,8 +193,6 @@ def test_bad_input_is_one_line(tmp_path, modechoice):
     write_choice_data(path, ChoiceData(X=d.X, dm=d.dm, offsets=d.offsets), ["x1", "x2"], ["m1", "m2", "m3"])
     line = estimate_error_line(path, ["--estimator", "mle"], "logit")
     assert "no chosen rows" in line and "--estimator mle" in line
-    line = estimate_error_line(modechoice, ["--estimator", "mle", "--random", "invc"], "mixed-logit")
-    assert "simulated maximum likelihood for mixed-logit is not built yet; use the default GMM estimator" in line
     line = estimate_error_line(modechoice, ["--estimator", "mel"], "logit")
     assert "unknown estimator 'mel'" in line and "did you mean 'mle'" in line
     line = estimate_error_line(modechoice, ["--estimator", "mle", "--derivatives", "fd"], "logit")

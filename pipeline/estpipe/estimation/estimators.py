@@ -1,5 +1,5 @@
 """The estimators (`estimator=`): two-step GMM (estimation/gmm.py, the default) and maximum
-likelihood (estimation/mle.py, first slice: models whose probabilities are not simulated)."""
+likelihood (estimation/mle.py; simulated, per decision maker, for mixed logit)."""
 
 from __future__ import annotations
 
@@ -7,5 +7,5 @@ from estpipe.registry import Choice, Registry
 
 ESTIMATORS: Registry[Choice] = Registry("estimator", [
     Choice("gmm", "two-step GMM on the file's moments, the default"),
-    Choice("mle", "maximum likelihood of the chosen rows; not yet for mixed-logit"),
+    Choice("mle", "maximum likelihood of the chosen rows (simulated, per decision maker, for mixed-logit)"),
 ])

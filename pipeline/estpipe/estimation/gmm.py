@@ -398,6 +398,10 @@ class FixedParameters:
         from dataclasses import replace
 
         sums = self.source.evaluate(self._full(request))
+        if hasattr(sums, "opg"):  # a likelihood's sums (kernel/likelihood.py LikelihoodSums)
+            f = self.free
+            return replace(sums, score=sums.score[f], opg=sums.opg[np.ix_(f, f)],
+                           opg_cluster=None if sums.opg_cluster is None else sums.opg_cluster[np.ix_(f, f)])
         if sums.gG.shape[1] > 1:
             sums = replace(sums, gG=sums.gG[:, np.r_[0, 1 + self.free]])
         return sums

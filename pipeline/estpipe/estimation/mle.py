@@ -242,6 +242,77 @@ MLE_OPTIMIZERS: Registry[MleOptimizer] = Registry("optimizer", [MleBfgs(), MleLb
 DEFAULT_OPTIMIZER = "bfgs"
 
 
+@dataclass
+class Maximized:
+    """Where an optimizer and the BHHH polish left the log-likelihood: b, theta = D b, the
+    objective (its Hessian memo), the oracle (its evaluations), iterations and the message."""
+
+    b: np.ndarray
+    theta: np.ndarray
+    D: np.ndarray
+    n: int
+    objective: LikelihoodObjective
+    oracle: LikelihoodOracle
+    iterations: int
+    optimizer: str
+    opt_message: str
+    opt_evaluations: int
+    polish_steps: int
+    moved: float
+
+
+def maximize(source, settings: MleSettings, x0: np.ndarray, clustered: bool) -> Maximized:
+    """Maximize the log-likelihood `source` sums from x0: the settings' optimizer in standardized
+    parameters, then BHHH polish steps (one evaluation each: the OPG comes with every
+    evaluation, and at the maximum it is ~ -H, so from the optimizer's point they converge fast).
+    Raises UserError when the log-likelihood is not finite at the start."""
+    oracle = LikelihoodOracle(source, clustered)
+    b0 = np.asarray(x0, dtype=np.float64)
+    s0 = oracle.sums(b0)
+    if not (math.isfinite(s0.loglik) and np.all(np.isfinite(s0.score))):
+        raise UserError(f"the log-likelihood is not finite at the start ({s0.loglik!r}); give {term('start')} with "
+                        "smaller values")
+    n = s0.n_units
+    rms = np.sqrt(np.diag(s0.opg) / n)
+    D = np.where(np.isfinite(rms) & (rms > 1e-300), rms, 1.0)  # theta = D b
+    optimizer = MLE_OPTIMIZERS.get(settings.optimizer)
+    objective = LikelihoodObjective(oracle, D, n)
+    theta, nit, _, opt_message = optimizer.minimize(objective, b0 * D, max(settings.tol, 1e-7), settings.max_iter)
+    theta = np.asarray(theta, dtype=np.float64)
+    opt_evaluations = oracle.evaluations
+    before = theta
+    theta, newton, _, _ = Bhhh().minimize(objective, theta, max(settings.tol, 1e-11), POLISH_STEPS)
+    theta = np.asarray(theta, dtype=np.float64)
+    return Maximized(b=theta / D, theta=theta, D=D, n=n, objective=objective, oracle=oracle, iterations=int(nit),
+                     optimizer=optimizer.name, opt_message=opt_message, opt_evaluations=opt_evaluations,
+                     polish_steps=int(newton), moved=float(np.max(np.abs(theta - before))))
+
+
+def simulated_start(source, problem, model, settings: MleSettings, clustered: bool,
+                    reporter: Reporter | None = None) -> np.ndarray:
+    """The default start of a simulated model (the mixed logit) by MLE: its first K parameters
+    from the logit, which is the model with every spread at 0 (fitted on the same evaluator
+    with the spreads held at 0, where an evaluation needs no draws but their mean: cheap), the
+    spreads at the model's default (sds 0.5). From b = 0 with sds 0.5 in the data's own units
+    (dollars, minutes) the simulated likelihood is flat in the sds and the first iterations are
+    wasted; the logit fit is the standard start (Train, section 10.5; xlogit, Biogeme do the same
+    by hand)."""
+    from estpipe.estimation.gmm import FixedParameters
+
+    K = problem.K
+    x0 = np.asarray(model.start(K), dtype=np.float64)
+    fixed = x0.copy()
+    fixed[K:] = 0.0
+    free = np.arange(K)
+    fit = maximize(FixedParameters(source, fixed, free), MleSettings(tol=max(settings.tol, 1e-8),
+                                                                     max_iter=settings.max_iter), fixed[:K], clustered)
+    x0[:K] = fit.b
+    if reporter is not None:
+        reporter.log(f"start: the coefficients of a logit fit ({count(fit.oracle.evaluations, 'evaluation')}, loglik "
+                     f"{fit.oracle.sums(fit.b).loglik:.6g}), every spread at its default")
+    return x0
+
+
 def estimate_mle(source, problem, model, settings: MleSettings, x0: np.ndarray, clustered: bool,
                  reporter: Reporter | None = None) -> MleEstimate:
     """Maximum likelihood of `model` on the data `source` sums over (see the module docstring).
@@ -254,40 +325,24 @@ def estimate_mle(source, problem, model, settings: MleSettings, x0: np.ndarray, 
         raise UserError(f"{problem.path}: the file has no chosen rows; maximum likelihood needs them: write the file "
                         "with estpipe load --chosen COLUMN (or use the default GMM estimator)")
     names = list(model.param_names(problem.x_names))
-    oracle = LikelihoodOracle(source, clustered)
-    b0 = np.asarray(x0, dtype=np.float64)
-    s0 = oracle.sums(b0)
-    if not (math.isfinite(s0.loglik) and np.all(np.isfinite(s0.score))):
-        raise UserError(f"the log-likelihood is not finite at the start ({s0.loglik!r}); give {term('start')} with "
-                        "smaller values")
-    n = s0.n_units
-    rms = np.sqrt(np.diag(s0.opg) / n)
-    D = np.where(np.isfinite(rms) & (rms > 1e-300), rms, 1.0)  # theta = D b
-    optimizer = MLE_OPTIMIZERS.get(settings.optimizer)
-    objective = LikelihoodObjective(oracle, D, n)
-
-    reporter.log(f"maximum likelihood: {optimizer.name} on the exact score, then BHHH polish steps and one Hessian; "
-                 f"{count(n, 'unit')}")
-    theta, nit, _, opt_message = optimizer.minimize(objective, b0 * D, max(settings.tol, 1e-7), settings.max_iter)
-    theta = np.asarray(theta, dtype=np.float64)
-    opt_evaluations = oracle.evaluations
-
-    # Polish by BHHH steps (one evaluation each: the OPG comes with every evaluation, and at the
-    # maximum it is ~ -H, so from the optimizer's point they converge fast), then ONE Hessian at
-    # the final estimate for inference (2P evaluations; none when trust-newton has it there).
-    before = theta
-    theta, newton, _, _ = Bhhh().minimize(objective, theta, max(settings.tol, 1e-11), POLISH_STEPS)
-    theta = np.asarray(theta, dtype=np.float64)
-    moved = float(np.max(np.abs(theta - before)))
+    simulated = bool(getattr(model, "simulated", False))
+    reporter.log(f"maximum likelihood: {MLE_OPTIMIZERS.get(settings.optimizer).name} on the exact score, then BHHH "
+                 f"polish steps and one Hessian" + (f"; {model.draws.R} {model.draws.kind} draws per decision maker"
+                                                    if getattr(model, "simulated", False) else ""))
+    fit = maximize(source, settings, x0, clustered)
+    objective, oracle, D, n, theta = fit.objective, fit.oracle, fit.D, fit.n, fit.theta
+    nit, newton = fit.iterations, fit.polish_steps
+    # ONE Hessian at the final estimate for inference (2P evaluations; none when trust-newton
+    # has it there).
     reuse_note = " (the optimizer's own at the end)" if objective.hessian_known(theta) else ""
     H = objective.hessian(theta)
     b = theta / D
     s = oracle.sums(b)
     g_theta = float(np.max(np.abs(s.score / D / n)))
     converged = bool(np.isfinite(s.loglik) and g_theta <= max(settings.tol, 1e-9))
-    message = (f"{optimizer.name}: {opt_message} ({nit} iterations, {count(opt_evaluations, 'evaluation')}); "
+    message = (f"{fit.optimizer}: {fit.opt_message} ({nit} iterations, {count(fit.opt_evaluations, 'evaluation')}); "
                f"Hessian {count(objective.hessian_evaluations, 'evaluation')}{reuse_note}; {count(newton, 'BHHH polish step')} moving "
-               f"{moved:.2g} in theta, max |mean score| {g_theta:.2g} in theta")
+               f"{fit.moved:.2g} in theta, max |mean score| {g_theta:.2g} in theta")
     reporter.log(("converged: " if converged else "did NOT converge: ") + message)
 
     # H is d^2(-loglik/n)/d theta^2; d score/d b = -n D H D
@@ -308,8 +363,14 @@ def estimate_mle(source, problem, model, settings: MleSettings, x0: np.ndarray, 
         "loglik_null": null, "rho_squared": 1.0 - ll / null if null else None,
         "rho_squared_adj": 1.0 - (ll - P) / null if null else None,
         "aic": 2 * P - 2 * ll, "bic": P * math.log(n_units) - 2 * ll, "n_units": n_units,
+        "n_draws": model.draws.R if simulated else None, "draws_kind": model.draws.kind if simulated else None,
     }
     derived = delta_method(model.derived, b, covariances[se_type], model.derived_nulls())
+    notes = model.derived_notes({d.name: d.estimate for d in derived})
+    if simulated:
+        notes.append(f"simulated likelihood with {model.draws.R} {model.draws.kind} draws per decision maker: biased "
+                     "at a fixed number of draws (consistent as R grows faster than the square root of the units), "
+                     "and its standard errors ignore the simulation (Train 2009, section 10.5)")
     return MleEstimate(
         params=b, param_names=names, covariance=covariances[se_type], covariances=covariances, se_type=se_type,
         n_clusters=None if units == "sets" else int(s.n_clusters if use_clusters else n_units),
@@ -317,4 +378,4 @@ def estimate_mle(source, problem, model, settings: MleSettings, x0: np.ndarray, 
         steps=[StepRecord(step=1, weighting="mle", params=b.tolist(), objective=-ll, iterations=int(nit) + newton,
                           evaluations=oracle.evaluations, converged=converged, message=message)],
         evaluations=oracle.evaluations, hessian_evaluations=objective.hessian_evaluations, derived=derived,
-        notes=model.derived_notes({d.name: d.estimate for d in derived}), units=units)
+        notes=notes, units=units)

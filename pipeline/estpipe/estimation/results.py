@@ -193,6 +193,7 @@ class Results:
         L = self.likelihood
         return {"estimator": "mle", "loglik_null": L["loglik_null"], "rho_squared": L["rho_squared"],
                 "rho_squared_adj": L["rho_squared_adj"], "aic": L["aic"], "bic": L["bic"], "n_units": L["n_units"],
+                "n_draws": L.get("n_draws"), "draws_kind": L.get("draws_kind"),
                 "std_errors_classical": self.std_errors_of("classical").tolist(),
                 "std_errors_robust": self.std_errors_of(self.robust_type).tolist()}
 

@@ -191,3 +191,165 @@ class FusedMixed:
         if request.seed_scale is not None:
             dsbar /= request.seed_scale
         acc += (dm @ v) @ dsbar
+
+
+# -- the simulated likelihood -------------------------------------------------------------------------
+def simulated_likelihood_tile(model, tile: TileData, params, chosen, batch_bytes: int = BATCH_BYTES):
+    """The simulated log-likelihood of the tile's units and their scores (DESIGN.md, "Simulated
+    maximum likelihood"): (loglik, loglik_null, n_chosen, S) with S (n_sets, P) holding each
+    unit's score on the unit's first set (zeros elsewhere), so that sums over sets are sums over
+    units (kernel/likelihood.py adds them up per unit and per cluster).
+
+    Per unit u and draw r, l_ur = sum_{t in u} log s_t,chosen(r), the log-probability of the
+    unit's whole sequence of choices; the unit's simulated likelihood is
+    L_u = (1/R) sum_r exp(l_ur), accumulated in logs (a running maximum per unit, rescaled
+    batch by batch: products of many probabilities underflow). The score is the posterior
+    mean over draws of dl_ur/dtheta, with weights w_ur = exp(l_ur) / sum_r exp(l_ur):
+
+        d log L_u / d theta_p = sum_r w_ur sum_t w_urp (y_t - s_tr)' x_t,k(p)
+
+    with w_urp the weight of parameter p in draw r's coefficient (1 for a fixed coefficient or
+    a normal mean; eta_l for a spread entry L_il; beta_i, beta_i eta_l for a lognormal's b and
+    spread). Where w_urp = 1 the draws enter only through q_t = sum_r w_ur s_tr, accumulated
+    over the draws like L_u, so those K columns cost one product with X at the end; the
+    weighted ones through c_trk = s_tr' x_tk for the random columns only.
+
+    params: (P,) float, or complex for complex steps (every operation is analytic: the shifts
+    are taken from real parts); chosen: (rows, sets) the tile's chosen rows and their sets."""
+    m = model
+    rows_n, K = tile.X.shape
+    seg = tile.seg
+    params = np.asarray(params)
+    dtype = np.result_type(params.dtype, np.float64)
+    P = m.n_params(K)
+    random = m.random
+    rcols = np.array([r.column for r in random], dtype=np.int64)
+    pairs = m._spread_pairs()
+    L = np.zeros((m.Kr, m.Kr), dtype=dtype)
+    for j, (i, l) in enumerate(pairs):
+        L[i, l] = params[K + j]
+    means = params[rcols]
+    signs = np.array([r.sign for r in random], dtype=np.float64)
+    lognormal = np.flatnonzero(signs != 0)
+    lognormal_cols = {int(rcols[i]) for i in lognormal}
+    ones = [k for k in range(K) if k not in lognormal_cols]
+    weighted = [(int(r.column), i, "beta", -1) for i, r in enumerate(random) if r.sign]
+    weighted += [(K + j, i, "beta_eta" if random[i].sign else "eta", l) for j, (i, l) in enumerate(pairs)]
+    R = m.draws.R
+
+    c_rows, c_sets = chosen
+    y = np.zeros(rows_n)
+    np.add.at(y, c_rows, 1.0)
+    ybar = np.add.reduceat(y, seg.starts) if seg.n_sets else np.zeros(0)  # chosen rows per set (1, or 0)
+    # the tile's units: contiguous runs of sets (tiles hold whole units)
+    unit = np.asarray(tile.unit)
+    ustart = np.flatnonzero(np.r_[True, unit[1:] != unit[:-1]]) if len(unit) else np.zeros(0, dtype=np.int64)
+    units = unit[ustart]
+    n_u = len(units)
+    own = n_u == seg.n_sets  # every set its own unit (no panel): no sums over a unit's sets
+    unit_of_set = np.repeat(np.arange(n_u), np.diff(np.r_[ustart, len(unit)]))
+    rset = set(rcols.tolist())
+    fixed = np.array([k for k in range(K) if k not in rset], dtype=np.int64)
+    v = tile.X[:, fixed] @ params[fixed] if len(fixed) else np.zeros(rows_n, dtype=dtype)
+    v_bound = float(np.abs(v).max(initial=0.0))
+    Xr = tile.X[:, rcols]
+    x_bound = float(np.abs(Xr).sum(axis=1).max(initial=0.0))
+    groups = [(J, sets, row_idx, Xr[row_idx], v[row_idx], y[row_idx], ybar[sets], unit_of_set[sets])
+              for J, sets, row_idx in FusedMixed(model).groups(tile)]
+    # y'x_k per set for the random columns (the weighted parameters' first term)
+    yXr = np.add.reduceat(y[:, None] * Xr, seg.starts, axis=0) if seg.n_sets else np.zeros((0, m.Kr))
+
+    mx = np.full(n_u, -np.inf)  # running maximum of l_ur over the draws so far (real)
+    tot = np.zeros(n_u, dtype=dtype)  # sum_r exp(l_ur - mx)
+    Qg = [np.zeros((len(g[1]), g[0]), dtype=dtype) for g in groups]  # per group: sum_r exp(l_ur - mx) s_tr
+    Gw = np.zeros((n_u, len(weighted)), dtype=dtype)  # sum_r exp(l_ur - mx) dl_ur/dtheta_p, weighted p
+    step = max(1, min(R, batch_bytes // (8 * max(1, rows_n, seg.n_sets * max(1, m.Kr)))))
+    # With every spread entry 0 (the logit: a mixed logit's default start is a logit fit) no
+    # utility depends on the draw, every w_ur is 1/R, and the weighted scores are linear in eta:
+    # one "draw", the units' mean eta, gives the likelihood and every score exactly.
+    degenerate = not np.any(L)
+    if degenerate:
+        eta_mean = m.mean_draws(units)
+    one_each = bool(np.all(ybar == 1.0))
+    lp = np.empty((seg.n_sets, step), dtype=dtype)  # log s_chosen per set and draw
+    A = np.empty((m.Kr, seg.n_sets, step), dtype=dtype) if weighted else None  # y'x - ybar s_r'x, random columns
+    for r0 in range(0, 1 if degenerate else R, step):
+        r1 = min(R, r0 + step)
+        if degenerate:
+            r1 = r0 + 1
+            eta = eta_mean[:, :, None]
+        else:
+            eta = m.unit_draws(units, r0, r1)  # (n_u, Kr, B): draws last, so each coefficient's row is contiguous
+        B = r1 - r0
+        if m.correlated:
+            z = np.einsum("il,ulb->uib", L, eta)
+        else:
+            z = eta * np.diag(L)[None, :, None]
+        z += means[None, :, None]
+        beta = z  # (n_u, Kr, B)
+        for i in lognormal:
+            beta[:, i, :] = signs[i] * np.exp(z[:, i, :])
+        # |beta| from the parameters and the largest |eta| the draws can take (no pass over beta)
+        spread = np.abs(L).sum(axis=1).real * (m.draws.max_abs if not degenerate else np.abs(eta_mean).max(initial=0.0))
+        reach = np.abs(means.real) + spread
+        reach = np.where(signs != 0, np.exp(np.minimum(reach, 700.0)), reach)
+        safe = v_bound + float(reach.max(initial=0.0)) * x_bound < SAFE_UTILITY
+        probs = []
+        lpb = lp[:, :B]
+        for J, sets, row_idx, Xg, vg, yg, yb, us in groups:
+            bu = beta if own and len(sets) == seg.n_sets else beta[us]  # (n, Kr, B): each set's unit's
+            u = np.matmul(Xg, bu)  # (n, J, B)
+            u += vg[:, :, None]
+            if not safe:  # shift by each set's maximum only where exp could overflow (fused_logit.py)
+                shift = u.real.max(axis=1, keepdims=True)
+                u -= shift
+            lpg = np.einsum("nj,njb->nb", yg, u)
+            e = np.exp(u, out=u)
+            total = e.sum(axis=1)  # (n, B)
+            if one_each:
+                lpg -= np.log(total)  # sum_j y_j u_j - log sum_j exp(u_j); shifts cancel
+            else:
+                lpg -= yb[:, None] * np.log(total)
+            e *= (1.0 / total)[:, None, :]
+            probs.append(e)  # s_tr
+            lpb[sets] = lpg
+            if weighted:
+                for i in range(m.Kr):  # c_ri = s_r' x_i per set and draw, by a product over J
+                    Ai = np.einsum("njb,nj->nb", e, Xg[:, :, i])
+                    Ai *= -yb[:, None]
+                    Ai += yXr[sets, i][:, None]
+                    A[i, sets, :B] = Ai
+        lu = lpb if own else np.add.reduceat(lpb, ustart, axis=0)  # (n_u, B): l_ur
+        new = np.maximum(mx, lu.real.max(axis=1))
+        rescale = np.where(np.isfinite(mx), np.exp(mx - new), 0.0)
+        mx = new
+        w = np.exp(lu - mx[:, None])  # (n_u, B)
+        tot = tot * rescale + w.sum(axis=1)
+        for (J, sets, row_idx, Xg, vg, yg, yb, us), e, Q in zip(groups, probs, Qg):
+            Q *= rescale[us][:, None]
+            Q += np.einsum("njb,nb->nj", e, w[us])
+        if weighted:
+            Au = A[:, :, :B] if own else np.add.reduceat(A[:, :, :B], ustart, axis=1)  # (Kr, n_u, B)
+            Gw *= rescale[:, None]
+            wA = w[None] * Au  # w_ur A_uri
+            for q, (_, i, kind, l) in enumerate(weighted):
+                if kind == "beta":
+                    W = beta[:, i, :]
+                elif kind == "eta":
+                    W = eta[:, l, :]
+                else:
+                    W = beta[:, i, :] * eta[:, l, :]
+                Gw[:, q] += np.einsum("ub,ub->u", W, wA[i])
+    loglik_u = mx + np.log(tot) - (0.0 if degenerate else np.log(R))
+    q = np.empty(rows_n, dtype=dtype)
+    for (J, sets, row_idx, *_), Q in zip(groups, Qg):
+        q[row_idx.ravel()] = (Q / tot[unit_of_set[sets]][:, None]).ravel()
+    # per set: (y - q)' X for the columns moved with weight one
+    S = np.zeros((seg.n_sets, P), dtype=dtype)
+    if ones:
+        per_set = np.add.reduceat((y - q)[:, None] * tile.X[:, ones], seg.starts, axis=0)
+        S[ustart[:, None], np.array(ones)[None, :]] = per_set if own else np.add.reduceat(per_set, ustart, axis=0)
+    for qi, (p, _, _, _) in enumerate(weighted):
+        S[ustart, p] = Gw[:, qi] / tot
+    null = -float(np.sum(np.log(seg.sizes[c_sets]))) if len(c_sets) else 0.0
+    return np.sum(loglik_u), null, len(c_rows), S

@@ -6,8 +6,10 @@ partials are the scores), read at the chosen rows; per set, the chosen rows' log
 score are added; per independent unit (the panel unit when the file has one, else the set) the
 scores are summed, and their outer products give the OPG; the clusters' sums give the clustered
 OPG. Units and clusters may span tiles (never partitions): kernel/units.py joins them. Works for
-every model whose probabilities are not simulated (mixed logit's simulated likelihood is not
-built yet), whatever the kernel's own strategy for moments.
+every model, whatever the kernel's own strategy for moments. A simulated model (mixed logit:
+`model.simulated`) gives the log of its simulated probability of each unit's whole sequence of
+choices instead (kernel/fused_mixed.py simulated_likelihood_tile), its score on the unit's first
+set. With complex parameters (complex steps) loglik stays complex.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from estpipe.dual import Workspace, seed
+from estpipe.kernel.fused_mixed import simulated_likelihood_tile
 from estpipe.kernel.tiles import TileData
 from estpipe.kernel.units import UnitSums
 from estpipe.models.base import Model, call_model
@@ -73,7 +76,12 @@ def likelihood_tile(model: Model, params, tile: TileData, ws: Workspace, chosen,
     S = np.zeros((tile.seg.n_sets, P), dtype=a.dtype)
     np.add.at(S, sets, a[:, 1:])
     null = -float(np.sum(np.log(tile.seg.sizes[sets])))
-    return float(np.sum(a[:, 0].real)), null, len(rows), S
+    ll = np.sum(a[:, 0])
+    return (ll if np.iscomplexobj(ll) else float(ll)), null, len(rows), S
+
+
+def _scalar(x):
+    return x if np.iscomplexobj(x) else float(x)
 
 
 def likelihood_sums(kernel, request) -> LikelihoodSums:
@@ -87,6 +95,7 @@ def likelihood_sums(kernel, request) -> LikelihoodSums:
     dtype = np.complex128 if request.complex_step else np.float64
     cluster = d.cluster if (request.clustered and d.cluster is not None) else None
     index = kernel._tile_index
+    simulated = getattr(kernel.model, "simulated", False)
 
     def work(ws, tiles):
         total = [0.0, 0.0, 0]
@@ -95,8 +104,14 @@ def likelihood_sums(kernel, request) -> LikelihoodSums:
         clusters = UnitSums.empty(P, dtype) if cluster is not None else None
         for tile in tiles:
             i = index[tile.set_start]
-            ll, null, n, S = likelihood_tile(kernel.model, request.params, kernel.view(tile), ws, kernel._chosen[i],
-                                             request.seed_scale)
+            if simulated:
+                ll, null, n, S = simulated_likelihood_tile(kernel.model, kernel.view(tile), request.params,
+                                                           kernel._chosen[i])
+                if request.seed_scale is not None:
+                    S = S / request.seed_scale
+            else:
+                ll, null, n, S = likelihood_tile(kernel.model, request.params, kernel.view(tile), ws,
+                                                 kernel._chosen[i], request.seed_scale)
             total[0] += ll
             total[1] += null
             total[2] += n
@@ -118,7 +133,7 @@ def likelihood_sums(kernel, request) -> LikelihoodSums:
             clusters = clusters + p[3]
         clusters.merge()
     return LikelihoodSums(
-        n_sets=d.n_sets, n_chosen=int(sum(p[0][2] for p in parts)), loglik=float(sum(p[0][0] for p in parts)),
+        n_sets=d.n_sets, n_chosen=int(sum(p[0][2] for p in parts)), loglik=_scalar(sum(p[0][0] for p in parts)),
         loglik_null=float(sum(p[0][1] for p in parts)), score=sum(p[1] for p in parts), opg=units.hh,
         n_units=units.n_units, opg_cluster=None if clusters is None else clusters.hh,
         n_clusters=0 if clusters is None else clusters.n_units)

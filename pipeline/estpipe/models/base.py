@@ -29,6 +29,9 @@ class Model:
     # the logit for the others: the estimator then starts them from a one-step logit fit
     # (estimation.gmm.logit_start), for a model that b = 0 cannot start (the nested logit).
     logit_start: bool = False
+    # A simulated model's likelihood is not the log of its probabilities at the chosen rows but the
+    # log of a mean over draws per decision maker (kernel/fused_mixed.py simulated_likelihood_tile).
+    simulated: bool = False
 
     def bind(self, facts, **options) -> "Model":
         """This model for a file with these facts (x_names, alt_names, has_panel) and options; a

@@ -98,6 +98,11 @@ class Draws:
         DRAW_KINDS.get(self.kind)
         object.__setattr__(self, "table", _inverse_normal_table())
 
+    @property
+    def max_abs(self) -> float:
+        """The largest |normal| a draw can take (the table's end cells: about 4.4)."""
+        return float(np.abs(self.table).max())
+
     def cells(self, units: np.ndarray, r0: int, r1: int) -> np.ndarray:
         """(n, r1 - r0, dims) uint32 grid cells of the draws r0:r1 of `units` (n,) (global indices)."""
         units = np.asarray(units, dtype=np.uint64)[:, None, None]

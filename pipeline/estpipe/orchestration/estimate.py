@@ -20,7 +20,7 @@ import numpy as np
 from estpipe.data.problem import ChoiceProblem, read_problem
 from estpipe.errors import EXIT_NOT_CONVERGED, EXIT_USER, UserError, term
 from estpipe.estimation.gmm import GmmSettings, GmmState, Reporter, estimate_gmm, logit_start
-from estpipe.estimation.mle import MleSettings, estimate_mle
+from estpipe.estimation.mle import MleSettings, estimate_mle, simulated_start
 from estpipe.estimation.results import Results, Telemetry
 from estpipe.execution import start_backend
 from estpipe.execution.planning import default_partitions, plan_partitions, unit_ids
@@ -189,9 +189,10 @@ def estimate(path: str | os.PathLike, options: EstimateOptions | None = None, *,
                 if model.logit_start else x0
         try:
             if options.estimator == "mle":
-                est = estimate_mle(evaluator, problem, model, MleSettings(tol=options.tol, max_iter=options.max_iter,
-                                                                         optimizer=options.optimizer),
-                                   x0, clustered, reporter=reporter)
+                mle_settings = MleSettings(tol=options.tol, max_iter=options.max_iter, optimizer=options.optimizer)
+                if options.start is None and getattr(model, "simulated", False):
+                    x0 = simulated_start(evaluator, problem, model, mle_settings, clustered, reporter)
+                est = estimate_mle(evaluator, problem, model, mle_settings, x0, clustered, reporter=reporter)
             else:
                 est = estimate_gmm(evaluator, problem, model, settings, x0, clustered,
                                    state=None if ckpt is None else ckpt.state, reporter=writer)

@@ -170,10 +170,7 @@ class EstimateOptions:
                     f"moment Jacobian G; use {term('optimizer')} {either(free)} with {mode.name}, or "
                     f"{term('derivatives')} {full}")
         if self.estimator == "mle" and not found:
-            if self.model == "mixed-logit":
-                add("estimator", f"{term('estimator')} mle: simulated maximum likelihood for mixed-logit is not built yet; "
-                    f"use the default GMM estimator")
-            elif self.derivatives == "adjoint" and MLE_OPTIMIZERS[self.optimizer].needs_opg:
+            if self.derivatives == "adjoint" and MLE_OPTIMIZERS[self.optimizer].needs_opg:
                 add("derivatives", f"{term('derivatives')} adjoint: {term('optimizer')} {self.optimizer} needs the "
                     f"score of every unit (its OPG), which the adjoint's one summed gradient does not give; leave "
                     f"{term('derivatives')} at dual")
