@@ -1,4 +1,4 @@
-"""Maximum likelihood, pure (DESIGN.md, "Maximum likelihood (first slice)").
+"""Maximum likelihood, pure (DESIGN.md, "Maximum likelihood").
 
     estimate_mle(source, problem, model, settings, x0, clustered, reporter=None) -> MleEstimate
 
@@ -313,6 +313,34 @@ def simulated_start(source, problem, model, settings: MleSettings, clustered: bo
     return x0
 
 
+CHORD_STEPS = 20
+CHORD_REFRESH = 1e-4  # theta moved by the chord steps beyond which the Hessian is made again
+
+
+def _chord_steps(objective: LikelihoodObjective, theta: np.ndarray, H: np.ndarray, target: float):
+    """Newton steps d = -H^-1 g with one fixed Hessian H (of -loglik/n in theta) from theta, while
+    max |g| > target and each step lowers max |g| or the objective; (theta, steps, distance)."""
+    start = theta
+    g = objective.gradient(theta)
+    steps = 0
+    if not np.all(np.isfinite(H)) or np.max(np.abs(g)) <= target:
+        return theta, 0, 0.0
+    try:
+        np.linalg.cholesky(H)  # a minimum: H positive definite, else no Newton step is safe
+    except np.linalg.LinAlgError:
+        return theta, 0, 0.0
+    f = objective.value(theta)
+    for _ in range(CHORD_STEPS):
+        trial = theta - np.linalg.solve(H, g)
+        ft, gt = objective.value(trial), objective.gradient(trial)
+        if not (np.isfinite(ft) and (np.max(np.abs(gt)) < np.max(np.abs(g)) or ft < f)):
+            break
+        theta, f, g, steps = trial, ft, gt, steps + 1
+        if np.max(np.abs(g)) <= target:
+            break
+    return theta, steps, float(np.max(np.abs(theta - start)))
+
+
 def estimate_mle(source, problem, model, settings: MleSettings, x0: np.ndarray, clustered: bool,
                  reporter: Reporter | None = None) -> MleEstimate:
     """Maximum likelihood of `model` on the data `source` sums over (see the module docstring).
@@ -336,13 +364,23 @@ def estimate_mle(source, problem, model, settings: MleSettings, x0: np.ndarray, 
     # has it there).
     reuse_note = " (the optimizer's own at the end)" if objective.hessian_known(theta) else ""
     H = objective.hessian(theta)
+    target = max(settings.tol, 1e-9)
+    # Where BHHH's polish stalls (the OPG is not -H: a misspecified or poorly fitting model, as a
+    # mixed logit on 210 people), Newton steps with this one Hessian (chord steps, one
+    # evaluation each) finish the job; the Hessian is made anew only if they move theta by more
+    # than CHORD_REFRESH.
+    theta, chord, chord_moved = _chord_steps(objective, theta, H, target)
+    if chord_moved > CHORD_REFRESH:
+        H = objective.hessian(theta)
     b = theta / D
     s = oracle.sums(b)
     g_theta = float(np.max(np.abs(s.score / D / n)))
-    converged = bool(np.isfinite(s.loglik) and g_theta <= max(settings.tol, 1e-9))
+    converged = bool(np.isfinite(s.loglik) and g_theta <= target)
+    chord_note = f"; {count(chord, 'Newton step')} on it moving {chord_moved:.2g}" if chord else ""
     message = (f"{fit.optimizer}: {fit.opt_message} ({nit} iterations, {count(fit.opt_evaluations, 'evaluation')}); "
-               f"Hessian {count(objective.hessian_evaluations, 'evaluation')}{reuse_note}; {count(newton, 'BHHH polish step')} moving "
-               f"{fit.moved:.2g} in theta, max |mean score| {g_theta:.2g} in theta")
+               f"{count(newton, 'BHHH polish step')} moving {fit.moved:.2g} in theta; Hessian "
+               f"{count(objective.hessian_evaluations, 'evaluation')}{reuse_note}{chord_note}; max |mean score| "
+               f"{g_theta:.2g} in theta")
     reporter.log(("converged: " if converged else "did NOT converge: ") + message)
 
     # H is d^2(-loglik/n)/d theta^2; d score/d b = -n D H D

@@ -187,7 +187,7 @@ class Results:
         } | self.mle_dict()
 
     def mle_dict(self) -> dict:
-        """The MLE's keys (DESIGN.md, "Maximum likelihood (first slice)"); empty for GMM."""
+        """The MLE's keys (DESIGN.md, "Maximum likelihood"); empty for GMM."""
         if self.likelihood is None:
             return {}
         L = self.likelihood

@@ -1,5 +1,5 @@
 """The additive sums of a log-likelihood (request quantity "likelihood"; DESIGN.md, "Maximum
-likelihood (first slice)").
+likelihood").
 
 Per tile: the model's log_probabilities, seeded as one dual block over all P parameters (the
 partials are the scores), read at the chosen rows; per set, the chosen rows' log-probability and
