@@ -329,3 +329,26 @@ def test_optimizer_refusals_are_one_line(modechoice):
     assert "gauss-newton is an optimizer of --estimator gmm" in line and "bhhh" in line, line
     line = estimate_error_line(modechoice, ["--optimizer", "trust-newton"], "logit")
     assert "trust-newton is an optimizer of --estimator mle" in line and "gauss-newton" in line, line
+
+
+def test_the_mle_does_not_read_dm(tmp_path):
+    """A likelihood needs X and the chosen rows only: dm is never read, so a NaN in it, which
+    GMM refuses in one line, does not stop the MLE, and the partitions hold no dm."""
+    from estpipe.data.problem import read_problem
+    from estpipe.execution.tasks import PartitionSource, load_partition
+
+    d = _random_sets(7, n=300, missing=False)
+    dm = d.dm.copy()
+    dm[3, 1] = np.nan
+    path = tmp_path / "nan_dm.h5"
+    write_choice_data(path, ChoiceData(X=d.X, dm=dm, offsets=d.offsets, chosen=d.chosen), ["x1", "x2"],
+                      ["m1", "m2", "m3"])
+    line = estimate_error_line(path, [], "logit")
+    assert "dataset dm" in line and "NaN" in line, line
+    r = estimate(path, EstimateOptions(estimator="mle"))
+    assert r.converged and np.all(np.isfinite(r.std_errors))
+    problem = read_problem(path)
+    part = load_partition(PartitionSource.of(problem, "logit", "dual", moments=False), 0, problem.n_sets)
+    assert part.kernel.data.dm.shape == (problem.n_rows, 0)
+    assert PartitionSource.of(problem, "logit", "dual", moments=False).key(0, 5) != \
+        PartitionSource.of(problem, "logit", "dual").key(0, 5)

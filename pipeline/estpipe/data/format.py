@@ -258,8 +258,9 @@ class ChoiceDataFile:
         return ids
 
     # -- reading ------------------------------------------------------------------------------
-    def read_sets(self, start: int = 0, stop: int | None = None, empty=np.empty) -> ChoiceData:
+    def read_sets(self, start: int = 0, stop: int | None = None, empty=np.empty, with_dm: bool = True) -> ChoiceData:
         """Sets start:stop with their rows (offsets rebased to 0); reads only those rows.
+        with_dm=False leaves dm out ((rows, 0): a likelihood reads no moments).
 
         empty(shape, dtype): allocates X and dm (estpipe.execution.tasks passes one whose pages
         are populated in one system call, much faster than faulting them in during the read)."""
@@ -270,10 +271,11 @@ class ChoiceDataFile:
         f = self._f
         try:
             X = empty((r1 - r0, self.K), dtype=np.float64)
-            dm = empty((r1 - r0, self.M), dtype=np.float64)
+            dm = empty((r1 - r0, self.M if with_dm else 0), dtype=np.float64)
             if r1 > r0:
                 f["X"].read_direct(X, np.s_[r0:r1], np.s_[:])
-                f["dm"].read_direct(dm, np.s_[r0:r1], np.s_[:])
+                if with_dm:
+                    f["dm"].read_direct(dm, np.s_[r0:r1], np.s_[:])
             chosen = f["chosen"][r0:r1].astype(np.int8) if self.has_chosen else None
             cluster = f["cluster"][start:stop].astype(np.int64) if self.has_cluster else None
             alt = f["alt"][r0:r1].astype(np.int32) if self.has_alt else None

@@ -26,7 +26,7 @@ def start_backend(problem, options, plan, log, model: ModelSpec | None = None) -
     ModelSpec the partitions build (default: from the options)."""
     cluster = cluster_for(options)
     source = PartitionSource.of(problem, model or ModelSpec.of(options.model, **options.model_options()),
-                                options.derivatives)
+                                options.derivatives, moments=options.estimator != "mle")
     # the memory check sizes a kernel's buffers on a stand-in of the model's kind
     kind = options.model if options.model in MODELS and not options.model_options() else "logit"
 

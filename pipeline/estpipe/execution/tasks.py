@@ -119,30 +119,32 @@ class PartitionSource:
     fingerprint: str
     model: ModelSpec
     derivatives: str
+    moments: bool = True  # False: dm is not read (maximum likelihood needs X and the chosen rows only)
 
     @classmethod
-    def of(cls, problem, model: ModelSpec | str, derivatives: str) -> "PartitionSource":
+    def of(cls, problem, model: ModelSpec | str, derivatives: str, moments: bool = True) -> "PartitionSource":
         """The source of a ChoiceProblem's partitions (estpipe.data.problem); model: a ModelSpec
         (or a registered model's name)."""
         spec = model if isinstance(model, ModelSpec) else ModelSpec.of(model)
-        return cls(str(problem.path), problem.fingerprint, spec, derivatives)
+        return cls(str(problem.path), problem.fingerprint, spec, derivatives, moments)
 
     def key(self, start: int, stop: int) -> str:
         """The dask key of sets start:stop loaded from this source. Equal keys are the same
         partition (a task of that key already on the cluster is reused), so the key holds every
         field."""
-        return f"estpipe-partition-{self.fingerprint}-{start}-{stop}-{self.model.name}-{self.model.key()}-{self.derivatives}"
+        return f"estpipe-partition-{self.fingerprint}-{start}-{stop}-{self.model.name}-{self.model.key()}-{self.derivatives}" + ("" if self.moments else "-nodm")
 
 
 def load_partition(source: PartitionSource, start: int, stop: int) -> ResidentPartition:
     """Read sets start:stop of the source's file (once), check their values and build their kernel."""
     path = source.path
     with ChoiceDataFile(path) as f:
-        data = f.read_sets(start, stop, empty=populated_empty)
+        data = f.read_sets(start, stop, empty=populated_empty, with_dm=source.moments)
         row0, x_names, moment_names = int(f.offsets[start]), f.param_names, f.moment_names
         model = source.model.build(f)
     check_values(path, "X", data.X, x_names, row0, data.offsets, start)
-    check_values(path, "dm", data.dm, moment_names, row0, data.offsets, start)
+    if source.moments:
+        check_values(path, "dm", data.dm, moment_names, row0, data.offsets, start)
     kernel = PartitionKernel(data, model=model, derivatives=source.derivatives, x_names=x_names)
     return ResidentPartition(path=str(Path(path)), start=start, stop=stop, kernel=kernel, nbytes=int(data.nbytes))
 
