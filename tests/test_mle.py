@@ -352,3 +352,22 @@ def test_the_mle_does_not_read_dm(tmp_path):
     assert part.kernel.data.dm.shape == (problem.n_rows, 0)
     assert PartitionSource.of(problem, "logit", "dual", moments=False).key(0, 5) != \
         PartitionSource.of(problem, "logit", "dual").key(0, 5)
+
+
+def test_se_chooses_the_reported_standard_errors(modechoice):
+    from estpipe.data.format import read_choice_data
+
+    runs = {se: estimate(modechoice, EstimateOptions(estimator="mle", se=se)) for se in ("robust", "classical", "bhhh")}
+    assert [r.se_type for r in runs.values()] == ["robust", "classical", "bhhh"]
+    np.testing.assert_array_equal(runs["classical"].std_errors, runs["robust"].std_errors_of("classical"))
+    # bhhh: the inverse of the OPG sum_i s_i s_i' at the estimate, computed here from the kernel's sums
+    b = runs["bhhh"].params
+    opg = PartitionKernel(read_choice_data(modechoice), model="logit").evaluate(Request.for_likelihood(b)).opg
+    np.testing.assert_allclose(runs["bhhh"].std_errors, np.sqrt(np.diag(np.linalg.inv(opg))), rtol=1e-10)
+    # z and intervals follow the chosen errors
+    d = runs["bhhh"].to_dict()
+    np.testing.assert_allclose(np.array(d["z"]), b / runs["bhhh"].std_errors, rtol=1e-12)
+    line = estimate_error_line(modechoice, ["--estimator", "mle", "--se", "bhh"], "logit")
+    assert "--se 'bhh' is not one of robust, classical, bhhh (did you mean 'bhhh'?)" in line
+    line = estimate_error_line(modechoice, ["--se", "classical"], "logit")
+    assert "--se chooses among the standard errors of --estimator mle" in line

@@ -40,6 +40,7 @@ class MleSettings:
     tol: float = 1e-10
     max_iter: int = 200
     optimizer: str = "bfgs"
+    se: str | None = None  # None or "robust": the sandwich (clustered with clusters); "classical"; "bhhh"
 
 
 @dataclass
@@ -390,11 +391,14 @@ def estimate_mle(source, problem, model, settings: MleSettings, x0: np.ndarray, 
     robust = classical @ B @ classical
     robust = (robust + robust.T) / 2
     units = "clusters" if use_clusters else ("panel units" if problem.has_panel else "sets")
-    se_type = "robust" if units == "sets" else "clustered"
+    robust_name = "robust" if units == "sets" else "clustered"
+    se_type = robust_name if settings.se in (None, "robust") else settings.se
     signs = model.canonical_signs(b)
     b = b * signs
     flip = np.outer(signs, signs)
-    covariances = {"classical": classical * flip, se_type: robust * flip}
+    covariances = {"classical": classical * flip, robust_name: robust * flip}
+    if se_type == "bhhh":  # the inverse OPG over units (BHHH's curvature), the information identity's other side
+        covariances["bhhh"] = _inverse_negative(-s.opg, names, "the estimate (its OPG)") * flip
     P, n_units = len(b), int(s.n_units)
     ll, null = float(s.loglik), float(s.loglik_null)
     likelihood = {

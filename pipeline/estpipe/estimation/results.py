@@ -97,7 +97,7 @@ class Results:
     @property
     def robust_type(self) -> str:
         """The sandwich's name among the covariances: "robust" or "clustered"."""
-        return next(k for k in self.covariances if k != "classical")
+        return next(k for k in self.covariances if k not in ("classical", "bhhh"))
 
     # -- derived --------------------------------------------------------------------------------------
     @property

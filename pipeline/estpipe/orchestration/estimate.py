@@ -189,7 +189,8 @@ def estimate(path: str | os.PathLike, options: EstimateOptions | None = None, *,
                 if model.logit_start else x0
         try:
             if options.estimator == "mle":
-                mle_settings = MleSettings(tol=options.tol, max_iter=options.max_iter, optimizer=options.optimizer)
+                mle_settings = MleSettings(tol=options.tol, max_iter=options.max_iter, optimizer=options.optimizer,
+                                           se=options.se)
                 if options.start is None and getattr(model, "simulated", False):
                     x0 = simulated_start(evaluator, problem, model, mle_settings, clustered, reporter)
                 est = estimate_mle(evaluator, problem, model, mle_settings, x0, clustered, reporter=reporter)

@@ -20,6 +20,7 @@ from estpipe.estimation.mle import DEFAULT_OPTIMIZER as MLE_DEFAULT_OPTIMIZER, M
 from estpipe.estimation.optimizers import OPTIMIZERS
 from estpipe.execution.jobqueue import KINDS
 from estpipe.kernel.derivatives import DERIVATIVES
+from estpipe.registry import did_you_mean
 from estpipe.models import model_problem
 from estpipe.registry import did_you_mean
 from estpipe.text import either
@@ -34,6 +35,9 @@ CHOICES = (ESTIMATORS, DERIVATIVES, KINDS)  # the optimizer's registry depends o
 # Where and how the work runs (workers, partitions, scheduler), how long it may run (max_iter) and
 # where output goes do not change it. (The estimator at its default, gmm, is left out of a
 # checkpoint's options, so that checkpoints written before it existed stay valid.)
+# --se: the default robust (the sandwich; "clustered" when the file has clusters or panel units),
+# classical ((-H)^-1) or bhhh (the inverse OPG over units).
+SE_TYPES = ("robust", "classical", "bhhh")
 RESULT_OPTIONS = ("estimator", "model", "random", "correlated", "nests", "draws", "draws_kind", "draws_seed", "panel", "optimizer",
                   "derivatives", "steps", "start", "tol", "no_cluster")
 # The options a model takes (models/spec.py): given to the model's bind, which refuses the ones it
@@ -75,6 +79,7 @@ class EstimateOptions:
     tol: float = 1e-10
     max_iter: int = 200
     no_cluster: bool = False
+    se: str | None = None  # mle: which covariance std_errors hold (SE_TYPES); None: robust (clustered with clusters)
     out: str | None = None
     checkpoint: str | None = None
     resume: bool = False
@@ -155,6 +160,11 @@ class EstimateOptions:
                 add(field, f"{term(field)} must be a whole number >= 1, got {value!r}")
         if not (_number(self.connect_timeout) and self.connect_timeout > 0):
             add("connect_timeout", f"{term('connect_timeout')} must be positive, got {self.connect_timeout!r}")
+        if self.se is not None and self.se not in SE_TYPES:
+            add("se", f"{term('se')} {self.se!r} is not one of {', '.join(SE_TYPES)}{did_you_mean(self.se, SE_TYPES)}")
+        elif self.se is not None and self.estimator != "mle":
+            add("se", f"{term('se')} chooses among the standard errors of {term('estimator')} mle; GMM's are the "
+                      f"sandwich of its last step (clustered with the file's clusters unless {term('no_cluster')})")
         for field in ("no_cluster", "resume", "json", "correlated", "panel"):
             if not isinstance(getattr(self, field), bool):
                 add(field, f"{term(field)} must be true or false, got {getattr(self, field)!r}")
