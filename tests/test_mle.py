@@ -371,3 +371,31 @@ def test_se_chooses_the_reported_standard_errors(modechoice):
     assert "--se 'bhh' is not one of robust, classical, bhhh (did you mean 'bhhh'?)" in line
     line = estimate_error_line(modechoice, ["--se", "classical"], "logit")
     assert "--se chooses among the standard errors of --estimator mle" in line
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_fused_logit_likelihood_is_the_generic_one_in_every_mode(seed):
+    """The textbook logit's likelihood by hand (kernel/likelihood.py fused_logit_likelihood_tile)
+    equals the dual blocks of its log-probabilities, with and without the score and the OPG,
+    across tiles, threads, missing alternatives and clusters."""
+    d = _random_sets(seed, n=90, missing=seed == 0)  # sets of varying size, then all of one size
+    b = np.array([0.7, -1.1])
+    fused = PartitionKernel(d, model="logit", tile_rows=37, threads=2)
+    generic = PartitionKernel(d, model="logit", fast=False, tile_rows=37, threads=2)
+    assert type(fused.strategy).__name__ == "FusedLogit" and type(generic.strategy).__name__ == "GenericDual"
+    for score, opg in ((True, True), (True, False), (False, False)):
+        a = fused.evaluate(Request.for_likelihood(b, score=score, opg=opg))
+        g = generic.evaluate(Request.for_likelihood(b, score=score, opg=opg))
+        np.testing.assert_allclose(a.loglik, g.loglik, rtol=1e-13)
+        assert a.n_units == g.n_units == 90 and a.n_clusters == g.n_clusters == 30
+        assert (a.score is None) == (not score) and (a.opg is None) == (not opg)
+        if score:
+            np.testing.assert_allclose(a.score, g.score, rtol=1e-12, atol=1e-13)
+        if opg:
+            np.testing.assert_allclose(a.opg, g.opg, rtol=1e-12, atol=1e-13)
+            np.testing.assert_allclose(a.opg_cluster, g.opg_cluster, rtol=1e-12, atol=1e-13)
+    # with a seed scale, partials are with respect to beta = scale * b
+    scale = np.array([4.0, 0.5])
+    a = fused.evaluate(Request.for_likelihood(b, seed_scale=scale))
+    g = fused.evaluate(Request.for_likelihood(b))
+    np.testing.assert_allclose(a.score, g.score / scale, rtol=1e-14)

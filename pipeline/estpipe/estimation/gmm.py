@@ -400,7 +400,8 @@ class FixedParameters:
         sums = self.source.evaluate(self._full(request))
         if hasattr(sums, "opg"):  # a likelihood's sums (kernel/likelihood.py LikelihoodSums)
             f = self.free
-            return replace(sums, score=sums.score[f], opg=sums.opg[np.ix_(f, f)],
+            return replace(sums, score=None if sums.score is None else sums.score[f],
+                           opg=None if sums.opg is None else sums.opg[np.ix_(f, f)],
                            opg_cluster=None if sums.opg_cluster is None else sums.opg_cluster[np.ix_(f, f)])
         if sums.gG.shape[1] > 1:
             sums = replace(sums, gG=sums.gG[:, np.r_[0, 1 + self.free]])

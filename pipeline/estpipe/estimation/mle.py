@@ -75,18 +75,20 @@ class MleEstimate:
 
 class LikelihoodOracle:
     """The whole data's LikelihoodSums at b, memoized on the last parameter vector, counting
-    evaluations (map/reduces)."""
+    evaluations (map/reduces). sums(b, opg=False) asks for the log-likelihood and score only
+    (what BFGS's calls need: the OPG's per-unit products are skipped); a memo with the OPG
+    answers either."""
 
     def __init__(self, source, clustered: bool):
         self.source, self.clustered = source, clustered
         self.evaluations = 0
         self._last = None
 
-    def sums(self, b: np.ndarray):
+    def sums(self, b: np.ndarray, opg: bool = True):
         b = np.asarray(b, dtype=np.float64)
-        if self._last is not None and np.array_equal(self._last[0], b):
+        if self._last is not None and np.array_equal(self._last[0], b) and (self._last[1].opg is not None or not opg):
             return self._last[1]
-        s = self.source.evaluate(Request.for_likelihood(b.copy(), clustered=self.clustered))
+        s = self.source.evaluate(Request.for_likelihood(b.copy(), clustered=self.clustered, opg=opg))
         self.evaluations += 1
         self._last = (b.copy(), s)
         return s
@@ -124,13 +126,14 @@ class LikelihoodObjective:
     gradient (P,), OPG mean (P, P) and the central-difference Hessian of the exact gradient
     (P, P), all through one memoized LikelihoodOracle; counts the evaluations the Hessians took."""
 
-    def __init__(self, oracle: LikelihoodOracle, D: np.ndarray, n: float):
+    def __init__(self, oracle: LikelihoodOracle, D: np.ndarray, n: float, needs_opg: bool = False):
         self.oracle, self.D, self.n = oracle, D, n
+        self.needs_opg = needs_opg  # BHHH: every point's OPG (its value and gradient come with it)
         self.hessian_evaluations = 0
         self._hessians: dict[bytes, np.ndarray] = {}
 
-    def sums(self, theta):
-        return self.oracle.sums(np.asarray(theta, dtype=np.float64) / self.D)
+    def sums(self, theta, opg: bool = False):
+        return self.oracle.sums(np.asarray(theta, dtype=np.float64) / self.D, opg=opg or self.needs_opg)
 
     def value(self, theta) -> float:
         s = self.sums(theta)
@@ -141,7 +144,7 @@ class LikelihoodObjective:
 
     def opg(self, theta) -> np.ndarray:
         """B_theta = sum_u s_u s_u' / n in theta's units (P, P): BHHH's curvature."""
-        return self.sums(theta).opg / np.outer(self.D, self.D) / self.n
+        return self.sums(theta, opg=True).opg / np.outer(self.D, self.D) / self.n
 
     def hessian(self, theta) -> np.ndarray:
         """d gradient / d theta (P, P) by central differences, memoized by theta (2P evaluations)."""
@@ -277,12 +280,14 @@ def maximize(source, settings: MleSettings, x0: np.ndarray, clustered: bool) -> 
     rms = np.sqrt(np.diag(s0.opg) / n)
     D = np.where(np.isfinite(rms) & (rms > 1e-300), rms, 1.0)  # theta = D b
     optimizer = MLE_OPTIMIZERS.get(settings.optimizer)
-    objective = LikelihoodObjective(oracle, D, n)
+    objective = LikelihoodObjective(oracle, D, n, needs_opg=optimizer.needs_opg)
     theta, nit, _, opt_message = optimizer.minimize(objective, b0 * D, max(settings.tol, 1e-7), settings.max_iter)
     theta = np.asarray(theta, dtype=np.float64)
     opt_evaluations = oracle.evaluations
     before = theta
+    objective.needs_opg = True
     theta, newton, _, _ = Bhhh().minimize(objective, theta, max(settings.tol, 1e-11), POLISH_STEPS)
+    objective.needs_opg = False  # the Hessian's and the chord steps' evaluations need no OPG
     theta = np.asarray(theta, dtype=np.float64)
     return Maximized(b=theta / D, theta=theta, D=D, n=n, objective=objective, oracle=oracle, iterations=int(nit),
                      optimizer=optimizer.name, opt_message=opt_message, opt_evaluations=opt_evaluations,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from estpipe.dual import Workspace, seed
+from estpipe.kernel.fused_logit import FusedLogit, logit_probabilities
 from estpipe.kernel.fused_mixed import simulated_likelihood_tile
 from estpipe.kernel.tiles import TileData
 from estpipe.kernel.units import UnitSums
@@ -31,7 +32,8 @@ class LikelihoodSums:
 
     n_sets: sets; n_chosen: chosen rows; loglik: sum of log s over the chosen rows; loglik_null:
     the same with equal probabilities (sum of -log J_i over the chosen rows' sets); score: (P,)
-    sum of the scores; opg: (P, P) sum over units u of s_u s_u' (s_u: the unit's score sum);
+    sum of the scores (None when not requested); opg: (P, P) sum over units u of s_u s_u' (s_u:
+    the unit's score sum; None when not requested);
     n_units: units; opg_cluster: (P, P) the same over the file's clusters, or None when the
     request did not use them; n_clusters: clusters (0 without). Partials are with respect to
     beta = seed_scale * params when the request had a seed scale."""
@@ -40,8 +42,8 @@ class LikelihoodSums:
     n_chosen: int
     loglik: float
     loglik_null: float
-    score: np.ndarray
-    opg: np.ndarray
+    score: np.ndarray | None
+    opg: np.ndarray | None
     n_units: int
     opg_cluster: np.ndarray | None = None
     n_clusters: int = 0
@@ -49,13 +51,15 @@ class LikelihoodSums:
     def __add__(self, other: "LikelihoodSums") -> "LikelihoodSums":
         if isinstance(other, int) and other == 0:  # lets sum() start from 0
             return self
-        both = self.opg_cluster is not None and other.opg_cluster is not None
+
+        def plus(a, b):
+            return None if a is None or b is None else a + b
+
         return LikelihoodSums(
             n_sets=self.n_sets + other.n_sets, n_chosen=self.n_chosen + other.n_chosen,
             loglik=self.loglik + other.loglik, loglik_null=self.loglik_null + other.loglik_null,
-            score=self.score + other.score, opg=self.opg + other.opg, n_units=self.n_units + other.n_units,
-            opg_cluster=self.opg_cluster + other.opg_cluster if both else None,
-            n_clusters=self.n_clusters + other.n_clusters)
+            score=plus(self.score, other.score), opg=plus(self.opg, other.opg), n_units=self.n_units + other.n_units,
+            opg_cluster=plus(self.opg_cluster, other.opg_cluster), n_clusters=self.n_clusters + other.n_clusters)
 
     __radd__ = __add__
 
@@ -64,30 +68,71 @@ class LikelihoodSums:
         return sum(a.nbytes for a in (self.score, self.opg, self.opg_cluster) if a is not None) + 48
 
 
-def likelihood_tile(model: Model, params, tile: TileData, ws: Workspace, chosen, seed_scale=None):
+def likelihood_tile(model: Model, params, tile: TileData, ws: Workspace, chosen, seed_scale=None, score: bool = True):
     """This tile's (loglik, loglik_null, n_chosen, S) with S (n_sets_tile, P) the per-set score
-    sums; chosen: (rows, sets) the tile's chosen rows and the tile-local set of each."""
+    sums (None without `score`: then the model is evaluated with no partials at all);
+    chosen: (rows, sets) the tile's chosen rows and the tile-local set of each."""
     rows, sets = chosen
-    P = len(params)
+    P = len(params) if score else 0
     ws.reset()
     theta = seed(params, ws, 0, P, seed_scale)
     logs = call_model(model, "log_probabilities", theta, tile)
     a = np.asarray(logs.a)[rows]  # (n_chosen, 1 + P)
-    S = np.zeros((tile.seg.n_sets, P), dtype=a.dtype)
-    np.add.at(S, sets, a[:, 1:])
+    S = None
+    if score:
+        S = np.zeros((tile.seg.n_sets, P), dtype=a.dtype)
+        np.add.at(S, sets, a[:, 1:])
     null = -float(np.sum(np.log(tile.seg.sizes[sets])))
     ll = np.sum(a[:, 0])
     return (ll if np.iscomplexobj(ll) else float(ll)), null, len(rows), S
+
+
+def fused_logit_likelihood_tile(tile: TileData, params, ws: Workspace, chosen, seed_scale=None,
+                                score: bool = True, per_set: bool = True):
+    """The textbook logit's (loglik, loglik_null, n_chosen, S, score) by hand: s from
+    fused_logit.logit_probabilities, the residual r = y - s, the score X'r by one GEMV and, with
+    per_set (for the OPG), the per-set scores S = sum over each set's rows of r x (n_sets, K).
+    Partials with respect to beta = seed_scale * params when a seed scale is given."""
+    rows, sets = chosen
+    X, seg = tile.X, tile.seg
+    ws.reset()
+    s, ll = logit_probabilities(X, np.asarray(params, dtype=np.float64), seg, ws, chosen)
+    null = -float(np.sum(np.log(seg.sizes[sets])))
+    if not score:
+        return ll, null, len(rows), None, None
+    np.negative(s, out=s)
+    np.add.at(s, rows, 1.0)  # r = y - s
+    total = X.T @ s
+    S = None
+    if per_set and seg.n_sets:
+        J = seg.equal_size
+        if J:  # sets of one size: a batched product, no (rows, K) temporary
+            S = np.einsum("nj,njk->nk", s.reshape(-1, J), X.reshape(-1, J, X.shape[1]))
+        else:
+            S = np.add.reduceat(s[:, None] * X, seg.starts, axis=0)
+    if seed_scale is not None:
+        total = total / seed_scale
+        S = None if S is None else S / seed_scale
+    return ll, null, len(rows), S, total
 
 
 def _scalar(x):
     return x if np.iscomplexobj(x) else float(x)
 
 
+def _n_runs(ids: np.ndarray | None, n: int) -> int:
+    """Units in a partition: runs of equal ids (contiguous), or n when there are none."""
+    if ids is None:
+        return n
+    return int(np.count_nonzero(np.r_[True, ids[1:] != ids[:-1]])) if len(ids) else 0
+
+
 def likelihood_sums(kernel, request) -> LikelihoodSums:
     """The partition's LikelihoodSums at request.params for kernel (engine.PartitionKernel), on
-    its tile threads. Units: the panel units, else the sets; clusters when the request is
-    clustered and the data have them."""
+    its tile threads: the log-likelihood, with request.score the score, with request.opg the
+    OPG over units (the panel units, else the sets) and over clusters when the request is
+    clustered and the data have them. The textbook logit at real parameters takes the fused
+    path (fused_logit_likelihood_tile); a simulated model its own (module docstring)."""
     d = kernel.data
     if d.chosen is None:
         raise ValueError("a likelihood needs the chosen rows; these data have none")
@@ -96,44 +141,58 @@ def likelihood_sums(kernel, request) -> LikelihoodSums:
     cluster = d.cluster if (request.clustered and d.cluster is not None) else None
     index = kernel._tile_index
     simulated = getattr(kernel.model, "simulated", False)
+    fused = isinstance(kernel.strategy, FusedLogit) and not request.complex_step
+    want_score, want_opg = request.score, request.opg
 
     def work(ws, tiles):
         total = [0.0, 0.0, 0]
         score = np.zeros(P, dtype=dtype)
-        units = UnitSums.empty(P, dtype)
-        clusters = UnitSums.empty(P, dtype) if cluster is not None else None
+        units = UnitSums.empty(P, dtype) if want_opg else None
+        clusters = UnitSums.empty(P, dtype) if (cluster is not None and want_opg) else None
         for tile in tiles:
             i = index[tile.set_start]
+            chosen = kernel._chosen[i]
             if simulated:
-                ll, null, n, S = simulated_likelihood_tile(kernel.model, kernel.view(tile), request.params,
-                                                           kernel._chosen[i])
+                ll, null, n, S = simulated_likelihood_tile(kernel.model, kernel.view(tile), request.params, chosen)
                 if request.seed_scale is not None:
                     S = S / request.seed_scale
+                tile_score = S.sum(axis=0)
+            elif fused:
+                ll, null, n, S, tile_score = fused_logit_likelihood_tile(kernel.view(tile), request.params, ws, chosen,
+                                                                          request.seed_scale, want_score, want_opg)
             else:
-                ll, null, n, S = likelihood_tile(kernel.model, request.params, kernel.view(tile), ws,
-                                                 kernel._chosen[i], request.seed_scale)
+                ll, null, n, S = likelihood_tile(kernel.model, request.params, kernel.view(tile), ws, chosen,
+                                                 request.seed_scale, want_score)
+                tile_score = None if S is None else S.sum(axis=0)
             total[0] += ll
             total[1] += null
             total[2] += n
-            score += S.sum(axis=0)
-            units.add_tile(i, S, None if d.panel is None else d.panel[tile.set_start : tile.set_stop])
+            if want_score:
+                score += tile_score
+            if units is not None:
+                units.add_tile(i, S, None if d.panel is None else d.panel[tile.set_start : tile.set_stop])
             if clusters is not None:
                 clusters.add_tile(i, S, cluster[tile.set_start : tile.set_stop])
         return total, score, units, clusters
 
     parts = kernel._map(work, kernel.tiles)
-    units = parts[0][2]
-    for p in parts[1:]:
-        units = units + p[2]
-    units.merge()
-    clusters = None
-    if cluster is not None:
-        clusters = parts[0][3]
+
+    def joined(k):
+        if parts[0][k] is None:
+            return None
+        out = parts[0][k]
         for p in parts[1:]:
-            clusters = clusters + p[3]
-        clusters.merge()
+            out = out + p[k]
+        out.merge()
+        return out
+
+    units, clusters = joined(2), joined(3)
+    n_units = units.n_units if units is not None else _n_runs(d.panel, d.n_sets)
+    n_clusters = 0
+    if cluster is not None:
+        n_clusters = clusters.n_units if clusters is not None else _n_runs(cluster, d.n_sets)
     return LikelihoodSums(
         n_sets=d.n_sets, n_chosen=int(sum(p[0][2] for p in parts)), loglik=_scalar(sum(p[0][0] for p in parts)),
-        loglik_null=float(sum(p[0][1] for p in parts)), score=sum(p[1] for p in parts), opg=units.hh,
-        n_units=units.n_units, opg_cluster=None if clusters is None else clusters.hh,
-        n_clusters=0 if clusters is None else clusters.n_units)
+        loglik_null=float(sum(p[0][1] for p in parts)), score=sum(p[1] for p in parts) if want_score else None,
+        opg=None if units is None else units.hh, n_units=n_units,
+        opg_cluster=None if clusters is None else clusters.hh, n_clusters=n_clusters)

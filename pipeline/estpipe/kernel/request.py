@@ -3,8 +3,8 @@
 A request names the quantities it needs (`needs`), so the protocol grows by new names, not by
 new flags: today "moments" (always), "jacobian" (the partials of the moments, by the derivative
 mode) "covariance" (the per-unit sums S needs, and the log-likelihood of the chosen rows) and
-"likelihood" (answered alone, by kernel/likelihood.py's LikelihoodSums: the log-likelihood, the
-score sum and the OPG per unit and per cluster, for the MLE).
+"likelihood" (answered alone, by kernel/likelihood.py's LikelihoodSums: the log-likelihood, and
+with "score" the score sum, with "opg" the OPG per unit and per cluster, for the MLE).
 The scales and steps say in which units the answer comes (DESIGN.md, "Units").
 """
 
@@ -18,7 +18,9 @@ MOMENTS = "moments"
 JACOBIAN = "jacobian"
 COVARIANCE = "covariance"
 LIKELIHOOD = "likelihood"
-QUANTITIES = (MOMENTS, JACOBIAN, COVARIANCE, LIKELIHOOD)
+SCORE = "score"  # with likelihood: the score sum
+OPG = "opg"  # with likelihood: the per-unit (and per-cluster) score outer products
+QUANTITIES = (MOMENTS, JACOBIAN, COVARIANCE, LIKELIHOOD, SCORE, OPG)
 
 
 @dataclass(frozen=True, eq=False)
@@ -67,8 +69,20 @@ class Request:
         return LIKELIHOOD in self.needs
 
     @classmethod
-    def for_likelihood(cls, params, clustered: bool = True, seed_scale=None) -> "Request":
-        return cls(params=np.asarray(params), needs=frozenset({LIKELIHOOD}), clustered=clustered, seed_scale=seed_scale)
+    def for_likelihood(cls, params, clustered: bool = True, seed_scale=None, score: bool = True,
+                       opg: bool = True) -> "Request":
+        """The log-likelihood; with `score` its gradient; with `opg` (implies score) the score
+        outer products per unit and cluster (BHHH's curvature, the sandwich's meat)."""
+        needs = {LIKELIHOOD} | ({SCORE} if score or opg else set()) | ({OPG} if opg else set())
+        return cls(params=np.asarray(params), needs=frozenset(needs), clustered=clustered, seed_scale=seed_scale)
+
+    @property
+    def score(self) -> bool:
+        return SCORE in self.needs
+
+    @property
+    def opg(self) -> bool:
+        return OPG in self.needs
 
     @property
     def complex_step(self) -> bool:
