@@ -282,8 +282,9 @@ def test_every_optimizer_reaches_the_same_estimate(which, modechoice, nested_fil
         assert r.loglik == pytest.approx(base.loglik, rel=1e-12)
 
 
-def _mle_direct(path, optimizer):
-    """estimate_mle on a PartitionKernel over the whole file, to read its Hessian count."""
+def _mle_direct(path, optimizer, fast=False):
+    """estimate_mle on a PartitionKernel over the whole file, to read its Hessian count
+    (fast=False: the generic strategy, whose Hessian is central differences of the score)."""
     from types import SimpleNamespace
 
     from estpipe.estimation.mle import MleSettings, estimate_mle
@@ -293,7 +294,7 @@ def _mle_direct(path, optimizer):
     model = get_model("logit")
     problem = SimpleNamespace(has_chosen=True, x_names=x_names, has_panel=False, path=str(path))
     P = len(model.param_names(x_names))
-    est = estimate_mle(PartitionKernel(data, model=model), problem, model, MleSettings(optimizer=optimizer),
+    est = estimate_mle(PartitionKernel(data, model=model, fast=fast), problem, model, MleSettings(optimizer=optimizer),
                        np.zeros(P), clustered=False)
     return est, P
 
@@ -307,6 +308,20 @@ def test_the_hessian_is_computed_once_at_the_end(modechoice, optimizer):
     without_hessian = est.evaluations - est.hessian_evaluations
     assert est.evaluations < without_hessian + 2 * (2 * P)
     assert np.all(np.isfinite(est.covariance)) and np.all(np.diag(est.covariance) > 0)
+
+
+def test_the_textbook_logit_has_an_exact_hessian_in_one_evaluation(modechoice):
+    exact, P = _mle_direct(modechoice, "bfgs", fast=True)
+    central, _ = _mle_direct(modechoice, "bfgs", fast=False)
+    assert exact.hessian_evaluations == 1 and "Hessian (exact) 1 evaluation" in exact.message, exact.message
+    assert central.hessian_evaluations == 2 * P and "central differences" in central.message
+    np.testing.assert_allclose(exact.params, central.params, rtol=1e-9)
+    for kind in ("classical", "robust"):
+        np.testing.assert_allclose(exact.covariances[kind], central.covariances[kind], rtol=1e-6)
+    # trust-newton takes the exact one at every iterate: one evaluation each
+    trust, _ = _mle_direct(modechoice, "trust-newton", fast=True)
+    assert trust.converged and trust.hessian_evaluations <= trust.steps[0].iterations + 1
+    np.testing.assert_allclose(trust.params, exact.params, rtol=1e-8)
 
 
 def test_trust_newton_reuses_its_hessian_at_the_solution(modechoice):

@@ -402,6 +402,7 @@ class FixedParameters:
             f = self.free
             return replace(sums, score=None if sums.score is None else sums.score[f],
                            opg=None if sums.opg is None else sums.opg[np.ix_(f, f)],
+                           hessian=None if sums.hessian is None else sums.hessian[np.ix_(f, f)],
                            opg_cluster=None if sums.opg_cluster is None else sums.opg_cluster[np.ix_(f, f)])
         if sums.gG.shape[1] > 1:
             sums = replace(sums, gG=sums.gG[:, np.r_[0, 1 + self.free]])

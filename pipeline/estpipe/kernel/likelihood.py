@@ -47,6 +47,7 @@ class LikelihoodSums:
     n_units: int
     opg_cluster: np.ndarray | None = None
     n_clusters: int = 0
+    hessian: np.ndarray | None = None  # (P, P) d2 loglik / d beta2, exact, when requested and the kernel has it
 
     def __add__(self, other: "LikelihoodSums") -> "LikelihoodSums":
         if isinstance(other, int) and other == 0:  # lets sum() start from 0
@@ -59,7 +60,8 @@ class LikelihoodSums:
             n_sets=self.n_sets + other.n_sets, n_chosen=self.n_chosen + other.n_chosen,
             loglik=self.loglik + other.loglik, loglik_null=self.loglik_null + other.loglik_null,
             score=plus(self.score, other.score), opg=plus(self.opg, other.opg), n_units=self.n_units + other.n_units,
-            opg_cluster=plus(self.opg_cluster, other.opg_cluster), n_clusters=self.n_clusters + other.n_clusters)
+            opg_cluster=plus(self.opg_cluster, other.opg_cluster), n_clusters=self.n_clusters + other.n_clusters,
+            hessian=plus(self.hessian, other.hessian))
 
     __radd__ = __add__
 
@@ -88,7 +90,7 @@ def likelihood_tile(model: Model, params, tile: TileData, ws: Workspace, chosen,
 
 
 def fused_logit_likelihood_tile(tile: TileData, params, ws: Workspace, chosen, seed_scale=None,
-                                score: bool = True, per_set: bool = True):
+                                score: bool = True, per_set: bool = True, hessian: np.ndarray | None = None):
     """The textbook logit's (loglik, loglik_null, n_chosen, S, score) by hand: s from
     fused_logit.logit_probabilities, the residual r = y - s, the score X'r by one GEMV and, with
     per_set (for the OPG), the per-set scores S = sum over each set's rows of r x (n_sets, K).
@@ -98,6 +100,15 @@ def fused_logit_likelihood_tile(tile: TileData, params, ws: Workspace, chosen, s
     ws.reset()
     s, ll = logit_probabilities(X, np.asarray(params, dtype=np.float64), seg, ws, chosen)
     null = -float(np.sum(np.log(seg.sizes[sets])))
+    if hessian is not None:
+        # d2 loglik / db2 = -sum_i X_i'(diag(s_i) - s_i s_i')X_i = -[(X o s)'X - sum_i c_i c_i'], c_i = X_i's_i
+        J = seg.equal_size
+        C = (np.einsum("nj,njk->nk", s.reshape(-1, J), X.reshape(-1, J, X.shape[1])) if J
+             else np.add.reduceat(s[:, None] * X, seg.starts, axis=0)) if seg.n_sets else np.zeros((0, X.shape[1]))
+        H = C.T @ C - (X * s[:, None]).T @ X
+        if seed_scale is not None:
+            H /= np.outer(seed_scale, seed_scale)
+        hessian += H
     if not score:
         return ll, null, len(rows), None, None
     np.negative(s, out=s)
@@ -143,9 +154,11 @@ def likelihood_sums(kernel, request) -> LikelihoodSums:
     simulated = getattr(kernel.model, "simulated", False)
     fused = isinstance(kernel.strategy, FusedLogit) and not request.complex_step
     want_score, want_opg = request.score, request.opg
+    exact_hessian = fused and request.hessian
 
     def work(ws, tiles):
         total = [0.0, 0.0, 0]
+        H = np.zeros((P, P)) if exact_hessian else None
         score = np.zeros(P, dtype=dtype)
         units = UnitSums.empty(P, dtype) if want_opg else None
         clusters = UnitSums.empty(P, dtype) if (cluster is not None and want_opg) else None
@@ -159,7 +172,7 @@ def likelihood_sums(kernel, request) -> LikelihoodSums:
                 tile_score = S.sum(axis=0)
             elif fused:
                 ll, null, n, S, tile_score = fused_logit_likelihood_tile(kernel.view(tile), request.params, ws, chosen,
-                                                                          request.seed_scale, want_score, want_opg)
+                                                                          request.seed_scale, want_score, want_opg, H)
             else:
                 ll, null, n, S = likelihood_tile(kernel.model, request.params, kernel.view(tile), ws, chosen,
                                                  request.seed_scale, want_score)
@@ -173,7 +186,7 @@ def likelihood_sums(kernel, request) -> LikelihoodSums:
                 units.add_tile(i, S, None if d.panel is None else d.panel[tile.set_start : tile.set_stop])
             if clusters is not None:
                 clusters.add_tile(i, S, cluster[tile.set_start : tile.set_stop])
-        return total, score, units, clusters
+        return total, score, units, clusters, H
 
     parts = kernel._map(work, kernel.tiles)
 
@@ -195,4 +208,5 @@ def likelihood_sums(kernel, request) -> LikelihoodSums:
         n_sets=d.n_sets, n_chosen=int(sum(p[0][2] for p in parts)), loglik=_scalar(sum(p[0][0] for p in parts)),
         loglik_null=float(sum(p[0][1] for p in parts)), score=sum(p[1] for p in parts) if want_score else None,
         opg=None if units is None else units.hh, n_units=n_units,
-        opg_cluster=None if clusters is None else clusters.hh, n_clusters=n_clusters)
+        opg_cluster=None if clusters is None else clusters.hh, n_clusters=n_clusters,
+        hessian=sum(p[4] for p in parts) if exact_hessian else None)

@@ -20,7 +20,8 @@ COVARIANCE = "covariance"
 LIKELIHOOD = "likelihood"
 SCORE = "score"  # with likelihood: the score sum
 OPG = "opg"  # with likelihood: the per-unit (and per-cluster) score outer products
-QUANTITIES = (MOMENTS, JACOBIAN, COVARIANCE, LIKELIHOOD, SCORE, OPG)
+HESSIAN = "hessian"  # with likelihood: the exact Hessian, where the kernel has one (the textbook logit)
+QUANTITIES = (MOMENTS, JACOBIAN, COVARIANCE, LIKELIHOOD, SCORE, OPG, HESSIAN)
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,10 +71,12 @@ class Request:
 
     @classmethod
     def for_likelihood(cls, params, clustered: bool = True, seed_scale=None, score: bool = True,
-                       opg: bool = True) -> "Request":
+                       opg: bool = True, hessian: bool = False) -> "Request":
         """The log-likelihood; with `score` its gradient; with `opg` (implies score) the score
-        outer products per unit and cluster (BHHH's curvature, the sandwich's meat)."""
-        needs = {LIKELIHOOD} | ({SCORE} if score or opg else set()) | ({OPG} if opg else set())
+        outer products per unit and cluster (BHHH's curvature, the sandwich's meat); with
+        `hessian` the exact Hessian where the kernel has one (else the sums hold None)."""
+        needs = ({LIKELIHOOD} | ({SCORE} if score or opg else set()) | ({OPG} if opg else set())
+                 | ({HESSIAN} if hessian else set()))
         return cls(params=np.asarray(params), needs=frozenset(needs), clustered=clustered, seed_scale=seed_scale)
 
     @property
@@ -83,6 +86,10 @@ class Request:
     @property
     def opg(self) -> bool:
         return OPG in self.needs
+
+    @property
+    def hessian(self) -> bool:
+        return HESSIAN in self.needs
 
     @property
     def complex_step(self) -> bool:
