@@ -23,13 +23,17 @@ __version__ = "0.1.0"
 
 from estpipe.errors import UserError  # noqa: E402
 
-__all__ = ["LogitMoments", "UserError", "__version__", "logit_moments"]
+__all__ = ["LogitMoments", "UserError", "__version__", "estimate", "from_frame", "logit_moments", "simulate"]
 
 
 def __getattr__(name):
-    # The kernel is imported lazily so that `estpipe --help` stays fast.
+    # The kernel and the notebook API are imported lazily so that `estpipe --help` stays fast.
     if name in ("logit_moments", "LogitMoments"):
         import estpipe.kernel
 
         return getattr(estpipe.kernel, name)
+    if name in ("from_frame", "estimate", "simulate"):
+        import estpipe.notebook
+
+        return getattr(estpipe.notebook, name)
     raise AttributeError(name)

@@ -195,6 +195,34 @@ class _Table:
             raise UserError(f"{self.path}: cannot be read as {self.kind.upper()}: {_one_line(exc)}; fix the file") from None
 
 
+class FrameTable(_Table):
+    """A pandas DataFrame's columns as an Arrow table, read like a Parquet file (typed columns);
+    rows are named by position and index label (notebook.from_frame)."""
+
+    def __init__(self, table: pa.Table, index, batch_rows: int):
+        self.table, self.index = table, index
+        self.path = "DataFrame"
+        self.batch_rows = max(1, int(batch_rows))
+        self.kind = "dataframe"
+        self.delimiter = ","
+        self.names = list(table.schema.names)
+        self.n_batches = 0
+
+    def __str__(self) -> str:
+        return "DataFrame"
+
+    def where(self, row: int) -> str:
+        label = self.index[row] if row < len(self.index) else None
+        label = label.item() if hasattr(label, "item") else label  # a numpy scalar as a plain number
+        return f"row {row} (index {label!r})"
+
+    def batches(self, columns: list[str]):
+        table = self.table.select(columns)
+        for row0 in range(0, table.num_rows, self.batch_rows):
+            self.n_batches += 1
+            yield row0, table.slice(row0, self.batch_rows).combine_chunks().to_batches()[0]
+
+
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
@@ -692,7 +720,8 @@ def load_choice_data(
     Raises UserError for bad input and leaves no file behind.
     """
     t0 = time.perf_counter()
-    input, out = Path(input), Path(out)
+    frame = input if isinstance(input, FrameTable) else None
+    input, out = (frame if frame is not None else Path(input)), Path(out)
     x_cols = _columns_list(term("x"), x)
     z_cols = _columns_list(term("z"), z)
     dm_cols = _columns_list(term("dm"), dm)
@@ -705,20 +734,20 @@ def load_choice_data(
         raise UserError(f"{term('asc')} needs {term('alt_col')}: name the column that says which alternative a row is")
     if asc_base is not None and not asc:
         raise UserError(f"{term('asc_base')} needs {term('asc')} (and {term('alt_col')})")
-    if not input.exists():
+    if frame is None and not input.exists():
         raise UserError(f"{input}: no such file; check the path of the input CSV or Parquet file")
-    if input.is_dir():
+    if frame is None and input.is_dir():
         raise UserError(f"{input}: is a folder; give a CSV or Parquet file")
     if out.is_dir():
         raise UserError(f"{out}: is a folder; give the path of the choice-data file to write, e.g. {out / 'data.h5'}")
-    if out.resolve() == input.resolve():
+    if frame is None and out.resolve() == input.resolve():
         raise UserError(f"{out}: the output would overwrite the input; choose another output path")
     folder = out.parent if str(out.parent) else Path(".")
     if not folder.is_dir():
         raise UserError(f"{out}: folder {folder} does not exist; create it or choose another output path")
     outputs.check_writable(out, "")
 
-    table = _Table(input, batch_rows)
+    table = frame if frame is not None else _Table(input, batch_rows)
     spec = _Spec(set_col, choice_col, x_cols, z_cols, dm_cols, alt_col, cluster_col)
     asked = {"set_col": [set_col], "choice_col": [choice_col], "x": x_cols, "z": z_cols or [], "dm": dm_cols or [],
              "alt_col": [alt_col] if alt_col else [], "cluster_col": [cluster_col] if cluster_col else [],

@@ -20,6 +20,7 @@ from estpipe.estimation.gmm import GmmEstimate, StepRecord
 from estpipe.estimation.inference import JTest, z_table
 from estpipe.estimation.mle import MleEstimate
 from estpipe.estimation.weighting import WeightMatrix
+from estpipe.errors import UserError
 from estpipe.text import count
 
 __all__ = ["Results", "StepRecord", "Telemetry"]
@@ -199,6 +200,72 @@ class Results:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
+
+    # -- for notebooks (README, "From a notebook") ---------------------------------------------------
+    def summary(self) -> str:
+        """The table `estpipe estimate` prints."""
+        return self.table()
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def to_frame(self):
+        """A pandas DataFrame, one row per parameter (then per derived quantity, kind "derived"):
+        estimate, std_error, z, p, ci_low, ci_high, truth (NaN where none) and, for an MLE,
+        std_error_classical and std_error_robust. Needs pandas (estpipe[notebook])."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise UserError('to_frame needs pandas: pip install "estpipe[notebook]"') from None
+        zt = self._z()
+        truth = self.truth if self.truth is not None else np.full(len(self.params), np.nan)
+        rows = {"kind": ["parameter"] * len(self.params), "estimate": self.params, "std_error": self.std_errors,
+                "z": zt["z"], "p": zt["p"], "ci_low": zt["lower"], "ci_high": zt["upper"], "truth": truth}
+        if self.likelihood is not None:
+            rows["std_error_classical"] = self.std_errors_of("classical")
+            rows["std_error_robust"] = self.std_errors_of(self.robust_type)
+        frame = pd.DataFrame(rows, index=pd.Index(list(self.param_names), name="parameter"))
+        if self.derived:
+            extra = pd.DataFrame(
+                {"kind": "derived", "estimate": [d.estimate for d in self.derived],
+                 "std_error": [d.std_error for d in self.derived], "z": [d.z for d in self.derived],
+                 "p": [d.p_value for d in self.derived],
+                 "ci_low": [d.estimate - 1.959963984540054 * d.std_error for d in self.derived],
+                 "ci_high": [d.estimate + 1.959963984540054 * d.std_error for d in self.derived], "truth": np.nan},
+                index=pd.Index([d.name for d in self.derived], name="parameter"))
+            frame = pd.concat([frame, extra])
+        return frame
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the estimates as an HTML table under a one-line caption (escaped)."""
+        import html
+
+        zt = self._z()
+        head = "".join(f"<th>{h}</th>" for h in ("", "estimate", "std. error", "z", "P&gt;|z|", "95% interval")
+                       + (("truth",) if self.truth is not None else ()))
+        body = []
+        for k, name in enumerate(self.param_names):
+            cells = [f"<th>{html.escape(str(name))}</th>", f"<td>{self.params[k]:.6g}</td>",
+                     f"<td>{self.std_errors[k]:.4g}</td>", f"<td>{zt['z'][k]:.3f}</td>", f"<td>{zt['p'][k]:.4f}</td>",
+                     f"<td>[{zt['lower'][k]:.5g}, {zt['upper'][k]:.5g}]</td>"]
+            if self.truth is not None:
+                cells.append(f"<td>{self.truth[k]:.5g}</td>")
+            body.append("<tr>" + "".join(cells) + "</tr>")
+        status = "converged" if self.converged else "NOT converged"
+        caption = html.escape(f"{'maximum likelihood' if self.likelihood is not None else 'GMM'}; {self.se_type} "
+                              f"standard errors; {status}; {self.data.get('path', '')}")
+        return (f"<table><caption>{caption}</caption><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody>"
+                "</table>")
+
+    def report(self, path):
+        """Write the HTML report of these results to `path` (estpipe report; needs estpipe[report])."""
+        try:
+            from estpipe.report import write_report
+        except ImportError as exc:
+            if "estpipe.report" in str(exc) or "No module named 'estpipe.report'" in str(exc):
+                raise UserError("the report module is not available in this estpipe") from None
+            raise UserError(f'the report needs matplotlib: pip install "estpipe[report]" ({exc})') from None
+        return write_report(self.to_dict(), path)
 
     def table(self) -> str:
         """A plain-text table: estimate, std. error, z, p, 95% interval (and the truth)."""
