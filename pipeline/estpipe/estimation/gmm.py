@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import math
+
 import numpy as np
 
 from estpipe.errors import UserError, term
@@ -76,6 +78,8 @@ class StepRecord:
     evaluations: int
     converged: bool
     message: str
+    # accepted iterations: {iteration, objective, gradient_norm, step_norm, evaluations, seconds}
+    history: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -138,6 +142,36 @@ class GmmEstimate:
     derived: list = field(default_factory=list)
     notes: list = field(default_factory=list)
     units: str = "sets"  # the independent observations of S: "sets", "clusters" or "panel units"
+    moment_fit: dict | None = None  # overidentified only: each moment's g, its standard error, t (moment_fit)
+
+
+def step_history(history: list[dict], step: int) -> list[dict]:
+    """The accepted iterations of `step` (IterationRecord dicts, with those before a resume), as
+    the results file keeps them: iteration, objective, gradient_norm, step_norm, evaluations
+    (the run's count so far), seconds (since the step started)."""
+    return [{"iteration": h["iteration"], "objective": h["objective"], "gradient_norm": h["grad_norm"],
+             "step_norm": h.get("step_norm"), "evaluations": h["evaluations"], "seconds": h["seconds"]}
+            for h in history if h.get("step") == step]
+
+
+def moment_fit(g_scaled, G, S, W: WeightMatrix, n: int, R, names) -> dict:
+    """How each moment condition fits at the estimate (Hansen 1982): g_m over its standard error,
+    Var(sqrt(n) g) = P S P' with P = I - G (G'WG)^-1 G'W, which for the efficient W = S^-1 is
+    S - G (G'S^-1 G)^-1 G' (rank M - K). All in scaled moments (R g) and standardized parameters,
+    where t = g / se is the same as in the data's units; g and se are returned in the data's."""
+    M = len(g_scaled)
+    A = W.whiten(np.eye(M), normalized=False)
+    Wm = A.T @ A
+    GW = G.T @ Wm
+    P = np.eye(M) - G @ np.linalg.lstsq(GW @ G, GW, rcond=None)[0]
+    V = P @ S @ P.T
+    se = np.sqrt(np.clip(np.diag(V), 0.0, None) / n)
+    top = float(np.sqrt(np.max(np.diag(S), initial=0.0) / n))
+    ok = se > 1e-10 * top
+    t = np.where(ok, g_scaled / np.where(ok, se, 1.0), np.nan)
+    R = np.asarray(R, dtype=np.float64)
+    return {"names": list(names), "g": (g_scaled / R).tolist(), "std_errors": (se / R).tolist(),
+            "t": [None if not math.isfinite(v) else float(v) for v in t], "weighting": W.kind}
 
 
 class _Gmm:
@@ -309,7 +343,8 @@ class _Gmm:
             objective = GmmObjective(oracle, W, settings.derivatives, self.scaling)
             res = run_optimizer(objective, x, optimizer, settings.tol, settings.max_iter, step, on_iteration)
             steps_done.append(StepRecord(step=step, weighting=W.kind, params=res.x.tolist(), objective=res.fun,
-                                         iterations=res.nit, evaluations=res.nfev, converged=res.success, message=res.message))
+                                         iterations=res.nit, evaluations=res.nfev, converged=res.success, message=res.message,
+                                         history=step_history(self.history, step)))
             self.reporter.log(f"step {step} {'converged' if res.success else 'did NOT converge'}: {res.message} "
                               f"({count(res.nit, 'iteration')}, {count(res.nfev, 'evaluation')})")
             x = res.x
@@ -337,6 +372,8 @@ class _Gmm:
             V_theta = covariance_of_estimates(S_final.whiten(G_theta, normalized=False), n)
             jt = j_test(g_scaled, S_final, n, len(x))
         first_bad = next((r for r in steps_done if not r.converged), None)
+        fit = moment_fit(g_scaled, G_theta, S_scaled, W, n, self.scaling.moments, self.moment_names) \
+            if len(self.moment_names) > len(x) else None
         V = self.scaling.covariance_b(V_theta)
         signs = self.model.canonical_signs(x)  # e.g. a sd and -sd give the same model: report |sd|
         x, V = x * signs, V * np.outer(signs, signs)
@@ -350,7 +387,7 @@ class _Gmm:
             objective=W.objective(g_scaled), loglik=float(s.loglik) if self.problem.has_chosen else None,
             converged=first_bad is None,
             message=steps_done[-1].message if first_bad is None else f"step {first_bad.step}: {first_bad.message}",
-            steps=steps_done, evaluations=oracle.evaluations,
+            steps=steps_done, evaluations=oracle.evaluations, moment_fit=fit,
         )
 
 

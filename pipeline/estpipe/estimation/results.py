@@ -72,6 +72,7 @@ class Results:
     notes: list = field(default_factory=list)
     units: str = "sets"
     likelihood: dict | None = None  # MLE only: loglik_null, rho_squared(_adj), aic, bic, n_units
+    moments: dict | None = None  # overidentified GMM: each moment's fit at the estimate (gmm.moment_fit)
 
     @classmethod
     def from_estimate(cls, est: GmmEstimate | MleEstimate, *, config: dict, data: dict, telemetry: Telemetry,
@@ -85,7 +86,7 @@ class Results:
                    steps=est.steps, config=config, data=data, telemetry=telemetry,
                    truth=truth if truth is not None and len(truth) == len(est.params) else None,
                    derived=list(est.derived), notes=list(est.notes), units=est.units,
-                   likelihood=getattr(est, "likelihood", None))
+                   likelihood=getattr(est, "likelihood", None), moments=getattr(est, "moment_fit", None))
 
     @property
     def estimator(self) -> str:
@@ -185,6 +186,7 @@ class Results:
             "derived": [d.to_dict() for d in self.derived],
             "notes": list(self.notes),
             "units": self.units,
+            "moments": self.moments,
         } | self.mle_dict()
 
     def mle_dict(self) -> dict:
