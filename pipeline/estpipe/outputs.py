@@ -166,7 +166,12 @@ def check_free_space(path: str | os.PathLike, need: int, advice: str) -> None:
 
 
 def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
-    """Write JSON to a temporary file in the same folder, flush it to disk, rename over `path`.
+    """Write JSON atomically (write_bytes_atomic)."""
+    write_bytes_atomic(path, (json.dumps(payload, indent=1, allow_nan=True) + "\n").encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to a temporary file in the same folder, flush it to disk, rename over `path`.
 
     The file gets the usual permissions (0666 less the umask). The temporary file is registered
     with estpipe.interrupts while it exists, so a signal removes it; `path` is always either the
@@ -177,9 +182,8 @@ def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
         cleanup = interrupts.register(interrupts.remove_file(tmp), tmp)
     try:
         os.fchmod(fd, file_mode())
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1, allow_nan=True)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

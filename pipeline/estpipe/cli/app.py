@@ -34,10 +34,10 @@ COMMAND_NAMES: list[str] = []
 
 
 def _register() -> None:
-    from estpipe.cli import bench, estimate, inspect, load, run, simulate, submit
+    from estpipe.cli import bench, estimate, inspect, load, report, run, simulate, submit
     from estpipe.cli.choices import Command
 
-    for module in (simulate, load, inspect, estimate, bench, run, submit):
+    for module in (simulate, load, inspect, estimate, report, bench, run, submit):
         app.command(module.NAME, cls=Command, help=module.__doc__, epilog=getattr(module, "EPILOG", None))(module.command)
         COMMAND_NAMES.append(module.NAME)
 

@@ -52,6 +52,7 @@ def command(
     no_cluster: Annotated[bool, typer.Option("--no-cluster", help="Ignore the file's clusters (sets independent).", rich_help_panel=_GMM)] = False,
     se: Annotated[Optional[str], typer.Option("--se", help="mle: the standard errors reported: robust (the default; clustered with clusters or panel units), classical ((-H)^-1) or bhhh (inverse OPG).", rich_help_panel=_GMM)] = None,
     out: Annotated[Optional[str], typer.Option(help="Write the results JSON here (atomically).", rich_help_panel=_OUT)] = None,
+    report: Annotated[Optional[str], typer.Option(help="Write the HTML report of the results here at the end (needs estpipe[report]).", rich_help_panel=_OUT)] = None,
     checkpoint: Annotated[Optional[str], typer.Option(help="Write a checkpoint (JSON) here after every accepted iteration.", rich_help_panel=_OUT)] = None,
     resume: Annotated[bool, typer.Option(help="Continue from --checkpoint when it exists (else start fresh).", rich_help_panel=_OUT)] = False,
     json: Annotated[bool, typer.Option("--json", help="Print the results JSON on stdout instead of the table.", rich_help_panel=_OUT)] = False,
@@ -63,7 +64,7 @@ def command(
         workers=workers, scheduler=scheduler, scheduler_file=scheduler_file, jobqueue=jobqueue, partitions=partitions,
         estimator=estimator, model=model, random=random, correlated=correlated, nests=nests, draws=draws, draws_kind=draws_kind,
         draws_seed=draws_seed, panel=panel, optimizer=optimizer, derivatives=derivatives, steps=steps, start=start, tol=tol,
-        max_iter=max_iter, no_cluster=no_cluster, se=se, out=out, checkpoint=checkpoint, resume=resume, json=json,
+        max_iter=max_iter, no_cluster=no_cluster, se=se, out=out, report=report, checkpoint=checkpoint, resume=resume, json=json,
         connect_timeout=connect_timeout,
     )
     code = run_estimate(data, options)

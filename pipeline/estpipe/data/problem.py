@@ -66,8 +66,17 @@ class ChoiceProblem:
 
     def summary(self) -> dict:
         """path, sizes and fingerprint: the results file's `data` record."""
-        return {"path": str(self.path), "n_sets": self.n_sets, "n_rows": self.n_rows, "K": self.K, "M": self.M,
-                "fingerprint": self.fingerprint}
+        sizes, counts = np.unique(np.diff(self.offsets), return_counts=True)
+        out = {"path": str(self.path), "n_sets": self.n_sets, "n_rows": self.n_rows, "K": self.K, "M": self.M,
+               "fingerprint": self.fingerprint,
+               "set_sizes": {str(int(j)): int(c) for j, c in zip(sizes, counts)},  # alternatives -> sets
+               "n_clusters": None if self.cluster is None else int(len(np.unique(self.cluster))),
+               "n_panel_units": None if self.panel is None else int(len(np.unique(self.panel))),
+               "has_chosen": bool(self.has_chosen)}
+        origin = self.provenance or {}
+        out["provenance"] = {k: origin[k] for k in ("command", "time", "estpipe_version", "input", "design", "seed")
+                             if k in origin}
+        return out
 
 
 def read_problem(path: str | os.PathLike) -> ChoiceProblem:

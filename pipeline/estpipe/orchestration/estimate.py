@@ -35,10 +35,14 @@ from estpipe.text import count
 
 def _check_output_paths(options: EstimateOptions) -> None:
     """Each output file can be written (a probe file in its folder), before any work."""
-    for argument in ("out", "checkpoint"):
+    for argument in ("out", "checkpoint", "report"):
         p = getattr(options, argument)
         if p is not None:
             check_writable(p, term(argument))
+    if options.report is not None:
+        from estpipe.report import _pyplot
+
+        _pyplot()  # matplotlib missing: one line now, not after the run
 
 
 class ResultsNotWritten(UserError):
@@ -224,4 +228,12 @@ def estimate(path: str | os.PathLike, options: EstimateOptions | None = None, *,
             write_json_atomic(options.out, results.to_dict())
         except OSError as exc:
             raise ResultsNotWritten(str(write_error(options.out, exc)), results) from None
+    if options.report:
+        from estpipe.report import write_report
+
+        try:
+            write_report(results.to_dict(), options.report)
+        except OSError as exc:
+            raise ResultsNotWritten(str(write_error(options.report, exc)), results) from None
+        reporter.log(f"wrote the report {options.report}")
     return results

@@ -81,6 +81,7 @@ class EstimateOptions:
     no_cluster: bool = False
     se: str | None = None  # mle: which covariance std_errors hold (SE_TYPES); None: robust (clustered with clusters)
     out: str | None = None
+    report: str | None = None  # the HTML report (estpipe/report.py), written at the end
     checkpoint: str | None = None
     resume: bool = False
     json: bool = False
