@@ -80,6 +80,7 @@ def test_a_run_killed_by_a_signal_resumes_to_the_same_estimate_with_fewer_evalua
     assert d["resumed"]["evaluations_before"] == killed_at["evaluations"]
     assert d["evaluations"] < fresh.evaluations, (d["evaluations"], fresh.evaluations)  # this run's count
     assert d["evaluations_total"] == killed_at["evaluations"] + d["evaluations"]
+    assert f"{killed_at['iterations']} of them before resuming" in d["steps"][0]["message"]
     finished = json.loads(ckpt.read_text())
     assert finished["phase"] == "finished" and finished["evaluations"] == d["evaluations_total"]
     # the history goes on from the killed run's: optimizer iterations numbered on, then the polish
@@ -104,6 +105,11 @@ def test_a_gmm_checkpoint_or_another_optimizers_is_refused_for_an_mle_run(tmp_pa
     assert "other options (optimizer was 'bfgs', now 'bhhh')" in line, line
     line = estimate_error_line(data, ["--checkpoint", str(ckpt), "--resume"], "logit")  # GMM on an MLE checkpoint
     assert "estimator was 'mle', now 'gmm'" in line, line
+    d = json.loads(ckpt.read_text())
+    del d["D"]
+    ckpt.write_text(json.dumps(d))
+    line = estimate_error_line(data, ["--estimator", "mle", "--checkpoint", str(ckpt), "--resume"], "logit")
+    assert "a damaged estpipe checkpoint" in line and "remove it to start fresh" in line, line
 
 
 def test_a_finished_checkpoint_gives_the_result_without_optimizing_again(tmp_path):

@@ -345,6 +345,8 @@ class Maximized:
     opt_evaluations: int
     polish_steps: int
     moved: float
+    resumed_at: int | None = None  # the optimizer's iterations before this run, when it resumed them
+    resumed_polish: bool = False  # this run resumed the polish: its optimizer ran in the runs before
 
 
 class _Progress:
@@ -414,6 +416,7 @@ def maximize(source, settings: MleSettings, x0: np.ndarray, clustered: bool, sta
     objective.exact = s0.hessian is not None
     progress = _Progress(objective, D, state, on_state)
     theta = b0 * D
+    resumed_at = state.iterations if state is not None and state.phase == "optimizer" else None
     if state is None or state.phase == "optimizer":
         theta, _, _, opt_message = optimizer.minimize(objective, theta, max(settings.tol, 1e-7), settings.max_iter,
                                                       progress.accepted("optimizer"))
@@ -431,7 +434,8 @@ def maximize(source, settings: MleSettings, x0: np.ndarray, clustered: bool, sta
     fit = Maximized(b=theta / D, theta=theta, D=D, n=n, objective=objective, oracle=oracle,
                     iterations=progress.iterations, optimizer=optimizer.name, opt_message=progress.message,
                     opt_evaluations=opt_evaluations, polish_steps=progress.polish_steps,
-                    moved=float(np.max(np.abs(theta - before))))
+                    moved=float(np.max(np.abs(theta - before))), resumed_at=resumed_at,
+                    resumed_polish=state is not None and state.phase == "polish")
     fit.progress = progress
     return fit
 
@@ -544,7 +548,11 @@ def estimate_mle(source, problem, model, settings: MleSettings, x0: np.ndarray, 
         message = state.message
     else:
         chord_note = f"; {count(chord, 'Newton step')} on it moving {chord_moved:.2g}" if chord else ""
-        message = (f"{fit.optimizer}: {fit.opt_message} ({nit} iterations, {count(fit.opt_evaluations, 'evaluation')}); "
+        evaluations = count(fit.opt_evaluations, 'evaluation')
+        counts = (f"{nit} iterations before resuming" if fit.resumed_polish else
+                  f"{nit} iterations, {evaluations}" if fit.resumed_at is None else
+                  f"{nit} iterations, {fit.resumed_at} of them before resuming; {evaluations} in this run")
+        message = (f"{fit.optimizer}: {fit.opt_message} ({counts}); "
                    f"{count(newton, 'BHHH polish step')} moving {fit.moved:.2g} in theta; Hessian ({objective.hessian_rule}) "
                    f"{count(objective.hessian_evaluations, 'evaluation')}{reuse_note}{chord_note}; max |mean score| "
                    f"{g_theta:.2g} in theta")
