@@ -81,6 +81,9 @@ def test_a_run_killed_by_a_signal_resumes_to_the_same_estimate_with_fewer_evalua
     assert d["evaluations"] < fresh.evaluations, (d["evaluations"], fresh.evaluations)  # this run's count
     assert d["evaluations_total"] == killed_at["evaluations"] + d["evaluations"]
     assert f"{killed_at['iterations']} of them before resuming" in d["steps"][0]["message"]
+    print(f"\nkilled after {killed_at['iterations']} iterations ({killed_at['evaluations']} evaluations); resumed run "
+          f"{d['evaluations']} evaluations vs fresh {fresh.evaluations}; max |params - fresh| "
+          f"{np.max(np.abs(np.array(d['params']) - fresh.params)):.2g}")
     finished = json.loads(ckpt.read_text())
     assert finished["phase"] == "finished" and finished["evaluations"] == d["evaluations_total"]
     # the history goes on from the killed run's: optimizer iterations numbered on, then the polish
