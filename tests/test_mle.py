@@ -215,6 +215,9 @@ def test_a_job_spec_runs_the_mle_and_writes_and_resumes_its_checkpoint(tmp_path)
     assert c["estimator"] == "mle" and c["options"]["estimator"] == "mle" and c["phase"] == "finished"
     assert c["evaluations"] == r["evaluations"] and [h["phase"] for h in c["history"]][:2] == ["optimizer"] * 2
     assert "writes no checkpoints" not in done.stderr
+    h = r["steps"][0]["history"]  # the results' per-iteration history, as GMM's steps have it
+    assert [e["gradient_norm"] for e in h] == [e["max_abs_score"] for e in c["history"]] and h[-1]["gradient_norm"] < 1e-9
+    assert [e["iteration"] for e in h] == list(range(1, len(h) + 1)) and h[-1]["phase"] == "polish"
     direct = estimate(tmp_path / "d.h5", EstimateOptions(estimator="mle"))
     np.testing.assert_allclose(r["params"], direct.params, rtol=1e-12)
     # the job again: it resumes from the finished checkpoint, without optimizing again

@@ -88,6 +88,7 @@ def test_a_run_killed_by_a_signal_resumes_to_the_same_estimate_with_fewer_evalua
     assert finished["phase"] == "finished" and finished["evaluations"] == d["evaluations_total"]
     # the history goes on from the killed run's: optimizer iterations numbered on, then the polish
     assert finished["history"][:len(killed_at["history"])] == killed_at["history"]
+    assert [e["objective"] for e in d["steps"][0]["history"]] == [h["objective"] for h in finished["history"]]
     its = [h["iteration"] for h in finished["history"] if h["phase"] == "optimizer"]
     assert its == list(range(1, len(its) + 1)) and len(its) > len(killed_at["history"])
 

@@ -361,6 +361,7 @@ class _Progress:
         self.polish_steps = state.polish_steps if state else 0
         self.message = state.message if state else ""
         self.t0 = time.perf_counter()
+        self.last_theta: np.ndarray | None = None  # the previous accepted point (the start at first)
 
     @property
     def evaluations(self) -> int:
@@ -379,10 +380,12 @@ class _Progress:
                 self.iterations += 1
             else:
                 self.polish_steps += 1
+            step = None if self.last_theta is None else float(np.linalg.norm(theta - self.last_theta))
+            self.last_theta = np.array(theta, dtype=np.float64)
             self.history.append({"phase": phase, "iteration": self.iterations if phase == "optimizer" else self.polish_steps,
                                  "objective": float(f * self.objective.n), "max_abs_score": float(np.max(np.abs(g))),
-                                 "evaluations": self.evaluations, "seconds": time.perf_counter() - self.t0,
-                                 "params": (np.asarray(theta) / self.D).tolist()})
+                                 "step_norm": step, "evaluations": self.evaluations,
+                                 "seconds": time.perf_counter() - self.t0, "params": (np.asarray(theta) / self.D).tolist()})
             if self.on_state is not None:
                 self.on_state(self.state(phase, theta))
         return record
@@ -416,6 +419,7 @@ def maximize(source, settings: MleSettings, x0: np.ndarray, clustered: bool, sta
     objective.exact = s0.hessian is not None
     progress = _Progress(objective, D, state, on_state)
     theta = b0 * D
+    progress.last_theta = theta
     resumed_at = state.iterations if state is not None and state.phase == "optimizer" else None
     if state is None or state.phase == "optimizer":
         theta, _, _, opt_message = optimizer.minimize(objective, theta, max(settings.tol, 1e-7), settings.max_iter,
@@ -491,6 +495,18 @@ def _chord_steps(objective: LikelihoodObjective, theta: np.ndarray, H: np.ndarra
         if np.max(np.abs(g)) <= target:
             break
     return theta, steps, float(np.max(np.abs(theta - start)))
+
+
+def step_history(history: list[dict]) -> list[dict]:
+    """The accepted iterations (MleState.history, with those before a resume) as the results
+    file's steps[].history keeps them (GMM's keys, gmm.step_history): iteration (numbered on
+    through the polish), phase (optimizer or polish), objective (-loglik), gradient_norm (max
+    |mean score| in theta), step_norm (2-norm in theta; None for the first after a start or a
+    resume), evaluations (the run's count so far, with the runs resumed), seconds (since the run
+    that made it started)."""
+    return [{"iteration": i + 1, "phase": h["phase"], "objective": h["objective"], "gradient_norm": h["max_abs_score"],
+             "step_norm": h.get("step_norm"), "evaluations": h["evaluations"], "seconds": h["seconds"]}
+            for i, h in enumerate(history)]
 
 
 def estimate_mle(source, problem, model, settings: MleSettings, x0: np.ndarray, clustered: bool,
@@ -593,6 +609,7 @@ def estimate_mle(source, problem, model, settings: MleSettings, x0: np.ndarray, 
         n_clusters=None if units == "sets" else int(s.n_clusters if use_clusters else n_units),
         objective=-ll, loglik=ll, likelihood=likelihood, converged=converged, message=message,
         steps=[StepRecord(step=1, weighting="mle", params=b.tolist(), objective=-ll, iterations=int(nit) + newton,
-                          evaluations=oracle.evaluations, converged=converged, message=message)],
+                          evaluations=oracle.evaluations, converged=converged, message=message,
+                          history=step_history(state.history if finished else progress.history))],
         evaluations=oracle.evaluations, hessian_evaluations=objective.hessian_evaluations, derived=derived,
         notes=notes, units=units)
