@@ -76,7 +76,9 @@ def _scheduler_http(dask_scheduler=None) -> dict:
     """Run on the scheduler: whether it serves the dashboard, and where its HTTP server listens."""
     server, app = getattr(dask_scheduler, "http_server", None), getattr(dask_scheduler, "http_application", None)
     sockets = list(getattr(server, "_sockets", {}).values()) if server is not None else []
-    return {"dashboard": any(type(a).__name__ == "BokehApplication" for a in getattr(app, "applications", ())),
+    # the dashboard is a bokeh server application (BokehTornado) added to the scheduler's routes
+    bokeh = [a for a in getattr(app, "applications", ()) if any(c.__name__ == "BokehTornado" for c in type(a).__mro__)]
+    return {"dashboard": bool(bokeh),
             "addresses": [s.getsockname()[:2] for s in sockets]}
 
 
@@ -95,7 +97,7 @@ def dashboard_line(client, local: bool) -> str:
     anywhere = bound in ("0.0.0.0", "::", "")
     target = "localhost" if loopback or anywhere else bound  # where the tunnel's far end connects
     if local:
-        url, tunnel_host = f"http://{'127.0.0.1' if loopback else host}:{port}/status", socket.getfqdn()
+        url, tunnel_host = f"http://{'127.0.0.1' if loopback else host}:{port}/status", socket.gethostname()
     elif loopback:
         url, tunnel_host = None, host  # reachable only on the scheduler's machine
     else:
