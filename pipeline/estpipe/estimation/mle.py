@@ -179,24 +179,33 @@ class LikelihoodObjective:
 
 class MleOptimizer:
     """One optimizer of -loglik/n in theta: minimize(objective, theta0, gtol, max_iter) ->
-    (theta, iterations, success, message)."""
+    (theta, iterations, success, message). callback(theta, value), when given, is called after
+    every accepted iteration with its point and -loglik/n there (progress)."""
 
     name = ""
     description = ""
     needs_opg = False  # per-unit scores (a derivative mode that gives only the summed gradient cannot)
 
-    def minimize(self, objective: LikelihoodObjective, theta0, gtol: float, max_iter: int):
+    def minimize(self, objective: LikelihoodObjective, theta0, gtol: float, max_iter: int, callback=None):
         raise NotImplementedError
+
+
+def _scipy_callback(callback):
+    """scipy's form of callback(theta, value): its intermediate result carries both (no evaluation)."""
+    if callback is None:
+        return None
+    return lambda intermediate_result: callback(intermediate_result.x, intermediate_result.fun)
 
 
 class ScipyQuasiNewton(MleOptimizer):
     method = ""
 
-    def minimize(self, objective, theta0, gtol, max_iter):
+    def minimize(self, objective, theta0, gtol, max_iter, callback=None):
         opts = {"gtol": gtol, "maxiter": max_iter}
         if self.method == "L-BFGS-B":
             opts["ftol"] = np.finfo(float).eps  # let gtol decide, as for BFGS
-        r = minimize(objective.value, theta0, jac=objective.gradient, method=self.method, options=opts)
+        r = minimize(objective.value, theta0, jac=objective.gradient, method=self.method, options=opts,
+                     callback=_scipy_callback(callback))
         return r.x, int(r.nit), bool(r.success), str(r.message)
 
 
@@ -219,7 +228,7 @@ class Bhhh(MleOptimizer):
     needs_opg = True
     ARMIJO, HALVINGS = 1e-4, 40
 
-    def minimize(self, objective, theta0, gtol, max_iter):
+    def minimize(self, objective, theta0, gtol, max_iter, callback=None):
         theta = np.asarray(theta0, dtype=np.float64).copy()
         f = objective.value(theta)
         for it in range(max_iter):
@@ -235,6 +244,8 @@ class Bhhh(MleOptimizer):
                 # the decrease predicted is below f's rounding: a line search on f sees only noise
                 # there, so the full step is taken, on the gradient's word
                 theta, f = theta + d, objective.value(theta + d)
+                if callback is not None:
+                    callback(theta, f)
                 continue
             for _ in range(self.HALVINGS):
                 trial = theta + t * d
@@ -245,6 +256,8 @@ class Bhhh(MleOptimizer):
             else:
                 return theta, it, False, "the line search found no increase of the log-likelihood"
             theta, f = trial, ft
+            if callback is not None:
+                callback(theta, f)
         ok = np.max(np.abs(objective.gradient(theta))) <= gtol
         return theta, max_iter, bool(ok), "mean score below gtol" if ok else f"stopped after {max_iter} iterations"
 
@@ -253,9 +266,9 @@ class TrustNewton(MleOptimizer):
     name = "trust-newton"
     description = "scipy trust-exact with the Hessian of central differences of the exact score (2P evaluations each)"
 
-    def minimize(self, objective, theta0, gtol, max_iter):
+    def minimize(self, objective, theta0, gtol, max_iter, callback=None):
         r = minimize(objective.value, theta0, jac=objective.gradient, hess=objective.hessian, method="trust-exact",
-                     options={"gtol": gtol, "maxiter": max_iter})
+                     options={"gtol": gtol, "maxiter": max_iter}, callback=_scipy_callback(callback))
         return r.x, int(r.nit), bool(r.success), str(r.message)
 
 
@@ -282,11 +295,40 @@ class Maximized:
     moved: float
 
 
-def maximize(source, settings: MleSettings, x0: np.ndarray, clustered: bool) -> Maximized:
+def _iteration_records(on_iteration, oracle: LikelihoodOracle, D: np.ndarray, n: float, theta0: np.ndarray):
+    """callback(theta, value) for the optimizers that hands on_iteration an IterationRecord of
+    GMM's shape (step 1, objective -loglik, grad_norm the inf-norm of the gradient of -loglik/n in
+    theta): progress only, so it makes no evaluation (grad_norm is nan where the last evaluation
+    was elsewhere, as after trust-newton's Hessian)."""
+    import time
+
+    from estpipe.estimation.optimizers import IterationRecord
+
+    t0, evals0 = time.perf_counter(), oracle.evaluations
+    state = {"nit": 0, "theta": np.asarray(theta0, dtype=np.float64)}
+
+    def callback(theta, value) -> None:
+        theta = np.asarray(theta, dtype=np.float64)
+        b = theta / D
+        last = oracle._last
+        known = last is not None and np.array_equal(last[0], b)
+        state["nit"] += 1
+        on_iteration(IterationRecord(
+            step=1, iteration=state["nit"], objective=float(value) * n,
+            grad_norm=float(np.max(np.abs(last[1].score / D / n))) if known else math.nan,
+            step_norm=float(np.linalg.norm(theta - state["theta"])), seconds=time.perf_counter() - t0,
+            evaluations=oracle.evaluations - evals0, params=b.tolist(), objective_name="-loglik"))
+        state["theta"] = theta
+
+    return callback
+
+
+def maximize(source, settings: MleSettings, x0: np.ndarray, clustered: bool, on_iteration=None) -> Maximized:
     """Maximize the log-likelihood `source` sums from x0: the settings' optimizer in standardized
     parameters, then BHHH polish steps (one evaluation each: the OPG comes with every
     evaluation, and at the maximum it is ~ -H, so from the optimizer's point they converge fast).
-    Raises UserError when the log-likelihood is not finite at the start."""
+    Raises UserError when the log-likelihood is not finite at the start. on_iteration(IterationRecord)
+    after every accepted iteration, the optimizer's and the polish's (progress)."""
     oracle = LikelihoodOracle(source, clustered)
     b0 = np.asarray(x0, dtype=np.float64)
     s0 = oracle.sums(b0, hessian=True)
@@ -299,12 +341,14 @@ def maximize(source, settings: MleSettings, x0: np.ndarray, clustered: bool) -> 
     optimizer = MLE_OPTIMIZERS.get(settings.optimizer)
     objective = LikelihoodObjective(oracle, D, n, needs_opg=optimizer.needs_opg)
     objective.exact = s0.hessian is not None
-    theta, nit, _, opt_message = optimizer.minimize(objective, b0 * D, max(settings.tol, 1e-7), settings.max_iter)
+    report = None if on_iteration is None else _iteration_records(on_iteration, oracle, D, n, b0 * D)
+    theta, nit, _, opt_message = optimizer.minimize(objective, b0 * D, max(settings.tol, 1e-7), settings.max_iter,
+                                                    callback=report)
     theta = np.asarray(theta, dtype=np.float64)
     opt_evaluations = oracle.evaluations
     before = theta
     objective.needs_opg = True
-    theta, newton, _, _ = Bhhh().minimize(objective, theta, max(settings.tol, 1e-11), POLISH_STEPS)
+    theta, newton, _, _ = Bhhh().minimize(objective, theta, max(settings.tol, 1e-11), POLISH_STEPS, callback=report)
     objective.needs_opg = False  # the Hessian's and the chord steps' evaluations need no OPG
     theta = np.asarray(theta, dtype=np.float64)
     return Maximized(b=theta / D, theta=theta, D=D, n=n, objective=objective, oracle=oracle, iterations=int(nit),
@@ -381,7 +425,7 @@ def estimate_mle(source, problem, model, settings: MleSettings, x0: np.ndarray, 
     reporter.log(f"maximum likelihood: {MLE_OPTIMIZERS.get(settings.optimizer).name} on the exact score, then BHHH "
                  f"polish steps and one Hessian" + (f"; {model.draws.R} {model.draws.kind} draws per decision maker"
                                                     if getattr(model, "simulated", False) else ""))
-    fit = maximize(source, settings, x0, clustered)
+    fit = maximize(source, settings, x0, clustered, on_iteration=reporter.iteration)
     objective, oracle, D, n, theta = fit.objective, fit.oracle, fit.D, fit.n, fit.theta
     nit, newton = fit.iterations, fit.polish_steps
     # ONE Hessian at the final estimate for inference (2P evaluations; none when trust-newton
