@@ -11,6 +11,7 @@ import os
 import pty
 import re
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -34,9 +35,10 @@ def data(tmp_path_factory):
     return path
 
 
-def run_on_a_terminal(args: list[str], columns: int = 120, timeout: float = 60) -> tuple[int, str, str]:
+def run_on_a_terminal(args: list[str], columns: int = 120, timeout: float = 60,
+                      interrupt_on: str | None = None) -> tuple[int, str, str]:
     """`python -m estpipe ARGS` with stderr on a pseudo-terminal (stdout a pipe, as with --json > file);
-    (exit code, what the terminal received, stdout)."""
+    (exit code, what the terminal received, stdout). interrupt_on: SIGINT once the terminal shows it."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
     env = dict(os.environ, TERM="xterm-256color", COLUMNS=str(columns))
@@ -57,6 +59,9 @@ def run_on_a_terminal(args: list[str], columns: int = 120, timeout: float = 60) 
                     open_[fd] += chunk
                 else:
                     del open_[fd]
+            if interrupt_on is not None and interrupt_on.encode() in received:
+                proc.send_signal(signal.SIGINT)
+                interrupt_on = None
             assert time.monotonic() < deadline, "estimate under a terminal did not finish"
     finally:
         os.close(master)
@@ -120,3 +125,12 @@ def test_without_a_terminal_the_plain_lines_are_unchanged(data):
     assert float(plain[-1][3]) == pytest.approx(results["steps"][-1]["objective"], rel=1e-9)
     assert all(line.startswith("estpipe: ") or PLAIN.match(line) for line in lines), done.stderr
     assert not any(STATUS.search(line) for line in lines)
+
+
+def test_an_interrupt_gives_the_terminal_its_cursor_back(data):
+    """rich hides the cursor while the line is up; Ctrl-C ends estpipe without unwinding
+    (estpipe.interrupts), so its action must show the cursor again."""
+    code, terminal, _ = run_on_a_terminal(["estimate", str(data), "--workers", "2"], interrupt_on="estpipe: starting")
+    assert code == -signal.SIGINT, terminal
+    hide, show = "\x1b[?25l", "\x1b[?25h"
+    assert hide in terminal and terminal.rindex(show) > terminal.rindex(hide), terminal

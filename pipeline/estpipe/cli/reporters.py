@@ -14,6 +14,7 @@ import os
 import sys
 import time
 
+from estpipe import interrupts
 from estpipe.errors import EXIT_NOT_CONVERGED, EXIT_OK
 from estpipe.estimation.gmm import Reporter
 from estpipe.estimation.optimizers import IterationRecord
@@ -44,7 +45,7 @@ class StderrReporter(Reporter):
         self.live = _is_terminal(self.stream) if live is None else live
         self.t0 = time.monotonic()
         self.last: IterationRecord | None = None
-        self._live = self._console = None
+        self._live = self._console = self._restore = None
 
     # -- the context: the status line's lifetime
 
@@ -58,6 +59,8 @@ class StderrReporter(Reporter):
             # is left alone (it may be a file: --json > results.json)
             self._live = Live(self, console=self._console, refresh_per_second=REFRESH_PER_SECOND, transient=False,
                               redirect_stdout=False, redirect_stderr=True)
+            # a signal ends the process without unwinding (estpipe.interrupts): give the cursor back
+            self._restore = interrupts.register(self._restore_terminal, "the terminal under the status line")
             self._live.start()
         return self
 
@@ -65,6 +68,13 @@ class StderrReporter(Reporter):
         live, self._live = self._live, None
         if live is not None:
             live.stop()
+        interrupts.unregister(self._restore)
+        self._restore = None
+
+    def _restore_terminal(self) -> None:
+        """The interrupt action: show the cursor rich hid, and end the status line (one raw write,
+        no lock: the interrupted code may hold the console's)."""
+        os.write(self.stream.fileno(), b"\x1b[?25h\n")
 
     # -- Reporter
 
