@@ -231,3 +231,19 @@ def test_a_jobqueue_clusters_scheduler_serves_a_dashboard_only_when_asked(tmp_pa
         finally:
             cluster.close()
         assert bound == {"127.0.0.1"} and status == (200 if dashboard else 404), (bound, status)
+
+
+def test_a_specs_backend_dashboard_flows_to_the_estimate_options(tmp_path):
+    from estpipe.errors import UserError
+    from estpipe.jobs.run import estimate_options
+
+    spec = load_job_spec(_spec(tmp_path, "local", True))
+    assert estimate_options(spec).dashboard is True and estimate_options(spec).workers == 2
+    assert estimate_options(load_job_spec(_spec(tmp_path, "local", False))).dashboard is False
+    for text, expected in (('kind = "local"\ndashboard = true', "backend.dashboard: shows a dask cluster's work"),
+                           ('kind = "slurm"\ndashboard = "yes"', "backend.dashboard: 'yes' is not allowed; true or false")):
+        path = tmp_path / "bad.toml"
+        path.write_text(f'[data]\npath = "d.h5"\nsets = 100\n[backend]\n{text}\n')
+        with pytest.raises(UserError) as info:
+            load_job_spec(path)
+        assert expected in str(info.value), str(info.value)
