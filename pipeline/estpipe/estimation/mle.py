@@ -353,8 +353,10 @@ class _Progress:
     """The run's MleState as it goes: every accepted iteration appends to the history and
     hands the state to `on_state` (the reporter's checkpoint)."""
 
-    def __init__(self, objective: LikelihoodObjective, D: np.ndarray, state: "MleState | None", on_state):
+    def __init__(self, objective: LikelihoodObjective, D: np.ndarray, state: "MleState | None", on_state,
+                 on_iteration=None):
         self.objective, self.D, self.on_state = objective, D, on_state
+        self.on_iteration = on_iteration  # reporter.iteration: GMM-shaped IterationRecords (progress)
         self.before = state.evaluations if state else 0
         self.history: list[dict] = list(state.history) if state else []
         self.iterations = state.iterations if state else 0
@@ -386,13 +388,21 @@ class _Progress:
                                  "objective": float(f * self.objective.n), "max_abs_score": float(np.max(np.abs(g))),
                                  "step_norm": step, "evaluations": self.evaluations,
                                  "seconds": time.perf_counter() - self.t0, "params": (np.asarray(theta) / self.D).tolist()})
+            if self.on_iteration is not None:
+                from estpipe.estimation.optimizers import IterationRecord
+
+                self.on_iteration(IterationRecord(
+                    step=1, iteration=self.iterations + self.polish_steps, objective=float(f * self.objective.n),
+                    grad_norm=float(np.max(np.abs(g))), step_norm=math.nan if step is None else step,
+                    seconds=time.perf_counter() - self.t0, evaluations=self.evaluations,
+                    params=(np.asarray(theta) / self.D).tolist(), objective_name="-loglik"))
             if self.on_state is not None:
                 self.on_state(self.state(phase, theta))
         return record
 
 
 def maximize(source, settings: MleSettings, x0: np.ndarray, clustered: bool, state: MleState | None = None,
-             on_state=None) -> Maximized:
+             on_state=None, on_iteration=None) -> Maximized:
     """Maximize the log-likelihood `source` sums from x0: the settings' optimizer in standardized
     parameters, then BHHH polish steps (one evaluation each: the OPG comes with every
     evaluation, and at the maximum it is ~ -H, so from the optimizer's point they converge fast).
@@ -400,7 +410,8 @@ def maximize(source, settings: MleSettings, x0: np.ndarray, clustered: bool, sta
     state: a resumed run's MleState: the optimizer restarts from its parameters with its D (a
     quasi-Newton method's curvature approximation starts afresh), or, when it was polishing, the
     polish does. on_state(MleState) receives the state after every accepted iteration and when
-    the optimizer ends. Raises UserError when the log-likelihood is not finite at the start."""
+    the optimizer ends; on_iteration(IterationRecord) after every accepted iteration (progress).
+    Raises UserError when the log-likelihood is not finite at the start."""
     oracle = LikelihoodOracle(source, clustered)
     b0 = np.asarray(x0 if state is None else state.params, dtype=np.float64)
     s0 = oracle.sums(b0, hessian=True)
@@ -417,7 +428,7 @@ def maximize(source, settings: MleSettings, x0: np.ndarray, clustered: bool, sta
     optimizer = MLE_OPTIMIZERS.get(settings.optimizer)
     objective = LikelihoodObjective(oracle, D, n, needs_opg=optimizer.needs_opg)
     objective.exact = s0.hessian is not None
-    progress = _Progress(objective, D, state, on_state)
+    progress = _Progress(objective, D, state, on_state, on_iteration)
     theta = b0 * D
     progress.last_theta = theta
     resumed_at = state.iterations if state is not None and state.phase == "optimizer" else None
@@ -539,7 +550,8 @@ def estimate_mle(source, problem, model, settings: MleSettings, x0: np.ndarray, 
         nit, newton = state.iterations, state.polish_steps
         progress = None
     else:
-        fit = maximize(source, settings, x0, clustered, state=state, on_state=reporter.checkpoint)
+        fit = maximize(source, settings, x0, clustered, state=state, on_state=reporter.checkpoint,
+                       on_iteration=reporter.iteration)
         objective, oracle, D, n, theta = fit.objective, fit.oracle, fit.D, fit.n, fit.theta
         nit, newton, progress = fit.iterations, fit.polish_steps, fit.progress
     # ONE Hessian at the final estimate for inference (2P evaluations; none when trust-newton
