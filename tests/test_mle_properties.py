@@ -44,7 +44,7 @@ def _model(which, K, J):
 def problems(draw):
     """A model, K in 1..3, J in 2..6 alternatives, 2..14 sets each holding a random subset of
     the alternatives (1 to J of them, so set sizes vary within the file), decision makers of 1
-    to 4 sets (panel lengths), and parameters (lambdas in 0.3..1.8 for the nested logit)."""
+    to 4 sets (panel lengths), tiles of 3 to 40 rows, and parameters (lambdas in 0.3..1.8 for the nested logit)."""
     which = draw(st.sampled_from(["logit", "logit-signed", "nested-logit", "user"]))
     K, J = draw(st.integers(1, 3)), draw(st.integers(2, 6))
     n = draw(st.integers(2, 14))
@@ -59,10 +59,11 @@ def problems(draw):
     data = ChoiceData(X=rng.standard_normal((offsets[-1], K)), dm=rng.standard_normal((offsets[-1], 2)),
                       offsets=offsets, chosen=chosen, alt=np.concatenate(alts).astype(np.int32), panel=panel)
     model = _model(which, K, J)
-    kernel = PartitionKernel(data, model=model, x_names=[f"x{k + 1}" for k in range(K)])
+    tile_rows = draw(st.integers(3, 40))  # tiles that cut sets' units
+    kernel = PartitionKernel(data, model=model, x_names=[f"x{k + 1}" for k in range(K)], tile_rows=tile_rows)
     P = kernel.n_params
     params = np.r_[rng.uniform(-1, 1, K), np.log(rng.uniform(0.3, 1.8, P - K))]
-    return which, data, kernel, params
+    return which, data, kernel, params, tile_rows
 
 
 def _complex_loglik(kernel, b, k):
@@ -76,7 +77,7 @@ def _complex_loglik(kernel, b, k):
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problem=problems())
 def test_scores_and_the_central_difference_hessian_are_complex_steps(problem):
-    which, data, kernel, b = problem
+    which, data, kernel, b, tile_rows = problem
     P = len(b)
     s = kernel.evaluate(Request.for_likelihood(b))
     assert s.n_units == len(np.unique(data.panel)) and np.isrealobj(s.loglik)
@@ -93,7 +94,7 @@ def test_scores_and_the_central_difference_hessian_are_complex_steps(problem):
     central = hessian(score, b, HESSIAN_STEP * np.maximum(1.0, np.abs(b)))
     np.testing.assert_allclose(central, exact, rtol=1e-6, atol=1e-6 * max(1.0, np.abs(exact).max()))
     if which == "logit":  # the fused kernel's exact Hessian
-        fused = PartitionKernel(data, model="logit")
+        fused = PartitionKernel(data, model="logit", tile_rows=tile_rows)
         assert type(fused.strategy).__name__ == "FusedLogit"
         got = fused.evaluate(Request.for_likelihood(b, score=False, opg=False, hessian=True)).hessian
         np.testing.assert_allclose(got, exact, rtol=1e-10, atol=1e-13 * max(1.0, np.abs(exact).max()))
