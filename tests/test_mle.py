@@ -170,8 +170,9 @@ def test_nested_logit_recovery_and_dask_workers_equal_in_process(tmp_path):
     dask = estimate(path, EstimateOptions(workers=2, **options))
     assert dask.telemetry.workers == 2
     np.testing.assert_allclose(dask.params, base.params, rtol=1e-8, atol=1e-10)
-    np.testing.assert_allclose(dask.std_errors, base.std_errors, rtol=1e-8)
-    np.testing.assert_allclose(dask.std_errors_of("classical"), base.std_errors_of("classical"), rtol=1e-8)
+    # the Hessian is a forward difference (error ~1e-8): estimates 1e-10 apart move it by ~1e-8
+    np.testing.assert_allclose(dask.std_errors, base.std_errors, rtol=1e-6)
+    np.testing.assert_allclose(dask.std_errors_of("classical"), base.std_errors_of("classical"), rtol=1e-6)
 
 
 def test_clustered_file_gives_clustered_errors(tmp_path):
@@ -316,7 +317,7 @@ def _mle_direct(path, optimizer, fast=False):
 @pytest.mark.parametrize("optimizer", ["bfgs", "bhhh"])
 def test_the_hessian_is_computed_once_at_the_end(modechoice, optimizer):
     est, P = _mle_direct(modechoice, optimizer)
-    assert est.converged and est.hessian_evaluations == 2 * P
+    assert est.converged and est.hessian_evaluations == P  # forward differences from the last point
     # what the first slice paid: a Hessian (2P) at the optimizer's point and after each of its
     # Newton steps (it took >= 1 from a BFGS point): at least 2 * 2P on top of the optimizer's own
     without_hessian = est.evaluations - est.hessian_evaluations
@@ -328,10 +329,11 @@ def test_the_textbook_logit_has_an_exact_hessian_in_one_evaluation(modechoice):
     exact, P = _mle_direct(modechoice, "bfgs", fast=True)
     central, _ = _mle_direct(modechoice, "bfgs", fast=False)
     assert exact.hessian_evaluations == 1 and "Hessian (exact) 1 evaluation" in exact.message, exact.message
-    assert central.hessian_evaluations == 2 * P and "central differences" in central.message
+    assert central.hessian_evaluations == P and "forward differences" in central.message
     np.testing.assert_allclose(exact.params, central.params, rtol=1e-9)
-    for kind in ("classical", "robust"):
-        np.testing.assert_allclose(exact.covariances[kind], central.covariances[kind], rtol=1e-6)
+    for kind in ("classical", "robust"):  # forward differences: ~1e-8 of the largest entry
+        cov = exact.covariances[kind]
+        np.testing.assert_allclose(cov, central.covariances[kind], rtol=1e-6, atol=1e-6 * np.abs(cov).max())
     # trust-newton takes the exact one at every iterate: one evaluation each
     trust, _ = _mle_direct(modechoice, "trust-newton", fast=True)
     assert trust.converged and trust.hessian_evaluations <= trust.steps[0].iterations + 1
@@ -341,10 +343,10 @@ def test_the_textbook_logit_has_an_exact_hessian_in_one_evaluation(modechoice):
 def test_trust_newton_reuses_its_hessian_at_the_solution(modechoice):
     est, P = _mle_direct(modechoice, "trust-newton")
     iterations = est.steps[0].iterations
-    assert est.converged and est.hessian_evaluations % (2 * P) == 0
+    assert est.converged and est.hessian_evaluations % P == 0
     # trust-exact evaluates its Hessian at most once per iterate; none is added at the end
     assert "0 BHHH polish steps" in est.message and "(the optimizer's own at the end)" in est.message, est.message
-    assert est.hessian_evaluations <= 2 * P * (iterations + 1)
+    assert est.hessian_evaluations <= (P + 1) * (iterations + 1)  # P steps, and g where not memoized
 
 
 def test_optimizer_refusals_are_one_line(modechoice):

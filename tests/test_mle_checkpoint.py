@@ -125,9 +125,10 @@ def test_a_finished_checkpoint_gives_the_result_without_optimizing_again(tmp_pat
     again = estimate(data, options)
     assert json.loads(ckpt.read_text())["phase"] == "finished"
     np.testing.assert_array_equal(again.params, first.params)
-    np.testing.assert_allclose(again.std_errors, first.std_errors, rtol=1e-9)  # theta = D b again: rounding
+    # theta = D b again: rounding, through the forward-difference Hessian (error ~1e-8)
+    np.testing.assert_allclose(again.std_errors, first.std_errors, rtol=1e-6)
     P = len(first.params)
-    # one evaluation at the estimate and the Hessian's 2P (central differences: the nested logit
+    # one evaluation at the estimate and the Hessian's P (forward differences: the nested logit
     # has no exact one): no optimizer, no polish
-    assert again.telemetry.evaluations == 1 + 2 * P < first.telemetry.evaluations
+    assert again.telemetry.evaluations == 1 + P < first.telemetry.evaluations
     assert again.steps[0].message == first.steps[0].message and again.converged

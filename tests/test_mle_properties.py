@@ -133,8 +133,9 @@ def test_two_dask_workers_equal_in_process_and_partitions_keep_units(tmp_path):
         assert base.converged and dask.converged and dask.telemetry.workers == 2
         assert base.se_type == dask.se_type == "clustered" and dask.n_clusters == 200
         np.testing.assert_allclose(dask.params, base.params, rtol=1e-10, atol=1e-10)
-        np.testing.assert_allclose(dask.std_errors, base.std_errors, rtol=1e-8)
-        np.testing.assert_allclose(dask.std_errors_of("classical"), base.std_errors_of("classical"), rtol=1e-8)
+        # the Hessian is a forward difference (error ~1e-8): estimates 1e-10 apart move it by ~1e-8
+        np.testing.assert_allclose(dask.std_errors, base.std_errors, rtol=1e-6)
+        np.testing.assert_allclose(dask.std_errors_of("classical"), base.std_errors_of("classical"), rtol=1e-6)
         np.testing.assert_allclose(dask.loglik, base.loglik, rtol=1e-12)
 
 
