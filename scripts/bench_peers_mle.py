@@ -37,7 +37,7 @@ Run (heavy: under the lock; about 5 min on 2 cores):
     flock -o /tmp/estpipe-heavy.lock python3 scripts/bench_peers_mle.py [--out /work/notes/peers-table.md]
 
 estpipe runs from this checkout's pipeline/ (PYTHONPATH). Data go to --scratch
-(/tmp/peers2-scratch); the 100k file (about 1 GB) is deleted at the end. A side whose venv is
+(/tmp/peers-scratch); the 100k file (about 1 GB) is deleted at the end. A side whose venv is
 missing is reported as such and the other comparisons still run.
 """
 
@@ -355,9 +355,13 @@ def mixed(scratch: Path, rows: list[Row], notes: list[str], seeds: int) -> None:
     if xl.returncode != 0 or not xl.result:
         notes.append(f"xlogit failed (exit {xl.returncode}): {xl.stderr.strip().splitlines()[-1:]}")
         return
-    xp = np.abs(np.array(xl.result["params"]))  # xlogit may return a negative sd; the model is the same
+    # an sd enters as sd * draw with symmetric draws, so its sign is arbitrary (xlogit may return a
+    # negative one): compare |sd| only; the means keep their signs
+    sd = np.arange(len(start)) >= len(names)
+    xp = np.array(xl.result["params"])
     ep = np.array([r.result["params"] for r in runs])
-    diff = float(np.max(np.abs(np.abs(ep) - xp)))
+    xp[sd], ep[:, sd] = np.abs(xp[sd]), np.abs(ep[:, sd])
+    diff = float(np.max(np.abs(ep - xp)))
     inside = min(lls) <= xl.result["loglik"] <= max(lls)
     notes.append(f"mixed: xlogit loglik {xl.result['loglik']:.4f} ({'inside' if inside else 'OUTSIDE'} estpipe's "
                  f"spread {spread}); converged {xl.result['converged']} ({xl.result['message']}), "
@@ -405,7 +409,7 @@ def llratio(scratch: Path, rows: list[Row], notes: list[str], repeat: int, keep:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scratch", default="/tmp/peers2-scratch")
+    ap.add_argument("--scratch", default="/tmp/peers-scratch")
     ap.add_argument("--out", default=None, help="also write the table (markdown) here")
     ap.add_argument("--seeds", type=int, default=5, help="estpipe draw seeds for the mixed logit")
     ap.add_argument("--repeat", type=int, default=9, help="rounds of the interleaved kernel timings (>= 7)")
