@@ -184,11 +184,12 @@ LLRATIO_DRIVER = textwrap.dedent('''
     import numpy as np
     sys.path.insert(0, sys.argv[2])
     from bench_common import interleaved_medians
-    from estpipe.data.format import read_choice_data
+    from estpipe.data.format import ChoiceDataFile
     from estpipe.kernel import PartitionKernel
     from estpipe.kernel.request import Request
 
-    d = read_choice_data(sys.argv[1])
+    with ChoiceDataFile(sys.argv[1]) as f:  # without dm, as an MLE's partitions are read
+        d = f.read_sets(with_dm=False)
     k = PartitionKernel(d, model="logit")
     b = np.random.default_rng(0).normal(size=d.K) * 0.1
     reqs = {"loglik": Request.for_likelihood(b, score=False, opg=False),
@@ -382,6 +383,17 @@ def mixed(scratch: Path, rows: list[Row], notes: list[str], seeds: int) -> None:
                  f"{xl.result['warm'] / xl_calls:.3f} over about {xl_calls} ({xl.result['iterations'] + 1} loglik + "
                  f"gradient, {xl.result['evaluations'] - 1} loglik-only trials). estpipe's calls, from its message: "
                  + e.result["message"])
+    # where estpipe's time goes: its history's clock at the optimizer's last accepted iteration
+    # (seconds since the run began) against the whole warm time; the rest is mostly the Hessian
+    # of central differences (2P evaluations) that the classical and robust errors need
+    opt_end = [r.result["steps"][0]["history"][-1]["seconds"] for r in runs if r.result["steps"][0].get("history")]
+    if opt_end:
+        t_opt = float(np.median(opt_end))
+        per_eval = float(np.median([r.result["timing"]["evaluation_seconds"] / r.result["evaluations"] for r in runs]))
+        notes.append(f"mixed: estpipe's clock at the optimizer's end (median over seeds) {t_opt:.2f} s of {med_warm:.2f} s "
+                     f"warm ({t_opt / xl.result['warm']:.2f}x xlogit's warm fit, which includes its BHHH errors); "
+                     f"{per_eval:.3f} s per evaluation, so the {2 * len(start)} evaluations of the central-difference "
+                     f"Hessian cost about {2 * len(start) * per_eval:.2f} s")
     rows.append(Row(problem, "xlogit " + xl.result.get("version", ""), xl.wall, xl.result["warm"], xl.peak_mb,
                     f"{xl.result['loglik']:.4f} ({'inside' if inside else 'OUTSIDE'} spread)", "", "1"))
 
