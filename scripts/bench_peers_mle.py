@@ -32,9 +32,11 @@ Make the peers' venvs first (never estpipe dependencies):
     /root/.pyenv/versions/3.12.1/bin/python -m venv /work/venvs/biogeme && \
         /work/venvs/biogeme/bin/pip install biogeme==3.3.5      # Python >= 3.12, scipy >= 1.17.1
 
-Run (heavy: under the lock; about 5 min on 2 cores):
+Run (heavy: under the lock; about 1 min of work on 2 cores, 1 GB of scratch for a moment):
 
     flock -o /tmp/estpipe-heavy.lock python3 scripts/bench_peers_mle.py [--out /work/notes/peers-table.md]
+
+Venvs elsewhere: --xlogit-python PATH, --biogeme-python PATH (their interpreters).
 
 estpipe runs from this checkout's pipeline/ (PYTHONPATH). Data go to --scratch
 (/tmp/peers-scratch); the 100k file (about 1 GB) is deleted at the end. A side whose venv is
@@ -59,7 +61,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 THREADS = "2"
-VENV_XLOGIT = Path("/work/venvs/xlogit/bin/python")
+VENV_XLOGIT = Path("/work/venvs/xlogit/bin/python")  # defaults; --xlogit-python / --biogeme-python
 VENV_BIOGEME = Path("/work/venvs/biogeme/bin/python")
 
 
@@ -420,6 +422,7 @@ def llratio(scratch: Path, rows: list[Row], notes: list[str], repeat: int, keep:
 
 
 def main() -> None:
+    global VENV_XLOGIT, VENV_BIOGEME
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scratch", default="/tmp/peers-scratch")
     ap.add_argument("--out", default=None, help="also write the table (markdown) here")
@@ -427,7 +430,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=9, help="rounds of the interleaved kernel timings (>= 7)")
     ap.add_argument("--only", default="nested,mixed,llratio")
     ap.add_argument("--keep-big", action="store_true", help="keep the 100k file")
+    ap.add_argument("--xlogit-python", default=str(VENV_XLOGIT), help="python of the xlogit venv")
+    ap.add_argument("--biogeme-python", default=str(VENV_BIOGEME), help="python of the Biogeme venv")
     a = ap.parse_args()
+    VENV_XLOGIT, VENV_BIOGEME = Path(a.xlogit_python), Path(a.biogeme_python)
     scratch = Path(a.scratch)
     scratch.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
