@@ -32,12 +32,14 @@ Make the peers' venvs first (never estpipe dependencies):
     /root/.pyenv/versions/3.12.1/bin/python -m venv /work/venvs/biogeme && \
         /work/venvs/biogeme/bin/pip install biogeme==3.3.5      # Python >= 3.12, scipy >= 1.17.1
 
-Run (heavy: under the lock; about 5 min on 2 cores):
+Run (heavy: under the lock; about 1 min of work on 2 cores, 1 GB of scratch for a moment):
 
     flock -o /tmp/estpipe-heavy.lock python3 scripts/bench_peers_mle.py [--out /work/notes/peers-table.md]
 
+Venvs elsewhere: --xlogit-python PATH, --biogeme-python PATH (their interpreters).
+
 estpipe runs from this checkout's pipeline/ (PYTHONPATH). Data go to --scratch
-(/tmp/peers2-scratch); the 100k file (about 1 GB) is deleted at the end. A side whose venv is
+(/tmp/peers-scratch); the 100k file (about 1 GB) is deleted at the end. A side whose venv is
 missing is reported as such and the other comparisons still run.
 """
 
@@ -59,7 +61,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 THREADS = "2"
-VENV_XLOGIT = Path("/work/venvs/xlogit/bin/python")
+VENV_XLOGIT = Path("/work/venvs/xlogit/bin/python")  # defaults; --xlogit-python / --biogeme-python
 VENV_BIOGEME = Path("/work/venvs/biogeme/bin/python")
 
 
@@ -184,11 +186,12 @@ LLRATIO_DRIVER = textwrap.dedent('''
     import numpy as np
     sys.path.insert(0, sys.argv[2])
     from bench_common import interleaved_medians
-    from estpipe.data.format import read_choice_data
+    from estpipe.data.format import ChoiceDataFile
     from estpipe.kernel import PartitionKernel
     from estpipe.kernel.request import Request
 
-    d = read_choice_data(sys.argv[1])
+    with ChoiceDataFile(sys.argv[1]) as f:  # without dm, as an MLE's partitions are read
+        d = f.read_sets(with_dm=False)
     k = PartitionKernel(d, model="logit")
     b = np.random.default_rng(0).normal(size=d.K) * 0.1
     reqs = {"loglik": Request.for_likelihood(b, score=False, opg=False),
@@ -355,9 +358,13 @@ def mixed(scratch: Path, rows: list[Row], notes: list[str], seeds: int) -> None:
     if xl.returncode != 0 or not xl.result:
         notes.append(f"xlogit failed (exit {xl.returncode}): {xl.stderr.strip().splitlines()[-1:]}")
         return
-    xp = np.abs(np.array(xl.result["params"]))  # xlogit may return a negative sd; the model is the same
+    # an sd enters as sd * draw with symmetric draws, so its sign is arbitrary (xlogit may return a
+    # negative one): compare |sd| only; the means keep their signs
+    sd = np.arange(len(start)) >= len(names)
+    xp = np.array(xl.result["params"])
     ep = np.array([r.result["params"] for r in runs])
-    diff = float(np.max(np.abs(np.abs(ep) - xp)))
+    xp[sd], ep[:, sd] = np.abs(xp[sd]), np.abs(ep[:, sd])
+    diff = float(np.max(np.abs(ep - xp)))
     inside = min(lls) <= xl.result["loglik"] <= max(lls)
     notes.append(f"mixed: xlogit loglik {xl.result['loglik']:.4f} ({'inside' if inside else 'OUTSIDE'} estpipe's "
                  f"spread {spread}); converged {xl.result['converged']} ({xl.result['message']}), "
@@ -378,6 +385,17 @@ def mixed(scratch: Path, rows: list[Row], notes: list[str], seeds: int) -> None:
                  f"{xl.result['warm'] / xl_calls:.3f} over about {xl_calls} ({xl.result['iterations'] + 1} loglik + "
                  f"gradient, {xl.result['evaluations'] - 1} loglik-only trials). estpipe's calls, from its message: "
                  + e.result["message"])
+    # where estpipe's time goes: its history's clock at the optimizer's last accepted iteration
+    # (seconds since the run began) against the whole warm time; the rest is mostly the Hessian
+    # of central differences (2P evaluations) that the classical and robust errors need
+    opt_end = [r.result["steps"][0]["history"][-1]["seconds"] for r in runs if r.result["steps"][0].get("history")]
+    if opt_end:
+        t_opt = float(np.median(opt_end))
+        per_eval = float(np.median([r.result["timing"]["evaluation_seconds"] / r.result["evaluations"] for r in runs]))
+        notes.append(f"mixed: estpipe's clock at the optimizer's end (median over seeds) {t_opt:.2f} s of {med_warm:.2f} s "
+                     f"warm ({t_opt / xl.result['warm']:.2f}x xlogit's warm fit, which includes its BHHH errors); "
+                     f"{per_eval:.3f} s per evaluation, so the {2 * len(start)} evaluations of the central-difference "
+                     f"Hessian cost about {2 * len(start) * per_eval:.2f} s")
     rows.append(Row(problem, "xlogit " + xl.result.get("version", ""), xl.wall, xl.result["warm"], xl.peak_mb,
                     f"{xl.result['loglik']:.4f} ({'inside' if inside else 'OUTSIDE'} spread)", "", "1"))
 
@@ -404,14 +422,18 @@ def llratio(scratch: Path, rows: list[Row], notes: list[str], repeat: int, keep:
 
 
 def main() -> None:
+    global VENV_XLOGIT, VENV_BIOGEME
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scratch", default="/tmp/peers2-scratch")
+    ap.add_argument("--scratch", default="/tmp/peers-scratch")
     ap.add_argument("--out", default=None, help="also write the table (markdown) here")
     ap.add_argument("--seeds", type=int, default=5, help="estpipe draw seeds for the mixed logit")
     ap.add_argument("--repeat", type=int, default=9, help="rounds of the interleaved kernel timings (>= 7)")
     ap.add_argument("--only", default="nested,mixed,llratio")
     ap.add_argument("--keep-big", action="store_true", help="keep the 100k file")
+    ap.add_argument("--xlogit-python", default=str(VENV_XLOGIT), help="python of the xlogit venv")
+    ap.add_argument("--biogeme-python", default=str(VENV_BIOGEME), help="python of the Biogeme venv")
     a = ap.parse_args()
+    VENV_XLOGIT, VENV_BIOGEME = Path(a.xlogit_python), Path(a.biogeme_python)
     scratch = Path(a.scratch)
     scratch.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
