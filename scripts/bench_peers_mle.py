@@ -387,15 +387,28 @@ def mixed(scratch: Path, rows: list[Row], notes: list[str], seeds: int) -> None:
                  + e.result["message"])
     # where estpipe's time goes: its history's clock at the optimizer's last accepted iteration
     # (seconds since the run began) against the whole warm time; the rest is mostly the Hessian
-    # of central differences (2P evaluations) that the classical and robust errors need
+    # of forward differences (P evaluations) that the classical and robust errors need
     opt_end = [r.result["steps"][0]["history"][-1]["seconds"] for r in runs if r.result["steps"][0].get("history")]
     if opt_end:
         t_opt = float(np.median(opt_end))
         per_eval = float(np.median([r.result["timing"]["evaluation_seconds"] / r.result["evaluations"] for r in runs]))
         notes.append(f"mixed: estpipe's clock at the optimizer's end (median over seeds) {t_opt:.2f} s of {med_warm:.2f} s "
                      f"warm ({t_opt / xl.result['warm']:.2f}x xlogit's warm fit, which includes its BHHH errors); "
-                     f"{per_eval:.3f} s per evaluation, so the {2 * len(start)} evaluations of the central-difference "
-                     f"Hessian cost about {2 * len(start) * per_eval:.2f} s")
+                     f"{per_eval:.3f} s per evaluation, so the {len(start)} evaluations of the forward-difference "
+                     f"Hessian cost about {len(start) * per_eval:.2f} s")
+    # like for like: xlogit reports BHHH (inverse OPG) errors; estpipe --se bhhh makes no Hessian either
+    bh = [estpipe_estimate(h5, scratch / f"mx_estpipe_bhhh_{s}.json", "--model", "mixed-logit", "--random",
+                           ",".join(random), "--draws", "1000", "--draws-kind", "halton", "--draws-seed", str(s),
+                           "--start", start_text, "--tol", tol, "--se", "bhhh") for s in range(seeds)]
+    bh_wall, bh_warm = float(np.median([r.wall for r in bh])), float(np.median([r.result["warm"] for r in bh]))
+    bse = np.array(bh[0].result["std_errors"])
+    xse = np.array(xl.result.get("std_errors") or [np.nan] * len(bse))
+    notes.append(f"mixed, --se bhhh: whole s {[round(r.wall, 2) for r in bh]}, evaluations "
+                 f"{[r.result['evaluations'] for r in bh]}; max relative difference of its BHHH standard errors (seed 0) "
+                 f"from xlogit's {float(np.nanmax(np.abs(bse / xse - 1))):.2g}")
+    rows.append(Row(problem, f"estpipe --se bhhh (median of {seeds} seeds; xlogit's kind of errors)", bh_wall, bh_warm,
+                    max(r.peak_mb for r in bh), f"{float(np.median([r.result['loglik'] for r in bh])):.4f}", "",
+                    ratio_text(bh_wall / xl.wall, bh_warm / xl.result["warm"])))
     rows.append(Row(problem, "xlogit " + xl.result.get("version", ""), xl.wall, xl.result["warm"], xl.peak_mb,
                     f"{xl.result['loglik']:.4f} ({'inside' if inside else 'OUTSIDE'} spread)", "", "1"))
 

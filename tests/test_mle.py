@@ -395,6 +395,10 @@ def test_se_chooses_the_reported_standard_errors(modechoice):
     b = runs["bhhh"].params
     opg = PartitionKernel(read_choice_data(modechoice), model="logit").evaluate(Request.for_likelihood(b)).opg
     np.testing.assert_allclose(runs["bhhh"].std_errors, np.sqrt(np.diag(np.linalg.inv(opg))), rtol=1e-10)
+    # --se bhhh makes no Hessian: the inverse OPG alone (as xlogit reports), fewer evaluations
+    assert runs["bhhh"].evaluations < runs["robust"].evaluations and "no Hessian (--se bhhh)" in runs["bhhh"].message
+    assert runs["bhhh"].to_dict()["std_errors_classical"] is None and list(runs["bhhh"].covariances) == ["bhhh"]
+    assert "classical beside them" not in runs["bhhh"].table() and "classical beside them" in runs["robust"].table()
     # z and intervals follow the chosen errors
     d = runs["bhhh"].to_dict()
     np.testing.assert_allclose(np.array(d["z"]), b / runs["bhhh"].std_errors, rtol=1e-12)

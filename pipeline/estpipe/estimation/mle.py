@@ -576,14 +576,17 @@ def estimate_mle(source, problem, model, settings: MleSettings, x0: np.ndarray, 
     # ONE Hessian at the final estimate for inference (P evaluations, 1 when exact; none when trust-newton
     # has it there).
     reuse_note = " (the optimizer's own at the end)" if objective.hessian_known(theta) else ""
-    H = objective.hessian(theta)
+    # --se bhhh reports the inverse OPG alone (as xlogit and Apollo's BHHH do): no Hessian, so
+    # neither classical nor robust errors, and no chord steps
+    opg_only = settings.se == "bhhh"
+    H = None if opg_only else objective.hessian(theta)
     target = max(settings.tol, 1e-9)
     # Where BHHH's polish stalls (the OPG is not -H: a misspecified or poorly fitting model, as a
     # mixed logit on 210 people), Newton steps with this one Hessian (chord steps, one
     # evaluation each) finish the job; the Hessian is made anew only if they move theta by more
     # than CHORD_REFRESH.
     chord, chord_moved = 0, 0.0
-    if not finished:
+    if not finished and H is not None:
         theta, chord, chord_moved = _chord_steps(objective, theta, H, target)
         if chord_moved > CHORD_REFRESH:
             H = objective.hessian(theta)
@@ -600,25 +603,28 @@ def estimate_mle(source, problem, model, settings: MleSettings, x0: np.ndarray, 
                   f"{nit} iterations, {evaluations}" if fit.resumed_at is None else
                   f"{nit} iterations, {fit.resumed_at} of them before resuming; {evaluations} in this run")
         message = (f"{fit.optimizer}: {fit.opt_message} ({counts}); "
-                   f"{count(newton, 'BHHH polish step')} moving {fit.moved:.2g} in theta; Hessian ({objective.hessian_rule}) "
-                   f"{count(objective.hessian_evaluations, 'evaluation')}{reuse_note}{chord_note}; max |mean score| "
-                   f"{g_theta:.2g} in theta")
+                   f"{count(newton, 'BHHH polish step')} moving {fit.moved:.2g} in theta; "
+                   + ("no Hessian (--se bhhh)" if opg_only else
+                      f"Hessian ({objective.hessian_rule}) {count(objective.hessian_evaluations, 'evaluation')}"
+                      f"{reuse_note}{chord_note}")
+                   + f"; max |mean score| {g_theta:.2g} in theta")
         reporter.checkpoint(progress.state("finished", theta, message))
     reporter.log(("converged: " if converged else "did NOT converge: ") + message)
 
-    # H is d^2(-loglik/n)/d theta^2; d score/d b = -n D H D
-    classical = _inverse_negative(-n * H * np.outer(D, D), names, "the estimate")
     use_clusters = clustered and s.opg_cluster is not None
-    B = s.opg_cluster if use_clusters else s.opg
-    robust = classical @ B @ classical
-    robust = (robust + robust.T) / 2
+    if H is not None:
+        # H is d^2(-loglik/n)/d theta^2; d score/d b = -n D H D
+        classical = _inverse_negative(-n * H * np.outer(D, D), names, "the estimate")
+        B = s.opg_cluster if use_clusters else s.opg
+        robust = classical @ B @ classical
+        robust = (robust + robust.T) / 2
     units = "clusters" if use_clusters else ("panel units" if problem.has_panel else "sets")
     robust_name = "robust" if units == "sets" else "clustered"
     se_type = robust_name if settings.se in (None, "robust") else settings.se
     signs = model.canonical_signs(b)
     b = b * signs
     flip = np.outer(signs, signs)
-    covariances = {"classical": classical * flip, robust_name: robust * flip}
+    covariances = {} if H is None else {"classical": classical * flip, robust_name: robust * flip}
     if se_type == "bhhh":  # the inverse OPG over units (BHHH's curvature), the information identity's other side
         covariances["bhhh"] = _inverse_negative(-s.opg, names, "the estimate (its OPG)") * flip
     P, n_units = len(b), int(s.n_units)

@@ -97,9 +97,9 @@ class Results:
         return np.sqrt(np.diag(self.covariances[se_type]))
 
     @property
-    def robust_type(self) -> str:
+    def robust_type(self) -> str | None:
         """The sandwich's name among the covariances: "robust" or "clustered"."""
-        return next(k for k in self.covariances if k not in ("classical", "bhhh"))
+        return next((k for k in self.covariances if k not in ("classical", "bhhh")), None)
 
     # -- derived --------------------------------------------------------------------------------------
     @property
@@ -197,8 +197,8 @@ class Results:
         return {"estimator": "mle", "loglik_null": L["loglik_null"], "rho_squared": L["rho_squared"],
                 "rho_squared_adj": L["rho_squared_adj"], "aic": L["aic"], "bic": L["bic"], "n_units": L["n_units"],
                 "n_draws": L.get("n_draws"), "draws_kind": L.get("draws_kind"),
-                "std_errors_classical": self.std_errors_of("classical").tolist(),
-                "std_errors_robust": self.std_errors_of(self.robust_type).tolist()}
+                "std_errors_classical": self.std_errors_of("classical").tolist() if "classical" in self.covariances else None,
+                "std_errors_robust": self.std_errors_of(self.robust_type).tolist() if self.robust_type else None}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
@@ -224,8 +224,10 @@ class Results:
         rows = {"kind": ["parameter"] * len(self.params), "estimate": self.params, "std_error": self.std_errors,
                 "z": zt["z"], "p": zt["p"], "ci_low": zt["lower"], "ci_high": zt["upper"], "truth": truth}
         if self.likelihood is not None:
-            rows["std_error_classical"] = self.std_errors_of("classical")
-            rows["std_error_robust"] = self.std_errors_of(self.robust_type)
+            if "classical" in self.covariances:
+                rows["std_error_classical"] = self.std_errors_of("classical")
+            if self.robust_type:
+                rows["std_error_robust"] = self.std_errors_of(self.robust_type)
         frame = pd.DataFrame(rows, index=pd.Index(list(self.param_names), name="parameter"))
         if self.derived:
             extra = pd.DataFrame(
@@ -281,7 +283,7 @@ class Results:
             f"estpipe estimate: {d['path']}  ({count(d['n_sets'], 'set')}, {d['n_rows']} rows, K = {d['K']}, M = {d['M']})",
             f"{method}; "
             f"{self.se_type} standard errors" + (f" ({count(self.n_clusters, self.units.rstrip('s').replace('panel unit', 'decision maker'))})"
-                                                 if self.n_clusters else "") + ("; classical beside them" if mle else ""),
+                                                 if self.n_clusters else "") + ("; classical beside them" if mle and "classical" in self.covariances else ""),
             "",
         ]
         w = max(9, *(len(n) for n in self.param_names))
@@ -315,14 +317,18 @@ class Results:
         """The MLE's table: estimate, classical and robust (or clustered) standard errors, z, p
         and the 95% interval under the default (se_type)."""
         zt = self._z()
-        robust = self.robust_type
-        head = (f"{'':<{w}} {'estimate':>11} {'classical':>10} {robust:>10} {'z':>8} {'P>|z|':>7} "
+        # the columns: classical and robust (or clustered), and bhhh when it is the default; only
+        # bhhh when no Hessian was made (--se bhhh)
+        kinds = [k for k in ("classical", self.robust_type) if k in self.covariances]
+        if self.se_type == "bhhh":
+            kinds.append("bhhh")
+        head = (f"{'':<{w}} {'estimate':>11} " + " ".join(f"{k:>10}" for k in kinds) + f" {'z':>8} {'P>|z|':>7} "
                 f"{'[95% interval]':>23}" + (f" {'truth':>10}" if self.truth is not None else ""))
         rows = [head]
-        se_c, se_r = self.std_errors_of("classical"), self.std_errors_of(robust)
+        ses = [self.std_errors_of(k) for k in kinds]
         for k, name in enumerate(self.param_names):
-            row = (f"{name:<{w}} {self.params[k]:>11.5g} {se_c[k]:>10.4g} {se_r[k]:>10.4g} {zt['z'][k]:>8.3f} "
-                   f"{zt['p'][k]:>7.4f} {zt['lower'][k]:>11.5g} {zt['upper'][k]:>11.5g}")
+            row = (f"{name:<{w}} {self.params[k]:>11.5g} " + " ".join(f"{se[k]:>10.4g}" for se in ses) +
+                   f" {zt['z'][k]:>8.3f} {zt['p'][k]:>7.4f} {zt['lower'][k]:>11.5g} {zt['upper'][k]:>11.5g}")
             if self.truth is not None:
                 row += f" {self.truth[k]:>10.5g}"
             rows.append(row)
