@@ -129,31 +129,61 @@ def _estimates_table(r: dict) -> str:
 
 
 def _estimates_plot(r: dict, plt) -> str:
+    """Each estimate on its own scale (parameters' scales differ: on one shared axis most
+    intervals would be dots), all in ONE axes: row k maps its own span (interval, truth, and
+    zero when near) onto [0, 1] and prints its numbers beside it. One axes, not P, keeps a
+    20-parameter plot at ~0.1 s."""
     names, b, se = r["param_names"], r["params"], r["std_errors"]
     truth = r.get("truth")
     P = len(names)
-    fig, axes = plt.subplots(P, 1, figsize=(7.5, 0.42 * P + 0.9), squeeze=False)
-    for k, ax in enumerate(axes[:, 0]):
-        span = [b[k]]
-        if _finite(se[k]):  # a standard error that is null or NaN (a flat direction): the point alone
-            lo, hi = b[k] - Z95 * se[k], b[k] + Z95 * se[k]
-            ax.hlines(0, lo, hi, color=INTERVAL_COLOR, lw=2)
-            span += [lo, hi]
-        ax.plot([b[k]], [0], "o", color=ESTIMATE_COLOR, ms=7, zorder=3)
-        if truth is not None and _finite(truth[k]):
-            ax.plot([truth[k]], [0], "|", color=TRUTH_COLOR, ms=16, mew=2.5, zorder=2)
-            span += [truth[k]]
+    fig, ax = plt.subplots(figsize=(8.4, 0.3 * P + 0.8))
+    ys = list(range(P))[::-1]
+    seg_x, seg_y, dots, ticks, zeros, labels = [], [], [], [], [], []
+    for k, y in enumerate(ys):
+        has_ci = _finite(se[k])  # a standard error that is null or NaN (a flat direction): the point alone
+        lo, hi = (b[k] - Z95 * se[k], b[k] + Z95 * se[k]) if has_ci else (b[k], b[k])
+        t = truth[k] if truth is not None and _finite(truth[k]) else None
+        span = [lo, hi] + ([t] if t is not None else [])
         width = (max(span) - min(span)) or max(abs(b[k]), 1.0)
-        ax.set_xlim(min(span) - 0.15 * width, max(span) + 0.15 * width)
-        ax.set_yticks([])
-        ax.set_ylabel(names[k], rotation=0, ha="right", va="center", fontsize=9)
-        ax.tick_params(axis="x", labelsize=7, pad=1)
-        for side in ("left", "right", "top"):
-            ax.spines[side].set_visible(False)
-    axes[0, 0].set_title("estimate (dot), 95% interval (line)" + (", truth (tick)" if truth else "")
-                         + "; each on its own scale", fontsize=9)
-    fig.subplots_adjust(left=0.22, right=0.97, top=1 - 0.45 / fig.get_figheight(), bottom=0.4 / fig.get_figheight(),
-                        hspace=1.1)
+        if min(span) - 0.5 * width <= 0.0 <= max(span) + 0.5 * width:
+            span.append(0.0)  # zero within reach: on the row, so a reader sees whether the interval covers it
+        left, right = min(span), max(span)
+        width = (right - left) or max(abs(b[k]), 1.0)
+        left, right = left - 0.06 * width, right + 0.06 * width
+
+        def u(v, left=left, right=right):
+            return (v - left) / (right - left)
+
+        if has_ci:
+            seg_x += [u(lo), u(hi), None]
+            seg_y += [y, y, None]
+        dots.append((u(b[k]), y))
+        if t is not None:
+            ticks.append((u(t), y))
+        if left <= 0.0 <= right:
+            zeros.append((u(0.0), y))
+        text = f"{b[k]:.4g}" + (f"  [{lo:.4g}, {hi:.4g}]" if has_ci else "  (no std. error)")
+        labels.append((y, text + (f"   truth {t:.4g}" if t is not None else "")))
+    if zeros:
+        ax.plot([x for x, _ in zeros], [y for _, y in zeros], "|", color="#aaaaaa", ms=12, mew=1, zorder=1)
+    ax.plot([v if v is not None else float("nan") for v in seg_x], [v if v is not None else float("nan") for v in seg_y],
+            "-", color=INTERVAL_COLOR, lw=2, zorder=2)
+    if ticks:
+        ax.plot([x for x, _ in ticks], [y for _, y in ticks], "|", color=TRUTH_COLOR, ms=14, mew=2.5, zorder=2)
+    ax.plot([x for x, _ in dots], [y for _, y in dots], "o", color=ESTIMATE_COLOR, ms=7, mew=0, zorder=3)
+    for y, text in labels:
+        ax.text(1.03, y, text, va="center", ha="left", fontsize=8, family="monospace")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(-0.7, P - 0.3)
+    ax.set_xticks([])
+    ax.set_yticks(ys)
+    ax.set_yticklabels(names, fontsize=8)
+    for side in ("right", "top", "bottom"):
+        ax.spines[side].set_visible(False)
+    fig.text(0.01, 1 - 0.12 / fig.get_figheight(), "estimate (dot), 95% interval (line)"
+             + (", truth (green tick)" if truth else "") + ", zero (grey tick); each row on its own scale",
+             fontsize=8, va="top", ha="left")
+    fig.subplots_adjust(left=0.13, right=0.5, top=1 - 0.35 / fig.get_figheight(), bottom=0.15 / fig.get_figheight())
     return _png(fig, plt)
 
 
