@@ -202,7 +202,7 @@ def _standardized_plot(r: dict, plt) -> str:
     ax.set_yticklabels(names, fontsize=8)
     lim = max(3.0, max(abs(v) for v in z) * 1.15)
     ax.set_xlim(-lim, lim)
-    ax.set_xlabel("(estimate - truth) / std. error; grey: +-1.96", fontsize=9)
+    ax.set_xlabel("(estimate - truth) / std. error; the truth at 0, grey: +-1.96", fontsize=9)
     fig.subplots_adjust(left=0.22, right=0.97, top=1 - 0.15 / fig.get_figheight(), bottom=0.55 / fig.get_figheight())
     return _png(fig, plt)
 
