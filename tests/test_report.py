@@ -91,6 +91,11 @@ def test_a_two_step_report_has_every_section_and_its_plots(gmm_run):
     assert page.count("<details>") >= len(r["steps"])
     # the J test and the set sizes (10 alternatives each)
     assert f"J = {r['j_statistic']:.4g}" in page and r["data"]["set_sizes"] == {"10": 2000}
+    # the data and the run: sizes, clusters, the file's provenance, the back end, versions, options
+    for text in ("<th>sets</th><td>2000</td>", "<th>clusters</th><td>none</td>", "<th>command</th><td>estpipe simulate</td>",
+                 f"<th>back end</th><td>{r['backend']}</td>", f"<th>numpy</th><td>{r['versions']['numpy']}</td>",
+                 "<th>optimizer</th><td>gauss-newton</td>", "seconds per evaluation"):
+        assert text in page, text
 
 
 def test_the_moment_fit_is_the_closed_form_for_the_efficient_weight(tmp_path):

@@ -384,6 +384,10 @@ def _data_and_run(r: dict, plt) -> str:
         out += "<h4>Versions</h4>" + _kv([(k, str(v[k])) for k in ("estpipe", "python", "numpy", "scipy", "dask") if k in v]
                                          + ([("BLAS", f"{libs}, {blas.get('threads_per_worker')} threads per worker")]
                                             if libs else []))
+    config = r.get("config") or {}
+    if config:  # the run's provenance: every option it ran with (those left at null are defaults)
+        out += ("<details><summary>Options of the run (config)</summary>"
+                + _kv([(k, "null" if val is None else str(val)) for k, val in config.items()]) + "</details>")
     return out
 
 
