@@ -130,8 +130,7 @@ def _inverse_negative(H: np.ndarray, names: list[str], where: str) -> np.ndarray
 class IterationHistory:
     """The accepted iterations of one maximization, as the results file keeps them (steps[0].history,
     like GMM's): iteration, objective (-loglik), gradient_norm (max |mean score| in theta, the
-    convergence test's measure), step_norm (2-norm in theta; None for the first), evaluations and
-    seconds since the maximization started.
+    convergence test's measure), evaluations and seconds since the maximization started.
     It remembers f and max|g| of the last few points the optimizer evaluated, so that recording
     the accepted one (which the optimizer has just evaluated) costs no evaluation."""
 
@@ -141,7 +140,6 @@ class IterationHistory:
         self.records: list[dict] = []
         self.t0 = time.perf_counter()
         self._seen: dict[bytes, dict] = {}
-        self._last = None
 
     def seen(self, theta, **values) -> None:
         key = np.asarray(theta, dtype=np.float64).tobytes()
@@ -153,11 +151,8 @@ class IterationHistory:
         got = self._seen.get(np.asarray(theta, dtype=np.float64).tobytes(), {})
         f = got["f"] if "f" in got else objective.value(theta)  # else the oracle's memo: no evaluation
         g = got["g"] if "g" in got else float(np.max(np.abs(objective.gradient(theta))))
-        theta = np.array(theta, dtype=np.float64)
-        step = None if self._last is None else float(np.linalg.norm(theta - self._last))
-        self._last = theta
         self.records.append({"iteration": len(self.records) + 1, "objective": float(f * objective.n),
-                             "gradient_norm": g, "step_norm": step, "evaluations": int(objective.oracle.evaluations),
+                             "gradient_norm": g, "evaluations": int(objective.oracle.evaluations),
                              "seconds": time.perf_counter() - self.t0})
 
     def for_results(self, optimizer_iterations: int) -> list[dict]:
