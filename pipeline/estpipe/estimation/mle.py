@@ -11,13 +11,10 @@ then polished by BHHH steps (the OPG comes with every evaluation). ONE Hessian, 
 difference of the exact gradient at the final estimate (2P evaluations; none when trust-newton
 has it there), then gives the classical standard errors
 (-H)^-1 and, with the OPG B, the robust sandwich H^-1 B H^-1 (clustered: B from cluster sums).
-Every accepted iteration (scipy's callback, BHHH's loop) lands in the objective's IterationHistory:
-the results' steps[0].history.
 """
 
 from __future__ import annotations
 
-import time
 import math
 from dataclasses import dataclass, field
 
@@ -127,46 +124,10 @@ def _inverse_negative(H: np.ndarray, names: list[str], where: str) -> np.ndarray
 
 
 
-class IterationHistory:
-    """The accepted iterations of one maximization, as the results file keeps them (steps[0].history,
-    like GMM's): iteration, objective (-loglik), gradient_norm (max |mean score| in theta, the
-    convergence test's measure), evaluations and seconds since the maximization started.
-    It remembers f and max|g| of the last few points the optimizer evaluated, so that recording
-    the accepted one (which the optimizer has just evaluated) costs no evaluation."""
-
-    KEEP = 8
-
-    def __init__(self):
-        self.records: list[dict] = []
-        self.t0 = time.perf_counter()
-        self._seen: dict[bytes, dict] = {}
-
-    def seen(self, theta, **values) -> None:
-        key = np.asarray(theta, dtype=np.float64).tobytes()
-        self._seen.setdefault(key, {}).update(values)
-        while len(self._seen) > self.KEEP:
-            del self._seen[next(iter(self._seen))]
-
-    def accepted(self, objective: "LikelihoodObjective", theta) -> None:
-        got = self._seen.get(np.asarray(theta, dtype=np.float64).tobytes(), {})
-        f = got["f"] if "f" in got else objective.value(theta)  # else the oracle's memo: no evaluation
-        g = got["g"] if "g" in got else float(np.max(np.abs(objective.gradient(theta))))
-        self.records.append({"iteration": len(self.records) + 1, "objective": float(f * objective.n),
-                             "gradient_norm": g, "evaluations": int(objective.oracle.evaluations),
-                             "seconds": time.perf_counter() - self.t0})
-
-    def for_results(self, optimizer_iterations: int) -> list[dict]:
-        """The records, each with its phase: the optimizer's first `optimizer_iterations`, then
-        the BHHH polish's."""
-        return [dict(r, phase="optimizer" if i < optimizer_iterations else "polish") for i, r in enumerate(self.records)]
-
-
 class LikelihoodObjective:
     """-loglik / n in standardized parameters theta = D b, as the optimizers see it: value (1,),
     gradient (P,), OPG mean (P, P) and the central-difference Hessian of the exact gradient
-    (P, P), all through one memoized LikelihoodOracle; counts the evaluations the Hessians took.
-    accepted(theta), called by the optimizers after each accepted iteration, records it in
-    `history`."""
+    (P, P), all through one memoized LikelihoodOracle; counts the evaluations the Hessians took."""
 
     def __init__(self, oracle: LikelihoodOracle, D: np.ndarray, n: float, needs_opg: bool = False):
         self.oracle, self.D, self.n = oracle, D, n
@@ -175,28 +136,16 @@ class LikelihoodObjective:
         self.hessian_rule = "central differences of the exact score"
         self.hessian_evaluations = 0
         self._hessians: dict[bytes, np.ndarray] = {}
-        self.history = IterationHistory()
 
     def sums(self, theta, opg: bool = False):
         return self.oracle.sums(np.asarray(theta, dtype=np.float64) / self.D, opg=opg or self.needs_opg)
 
     def value(self, theta) -> float:
         s = self.sums(theta)
-        f = -s.loglik / self.n if math.isfinite(s.loglik) else np.inf
-        self.history.seen(theta, f=f)
-        return f
+        return -s.loglik / self.n if math.isfinite(s.loglik) else np.inf
 
     def gradient(self, theta) -> np.ndarray:
-        g = self._gradient(theta)
-        self.history.seen(theta, g=float(np.max(np.abs(g))))
-        return g
-
-    def _gradient(self, theta) -> np.ndarray:
         return -self.sums(theta).score / self.D / self.n
-
-    def accepted(self, theta) -> None:
-        """An accepted iteration at theta (scipy's callback; BHHH): into the history."""
-        self.history.accepted(self, theta)
 
     def opg(self, theta) -> np.ndarray:
         """B_theta = sum_u s_u s_u' / n in theta's units (P, P): BHHH's curvature."""
@@ -219,7 +168,7 @@ class LikelihoodObjective:
                 H = -s.hessian / np.outer(self.D, self.D) / self.n
                 self.hessian_rule = "exact"
             if H is None:
-                H = hessian(self._gradient, theta, HESSIAN_STEP * np.maximum(1.0, np.abs(theta)))
+                H = hessian(self.gradient, theta, HESSIAN_STEP * np.maximum(1.0, np.abs(theta)))
             self._hessians[key] = H
             self.hessian_evaluations += self.oracle.evaluations - e0
         return self._hessians[key]
@@ -247,8 +196,7 @@ class ScipyQuasiNewton(MleOptimizer):
         opts = {"gtol": gtol, "maxiter": max_iter}
         if self.method == "L-BFGS-B":
             opts["ftol"] = np.finfo(float).eps  # let gtol decide, as for BFGS
-        r = minimize(objective.value, theta0, jac=objective.gradient, method=self.method, options=opts,
-                     callback=objective.accepted)
+        r = minimize(objective.value, theta0, jac=objective.gradient, method=self.method, options=opts)
         return r.x, int(r.nit), bool(r.success), str(r.message)
 
 
@@ -287,7 +235,6 @@ class Bhhh(MleOptimizer):
                 # the decrease predicted is below f's rounding: a line search on f sees only noise
                 # there, so the full step is taken, on the gradient's word
                 theta, f = theta + d, objective.value(theta + d)
-                objective.accepted(theta)
                 continue
             for _ in range(self.HALVINGS):
                 trial = theta + t * d
@@ -298,7 +245,6 @@ class Bhhh(MleOptimizer):
             else:
                 return theta, it, False, "the line search found no increase of the log-likelihood"
             theta, f = trial, ft
-            objective.accepted(theta)
         ok = np.max(np.abs(objective.gradient(theta))) <= gtol
         return theta, max_iter, bool(ok), "mean score below gtol" if ok else f"stopped after {max_iter} iterations"
 
@@ -309,7 +255,7 @@ class TrustNewton(MleOptimizer):
 
     def minimize(self, objective, theta0, gtol, max_iter):
         r = minimize(objective.value, theta0, jac=objective.gradient, hess=objective.hessian, method="trust-exact",
-                     options={"gtol": gtol, "maxiter": max_iter}, callback=objective.accepted)
+                     options={"gtol": gtol, "maxiter": max_iter})
         return r.x, int(r.nit), bool(r.success), str(r.message)
 
 
@@ -495,7 +441,6 @@ def estimate_mle(source, problem, model, settings: MleSettings, x0: np.ndarray, 
         n_clusters=None if units == "sets" else int(s.n_clusters if use_clusters else n_units),
         objective=-ll, loglik=ll, likelihood=likelihood, converged=converged, message=message,
         steps=[StepRecord(step=1, weighting="mle", params=b.tolist(), objective=-ll, iterations=int(nit) + newton,
-                          evaluations=oracle.evaluations, converged=converged, message=message,
-                          history=objective.history.for_results(nit))],
+                          evaluations=oracle.evaluations, converged=converged, message=message)],
         evaluations=oracle.evaluations, hessian_evaluations=objective.hessian_evaluations, derived=derived,
         notes=notes, units=units)
