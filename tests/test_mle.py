@@ -199,7 +199,7 @@ def test_bad_input_is_one_line(tmp_path, modechoice):
     assert "--derivatives fd" in line
 
 
-def test_a_job_spec_runs_the_mle_and_no_checkpoint_is_written(tmp_path):
+def test_a_job_spec_runs_the_mle_and_writes_and_resumes_its_checkpoint(tmp_path):
     spec = tmp_path / "job.toml"
     spec.write_text('[data]\npath = "d.h5"\ndesign = "logit"\nsets = 300\nalternatives = 4\nparams = 3\nmoments = 3\n'
                     'seed = 0\n\n[estimate]\nestimator = "mle"\n\n[backend]\nkind = "local"\nworkers = 1\n\n'
@@ -211,9 +211,23 @@ def test_a_job_spec_runs_the_mle_and_no_checkpoint_is_written(tmp_path):
 
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["estimator"] == "mle" and r["config"]["estimator"] == "mle" and len(r["std_errors_classical"]) == 3
-    assert not (tmp_path / "c.json").exists() and "writes no checkpoints yet" in done.stderr
+    c = json.loads((tmp_path / "c.json").read_text())
+    assert c["estimator"] == "mle" and c["options"]["estimator"] == "mle" and c["phase"] == "finished"
+    assert c["evaluations"] == r["evaluations"] and [h["phase"] for h in c["history"]][:2] == ["optimizer"] * 2
+    assert "writes no checkpoints" not in done.stderr
+    h = r["steps"][0]["history"]  # the results' per-iteration history, as GMM's steps have it
+    assert [e["gradient_norm"] for e in h] == [e["max_abs_score"] for e in c["history"]] and h[-1]["gradient_norm"] < 1e-9
+    assert [e["iteration"] for e in h] == list(range(1, len(h) + 1)) and h[-1]["phase"] == "polish"
     direct = estimate(tmp_path / "d.h5", EstimateOptions(estimator="mle"))
     np.testing.assert_allclose(r["params"], direct.params, rtol=1e-12)
+    # the job again: it resumes from the finished checkpoint, without optimizing again
+    again = subprocess.run([sys.executable, "-m", "estpipe", "run", str(spec)], capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "resuming from" in again.stderr
+    r2 = json.loads((tmp_path / "r.json").read_text())
+    assert r2["resumed"]["evaluations_before"] == r["evaluations"] and r2["evaluations"] < r["evaluations"]
+    np.testing.assert_allclose(r2["params"], r["params"], rtol=1e-12)
 
 
 def test_a_user_model_by_mle_is_the_logit_reparametrized(modechoice):

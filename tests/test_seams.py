@@ -137,6 +137,6 @@ def test_registries_refuse_names_they_do_not_hold(registry, name, expected):
 
 def test_a_request_names_only_known_quantities():
     with pytest.raises(ValueError, match="unknown quantities"):
-        Request(params=np.zeros(2), needs=frozenset({"hessian"}))
+        Request(params=np.zeros(2), needs=frozenset({"hessians"}))
     r = Request.of(np.zeros(2), jacobian=False, covariance=True)
     assert (r.jacobian, r.covariance) == (False, True) and "moments" in r.needs

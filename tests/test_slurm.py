@@ -284,3 +284,68 @@ def test_estimate_jobqueue_waits_connect_timeout_and_says_why(slurm, tmp_path):
     while subprocess.run(["squeue", "-h", "-n", "dask-worker"], capture_output=True, text=True).stdout.strip():
         assert time.monotonic() < deadline, "worker jobs left in the queue"
         time.sleep(0.25)
+
+
+@pytest.mark.parametrize("dashboard", [False, True], ids=["default", "dashboard"])
+def test_a_submitted_jobs_dashboard_is_off_unless_asked_and_on_the_nodes_loopback(slurm, tmp_path, dashboard):
+    """By default the job's log says nothing of a dashboard; with [backend] dashboard = true its
+    scheduler serves one on the node's loopback, and the log says where and through which ssh
+    tunnel. (The job runs this estpipe: its folder on PYTHONPATH through the spec's setup.)"""
+    import estpipe
+
+    here = Path(estpipe.__file__).resolve().parents[1]
+    setup = f'setup = ["export PYTHONPATH={here}"]' + ("\ndashboard = true" if dashboard else "")
+    (tmp_path / "slurm.toml").write_text((JOBS / "slurm.toml").read_text().replace("setup = []", setup))
+    job = submit(spec_in(tmp_path, tmp_path / "slurm.toml"))
+    state = wait_for_job(job["job_id"])
+    log = job["log"].read_text()
+    assert state == "COMPLETED", log
+    if not dashboard:
+        assert "dashboard" not in log, log
+        return
+    match = re.search(r"estpipe: dashboard: on (\S+) at 127\.0\.0\.1:(\d+) only; from your machine: "
+                      r"ssh -L (\d+):localhost:(\d+) (\S+), then open http://localhost:(\d+)/status", log)
+    assert match and len({match[2], match[3], match[4], match[6]}) == 1 and match[1] == match[5], log
+
+
+def test_jobqueue_dashboard_answers_during_the_run(slurm, tmp_path, monkeypatch):
+    """--jobqueue slurm --dashboard: the scheduler (in this process) serves the dashboard on
+    loopback; the URL of the log line answers 200 while the workers (batch jobs) compute."""
+    import urllib.request
+
+    import psutil
+
+    from estpipe.data.simulate import simulate_choice_data
+    from estpipe.orchestration import Reporter
+
+    data = tmp_path / "data.h5"
+    simulate_choice_data(data, sets=300, alternatives=(5, 5), params=3, moments=6, seed=2)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DASK_JOBQUEUE__SLURM__INTERFACE", "lo")
+    import dask.config
+
+    dask.config.refresh()
+
+    class Probe(Reporter):
+        lines, found = [], None
+
+        def log(self, message):
+            self.lines.append(message)
+
+        def iteration(self, record):
+            if self.found is None:
+                url = next(m[1] for line in self.lines if (m := re.match(r"dashboard: (http://\S+/status) ", line)))
+                port = int(url.rsplit(":", 1)[1].split("/")[0])
+                bound = {c.laddr.ip for c in psutil.Process().net_connections(kind="tcp")
+                         if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+                with urllib.request.urlopen(url, timeout=10) as response:
+                    self.found = (url, response.status, bound)
+
+    probe = Probe()
+    try:
+        estimate(data, EstimateOptions(jobqueue="slurm", workers=1, steps=1, dashboard=True), reporter=probe)
+    finally:
+        monkeypatch.delenv("DASK_JOBQUEUE__SLURM__INTERFACE")
+        dask.config.refresh()
+    url, status, bound = probe.found
+    assert url.startswith("http://127.0.0.1:") and status == 200 and bound == {"127.0.0.1"}, probe.found

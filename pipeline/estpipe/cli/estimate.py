@@ -34,6 +34,7 @@ def command(
     jobqueue: Annotated[Optional[str], typer.Option(help="Start --workers N dask workers as batch jobs of this batch system: {estpipe.execution.jobqueue:KINDS}.", rich_help_panel=_BACKEND)] = None,
     partitions: Annotated[Optional[int], typer.Option(help="Contiguous partitions of the sets, balanced by rows (default: 1 per worker, 1 in-process).", min=1, rich_help_panel=_BACKEND)] = None,
     connect_timeout: Annotated[float, typer.Option("--connect-timeout", help="Seconds to wait for a scheduler or batch-job workers.", rich_help_panel=_BACKEND)] = 30.0,
+    dashboard: Annotated[bool, typer.Option("--dashboard", help="Serve the dask dashboard (needs `pip install \"estpipe[dashboard]\"`): with --workers N on 127.0.0.1 at a free port, its URL on stderr; with --scheduler, --scheduler-file or --jobqueue, the scheduler's with an ssh-tunnel hint. Off by default.", rich_help_panel=_BACKEND)] = False,
     estimator: Annotated[str, typer.Option(help="{estpipe.estimation.estimators:ESTIMATORS}; mle needs the chosen rows (--steps does not apply; --optimizer takes the mle optimizers).", rich_help_panel=_GMM)] = "gmm",
     model: Annotated[str, typer.Option(help="{estpipe.models:MODELS}; or a model class in your own file: my_models.py:BoxCoxCost; or a model a package installs (entry point group estpipe.models).", rich_help_panel=_MODEL)] = "logit",
     random: Annotated[Optional[str], typer.Option(help="mixed-logit: the x columns with random coefficients, comma-separated, each normal or with :lognormal or :-lognormal (a fixed sign), e.g. time,cost:-lognormal.", rich_help_panel=_MODEL)] = None,
@@ -65,7 +66,7 @@ def command(
         estimator=estimator, model=model, random=random, correlated=correlated, nests=nests, draws=draws, draws_kind=draws_kind,
         draws_seed=draws_seed, panel=panel, optimizer=optimizer, derivatives=derivatives, steps=steps, start=start, tol=tol,
         max_iter=max_iter, no_cluster=no_cluster, se=se, out=out, report=report, checkpoint=checkpoint, resume=resume, json=json,
-        connect_timeout=connect_timeout,
+        connect_timeout=connect_timeout, dashboard=dashboard,
     )
     code = run_estimate(data, options)
     if code:

@@ -1,6 +1,6 @@
 """Maximum likelihood, pure (DESIGN.md, "Maximum likelihood").
 
-    estimate_mle(source, problem, model, settings, x0, clustered, reporter=None) -> MleEstimate
+    estimate_mle(source, problem, model, settings, x0, clustered, reporter=None, state=None) -> MleEstimate
 
 `source` answers the kernel's "likelihood" request summed over the data (LikelihoodSums: the
 log-likelihood, the score sum and the OPG per independent unit and per cluster); this module
@@ -11,11 +11,15 @@ then polished by BHHH steps (the OPG comes with every evaluation). ONE Hessian, 
 difference of the exact gradient at the final estimate (2P evaluations; none when trust-newton
 has it there), then gives the classical standard errors
 (-H)^-1 and, with the OPG B, the robust sandwich H^-1 B H^-1 (clustered: B from cluster sums).
+After every accepted iteration (the optimizer's, then the polish's) and at the end
+`reporter.checkpoint(state)` receives the run's MleState, which is all a resumed run needs.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -73,27 +77,76 @@ class MleEstimate:
     units: str = "sets"
 
 
+PHASES = ("optimizer", "polish", "finished")
+
+
+@dataclass
+class MleState:
+    """Where an MLE run is: its phase (the optimizer's iterations, the BHHH polish, or finished),
+    the parameters b (P,) of the last accepted iteration (when finished, the estimate before the
+    canonical signs), the standardization D (P,) fixed at the start (theta = D b: a resumed run
+    keeps it, so its optimizer works in the same units), the optimizer's accepted iterations and
+    polish steps so far, the evaluations so far (with those of earlier runs it resumed), the
+    history of accepted iterations, and the optimizer's closing message once it has one (when
+    finished, the run's message)."""
+
+    params: np.ndarray
+    D: np.ndarray
+    phase: str = "optimizer"
+    iterations: int = 0
+    polish_steps: int = 0
+    evaluations: int = 0
+    history: list[dict] = field(default_factory=list)
+    message: str = ""
+
+    estimator = "mle"
+    step = 1  # the one "step" of an MLE (results' steps[0]; the resume line's "step 1")
+
+    def to_dict(self) -> dict:
+        return {"estimator": self.estimator, "phase": self.phase, "params": [float(v) for v in self.params],
+                "D": [float(v) for v in self.D], "iterations": self.iterations, "polish_steps": self.polish_steps,
+                "evaluations": self.evaluations, "history": list(self.history), "message": self.message}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MleState":
+        if d.get("phase") not in PHASES:
+            raise ValueError(f"phase {d.get('phase')!r}")
+        return cls(params=np.array(d["params"], dtype=np.float64), D=np.array(d["D"], dtype=np.float64),
+                   phase=d["phase"], iterations=int(d["iterations"]), polish_steps=int(d["polish_steps"]),
+                   evaluations=int(d["evaluations"]), history=list(d.get("history", [])),
+                   message=str(d.get("message", "")))
+
+
 class LikelihoodOracle:
-    """The whole data's LikelihoodSums at b, memoized on the last parameter vector, counting
-    evaluations (map/reduces). sums(b, opg=False) asks for the log-likelihood and score only
-    (what BFGS's calls need: the OPG's per-unit products are skipped); a memo with the OPG
-    answers either."""
+    """The whole data's LikelihoodSums at b, memoized on the last MEMO parameter vectors,
+    counting evaluations (map/reduces). sums(b, opg=False) asks for the log-likelihood and score
+    only (what BFGS's calls need: the OPG's per-unit products are skipped); a memo with the OPG
+    answers either. More than one point is kept so that an optimizer's callback, which asks for
+    the accepted point after the optimizer may have evaluated others (trust-exact's Hessian, a
+    rejected trial), costs no evaluation: the history and checkpoints do not change the count."""
+
+    MEMO = 64
 
     def __init__(self, source, clustered: bool):
         self.source, self.clustered = source, clustered
         self.evaluations = 0
-        self._last = None
+        self._memo: OrderedDict[bytes, object] = OrderedDict()
 
     def sums(self, b: np.ndarray, opg: bool = True, hessian: bool = False):
         """hessian: ask for the exact Hessian too (the first evaluation does, to learn whether the
         kernel has one: LikelihoodSums.hessian is None where it has not)."""
         b = np.asarray(b, dtype=np.float64)
-        if (self._last is not None and np.array_equal(self._last[0], b) and (self._last[1].opg is not None or not opg)
-                and (self._last[1].hessian is not None or not hessian)):
-            return self._last[1]
+        key = b.tobytes()
+        hit = self._memo.get(key)
+        if hit is not None and (hit.opg is not None or not opg) and (hit.hessian is not None or not hessian):
+            self._memo.move_to_end(key)
+            return hit
         s = self.source.evaluate(Request.for_likelihood(b.copy(), clustered=self.clustered, opg=opg, hessian=hessian))
         self.evaluations += 1
-        self._last = (b.copy(), s)
+        self._memo[key] = s
+        self._memo.move_to_end(key)
+        while len(self._memo) > self.MEMO:
+            self._memo.popitem(last=False)
         return s
 
 
@@ -178,25 +231,31 @@ class LikelihoodObjective:
 
 
 class MleOptimizer:
-    """One optimizer of -loglik/n in theta: minimize(objective, theta0, gtol, max_iter) ->
-    (theta, iterations, success, message)."""
+    """One optimizer of -loglik/n in theta: minimize(objective, theta0, gtol, max_iter, accepted)
+    -> (theta, iterations, success, message). accepted(theta), when given, is called after every
+    accepted iteration (scipy's callback; BHHH's own), for the history and the checkpoint."""
 
     name = ""
     description = ""
     needs_opg = False  # per-unit scores (a derivative mode that gives only the summed gradient cannot)
 
-    def minimize(self, objective: LikelihoodObjective, theta0, gtol: float, max_iter: int):
+    def minimize(self, objective: LikelihoodObjective, theta0, gtol: float, max_iter: int, accepted=None):
         raise NotImplementedError
+
+
+def _scipy_callback(accepted):
+    return None if accepted is None else (lambda xk: accepted(np.array(xk, dtype=np.float64)))
 
 
 class ScipyQuasiNewton(MleOptimizer):
     method = ""
 
-    def minimize(self, objective, theta0, gtol, max_iter):
+    def minimize(self, objective, theta0, gtol, max_iter, accepted=None):
         opts = {"gtol": gtol, "maxiter": max_iter}
         if self.method == "L-BFGS-B":
             opts["ftol"] = np.finfo(float).eps  # let gtol decide, as for BFGS
-        r = minimize(objective.value, theta0, jac=objective.gradient, method=self.method, options=opts)
+        r = minimize(objective.value, theta0, jac=objective.gradient, method=self.method, options=opts,
+                     callback=_scipy_callback(accepted))
         return r.x, int(r.nit), bool(r.success), str(r.message)
 
 
@@ -219,7 +278,7 @@ class Bhhh(MleOptimizer):
     needs_opg = True
     ARMIJO, HALVINGS = 1e-4, 40
 
-    def minimize(self, objective, theta0, gtol, max_iter):
+    def minimize(self, objective, theta0, gtol, max_iter, accepted=None):
         theta = np.asarray(theta0, dtype=np.float64).copy()
         f = objective.value(theta)
         for it in range(max_iter):
@@ -235,6 +294,8 @@ class Bhhh(MleOptimizer):
                 # the decrease predicted is below f's rounding: a line search on f sees only noise
                 # there, so the full step is taken, on the gradient's word
                 theta, f = theta + d, objective.value(theta + d)
+                if accepted is not None:
+                    accepted(theta)
                 continue
             for _ in range(self.HALVINGS):
                 trial = theta + t * d
@@ -245,6 +306,8 @@ class Bhhh(MleOptimizer):
             else:
                 return theta, it, False, "the line search found no increase of the log-likelihood"
             theta, f = trial, ft
+            if accepted is not None:
+                accepted(theta)
         ok = np.max(np.abs(objective.gradient(theta))) <= gtol
         return theta, max_iter, bool(ok), "mean score below gtol" if ok else f"stopped after {max_iter} iterations"
 
@@ -253,9 +316,9 @@ class TrustNewton(MleOptimizer):
     name = "trust-newton"
     description = "scipy trust-exact with the Hessian of central differences of the exact score (2P evaluations each)"
 
-    def minimize(self, objective, theta0, gtol, max_iter):
+    def minimize(self, objective, theta0, gtol, max_iter, accepted=None):
         r = minimize(objective.value, theta0, jac=objective.gradient, hess=objective.hessian, method="trust-exact",
-                     options={"gtol": gtol, "maxiter": max_iter})
+                     options={"gtol": gtol, "maxiter": max_iter}, callback=_scipy_callback(accepted))
         return r.x, int(r.nit), bool(r.success), str(r.message)
 
 
@@ -266,7 +329,9 @@ DEFAULT_OPTIMIZER = "bfgs"
 @dataclass
 class Maximized:
     """Where an optimizer and the BHHH polish left the log-likelihood: b, theta = D b, the
-    objective (its Hessian memo), the oracle (its evaluations), iterations and the message."""
+    objective (its Hessian memo), the oracle (its evaluations), iterations and the message.
+    iterations and polish_steps count those of the runs resumed too; opt_evaluations only
+    this run's."""
 
     b: np.ndarray
     theta: np.ndarray
@@ -280,36 +345,114 @@ class Maximized:
     opt_evaluations: int
     polish_steps: int
     moved: float
+    resumed_at: int | None = None  # the optimizer's iterations before this run, when it resumed them
+    resumed_polish: bool = False  # this run resumed the polish: its optimizer ran in the runs before
 
 
-def maximize(source, settings: MleSettings, x0: np.ndarray, clustered: bool) -> Maximized:
+class _Progress:
+    """The run's MleState as it goes: every accepted iteration appends to the history and
+    hands the state to `on_state` (the reporter's checkpoint)."""
+
+    def __init__(self, objective: LikelihoodObjective, D: np.ndarray, state: "MleState | None", on_state,
+                 on_iteration=None):
+        self.objective, self.D, self.on_state = objective, D, on_state
+        self.on_iteration = on_iteration  # reporter.iteration: GMM-shaped IterationRecords (progress)
+        self.before = state.evaluations if state else 0
+        self.history: list[dict] = list(state.history) if state else []
+        self.iterations = state.iterations if state else 0
+        self.polish_steps = state.polish_steps if state else 0
+        self.message = state.message if state else ""
+        self.t0 = time.perf_counter()
+        self.last_theta: np.ndarray | None = None  # the previous accepted point (the start at first)
+
+    @property
+    def evaluations(self) -> int:
+        return self.before + self.objective.oracle.evaluations
+
+    def state(self, phase: str, theta: np.ndarray, message: str | None = None) -> MleState:
+        return MleState(params=np.asarray(theta, dtype=np.float64) / self.D, D=self.D, phase=phase,
+                        iterations=self.iterations, polish_steps=self.polish_steps, evaluations=self.evaluations,
+                        history=self.history, message=self.message if message is None else message)
+
+    def accepted(self, phase: str):
+        def record(theta: np.ndarray) -> None:
+            # the accepted point was just evaluated: the oracle's memo answers (no evaluation)
+            f, g = self.objective.value(theta), self.objective.gradient(theta)
+            if phase == "optimizer":
+                self.iterations += 1
+            else:
+                self.polish_steps += 1
+            step = None if self.last_theta is None else float(np.linalg.norm(theta - self.last_theta))
+            self.last_theta = np.array(theta, dtype=np.float64)
+            self.history.append({"phase": phase, "iteration": self.iterations if phase == "optimizer" else self.polish_steps,
+                                 "objective": float(f * self.objective.n), "max_abs_score": float(np.max(np.abs(g))),
+                                 "step_norm": step, "evaluations": self.evaluations,
+                                 "seconds": time.perf_counter() - self.t0, "params": (np.asarray(theta) / self.D).tolist()})
+            if self.on_iteration is not None:
+                from estpipe.estimation.optimizers import IterationRecord
+
+                self.on_iteration(IterationRecord(
+                    step=1, iteration=self.iterations + self.polish_steps, objective=float(f * self.objective.n),
+                    grad_norm=float(np.max(np.abs(g))), step_norm=math.nan if step is None else step,
+                    seconds=time.perf_counter() - self.t0, evaluations=self.evaluations,
+                    params=(np.asarray(theta) / self.D).tolist(), objective_name="-loglik"))
+            if self.on_state is not None:
+                self.on_state(self.state(phase, theta))
+        return record
+
+
+def maximize(source, settings: MleSettings, x0: np.ndarray, clustered: bool, state: MleState | None = None,
+             on_state=None, on_iteration=None) -> Maximized:
     """Maximize the log-likelihood `source` sums from x0: the settings' optimizer in standardized
     parameters, then BHHH polish steps (one evaluation each: the OPG comes with every
     evaluation, and at the maximum it is ~ -H, so from the optimizer's point they converge fast).
+
+    state: a resumed run's MleState: the optimizer restarts from its parameters with its D (a
+    quasi-Newton method's curvature approximation starts afresh), or, when it was polishing, the
+    polish does. on_state(MleState) receives the state after every accepted iteration and when
+    the optimizer ends; on_iteration(IterationRecord) after every accepted iteration (progress).
     Raises UserError when the log-likelihood is not finite at the start."""
     oracle = LikelihoodOracle(source, clustered)
-    b0 = np.asarray(x0, dtype=np.float64)
+    b0 = np.asarray(x0 if state is None else state.params, dtype=np.float64)
     s0 = oracle.sums(b0, hessian=True)
     if not (math.isfinite(s0.loglik) and np.all(np.isfinite(s0.score))):
-        raise UserError(f"the log-likelihood is not finite at the start ({s0.loglik!r}); give {term('start')} with "
+        where = "the start" if state is None else "the checkpoint's parameters"
+        raise UserError(f"the log-likelihood is not finite at {where} ({s0.loglik!r}); give {term('start')} with "
                         "smaller values")
     n = s0.n_units
-    rms = np.sqrt(np.diag(s0.opg) / n)
-    D = np.where(np.isfinite(rms) & (rms > 1e-300), rms, 1.0)  # theta = D b
+    if state is None:
+        rms = np.sqrt(np.diag(s0.opg) / n)
+        D = np.where(np.isfinite(rms) & (rms > 1e-300), rms, 1.0)  # theta = D b
+    else:
+        D = np.asarray(state.D, dtype=np.float64)
     optimizer = MLE_OPTIMIZERS.get(settings.optimizer)
     objective = LikelihoodObjective(oracle, D, n, needs_opg=optimizer.needs_opg)
     objective.exact = s0.hessian is not None
-    theta, nit, _, opt_message = optimizer.minimize(objective, b0 * D, max(settings.tol, 1e-7), settings.max_iter)
-    theta = np.asarray(theta, dtype=np.float64)
+    progress = _Progress(objective, D, state, on_state, on_iteration)
+    theta = b0 * D
+    progress.last_theta = theta
+    resumed_at = state.iterations if state is not None and state.phase == "optimizer" else None
+    if state is None or state.phase == "optimizer":
+        theta, _, _, opt_message = optimizer.minimize(objective, theta, max(settings.tol, 1e-7), settings.max_iter,
+                                                      progress.accepted("optimizer"))
+        theta = np.asarray(theta, dtype=np.float64)
+        progress.message = opt_message
+        if on_state is not None:
+            on_state(progress.state("polish", theta))
     opt_evaluations = oracle.evaluations
     before = theta
     objective.needs_opg = True
-    theta, newton, _, _ = Bhhh().minimize(objective, theta, max(settings.tol, 1e-11), POLISH_STEPS)
+    theta, _, _, _ = Bhhh().minimize(objective, theta, max(settings.tol, 1e-11), POLISH_STEPS,
+                                     progress.accepted("polish"))
     objective.needs_opg = False  # the Hessian's and the chord steps' evaluations need no OPG
     theta = np.asarray(theta, dtype=np.float64)
-    return Maximized(b=theta / D, theta=theta, D=D, n=n, objective=objective, oracle=oracle, iterations=int(nit),
-                     optimizer=optimizer.name, opt_message=opt_message, opt_evaluations=opt_evaluations,
-                     polish_steps=int(newton), moved=float(np.max(np.abs(theta - before))))
+    fit = Maximized(b=theta / D, theta=theta, D=D, n=n, objective=objective, oracle=oracle,
+                    iterations=progress.iterations, optimizer=optimizer.name, opt_message=progress.message,
+                    opt_evaluations=opt_evaluations, polish_steps=progress.polish_steps,
+                    moved=float(np.max(np.abs(theta - before))), resumed_at=resumed_at,
+                    resumed_polish=state is not None and state.phase == "polish")
+    fit.progress = progress
+    return fit
 
 
 def simulated_start(source, problem, model, settings: MleSettings, clustered: bool,
@@ -365,13 +508,27 @@ def _chord_steps(objective: LikelihoodObjective, theta: np.ndarray, H: np.ndarra
     return theta, steps, float(np.max(np.abs(theta - start)))
 
 
+def step_history(history: list[dict]) -> list[dict]:
+    """The accepted iterations (MleState.history, with those before a resume) as the results
+    file's steps[].history keeps them (GMM's keys, gmm.step_history): iteration (numbered on
+    through the polish), phase (optimizer or polish), objective (-loglik), gradient_norm (max
+    |mean score| in theta), step_norm (2-norm in theta; None for the first after a start or a
+    resume), evaluations (the run's count so far, with the runs resumed), seconds (since the run
+    that made it started)."""
+    return [{"iteration": i + 1, "phase": h["phase"], "objective": h["objective"], "gradient_norm": h["max_abs_score"],
+             "step_norm": h.get("step_norm"), "evaluations": h["evaluations"], "seconds": h["seconds"]}
+            for i, h in enumerate(history)]
+
+
 def estimate_mle(source, problem, model, settings: MleSettings, x0: np.ndarray, clustered: bool,
-                 reporter: Reporter | None = None) -> MleEstimate:
+                 reporter: Reporter | None = None, state: MleState | None = None) -> MleEstimate:
     """Maximum likelihood of `model` on the data `source` sums over (see the module docstring).
 
     problem: the data's facts (K, x_names, has_chosen, has_cluster, has_panel); clustered: robust
-    standard errors from the file's cluster sums. Raises UserError for data without chosen rows,
-    a start that is not finite, or a likelihood flat at the estimate."""
+    standard errors from the file's cluster sums; state: a resumed run's MleState (x0 is then
+    unused; a finished one is not optimized again: only the inference at its estimate is made).
+    Raises UserError for data without chosen rows, a start that is not finite, or a likelihood
+    flat at the estimate."""
     reporter = reporter or Reporter()
     if not problem.has_chosen:
         raise UserError(f"{problem.path}: the file has no chosen rows; maximum likelihood needs them: write the file "
@@ -381,9 +538,22 @@ def estimate_mle(source, problem, model, settings: MleSettings, x0: np.ndarray, 
     reporter.log(f"maximum likelihood: {MLE_OPTIMIZERS.get(settings.optimizer).name} on the exact score, then BHHH "
                  f"polish steps and one Hessian" + (f"; {model.draws.R} {model.draws.kind} draws per decision maker"
                                                     if getattr(model, "simulated", False) else ""))
-    fit = maximize(source, settings, x0, clustered)
-    objective, oracle, D, n, theta = fit.objective, fit.oracle, fit.D, fit.n, fit.theta
-    nit, newton = fit.iterations, fit.polish_steps
+    finished = state is not None and state.phase == "finished"
+    if finished:
+        # GMM's finished checkpoint likewise goes straight to the inference at its estimate
+        oracle = LikelihoodOracle(source, clustered)
+        D = np.asarray(state.D, dtype=np.float64)
+        s0 = oracle.sums(state.params, hessian=True)
+        objective = LikelihoodObjective(oracle, D, s0.n_units)
+        objective.exact, n = s0.hessian is not None, s0.n_units
+        theta = state.params * D
+        nit, newton = state.iterations, state.polish_steps
+        progress = None
+    else:
+        fit = maximize(source, settings, x0, clustered, state=state, on_state=reporter.checkpoint,
+                       on_iteration=reporter.iteration)
+        objective, oracle, D, n, theta = fit.objective, fit.oracle, fit.D, fit.n, fit.theta
+        nit, newton, progress = fit.iterations, fit.polish_steps, fit.progress
     # ONE Hessian at the final estimate for inference (2P evaluations; none when trust-newton
     # has it there).
     reuse_note = " (the optimizer's own at the end)" if objective.hessian_known(theta) else ""
@@ -393,18 +563,28 @@ def estimate_mle(source, problem, model, settings: MleSettings, x0: np.ndarray, 
     # mixed logit on 210 people), Newton steps with this one Hessian (chord steps, one
     # evaluation each) finish the job; the Hessian is made anew only if they move theta by more
     # than CHORD_REFRESH.
-    theta, chord, chord_moved = _chord_steps(objective, theta, H, target)
-    if chord_moved > CHORD_REFRESH:
-        H = objective.hessian(theta)
+    chord, chord_moved = 0, 0.0
+    if not finished:
+        theta, chord, chord_moved = _chord_steps(objective, theta, H, target)
+        if chord_moved > CHORD_REFRESH:
+            H = objective.hessian(theta)
     b = theta / D
     s = oracle.sums(b)
     g_theta = float(np.max(np.abs(s.score / D / n)))
     converged = bool(np.isfinite(s.loglik) and g_theta <= target)
-    chord_note = f"; {count(chord, 'Newton step')} on it moving {chord_moved:.2g}" if chord else ""
-    message = (f"{fit.optimizer}: {fit.opt_message} ({nit} iterations, {count(fit.opt_evaluations, 'evaluation')}); "
-               f"{count(newton, 'BHHH polish step')} moving {fit.moved:.2g} in theta; Hessian ({objective.hessian_rule}) "
-               f"{count(objective.hessian_evaluations, 'evaluation')}{reuse_note}{chord_note}; max |mean score| "
-               f"{g_theta:.2g} in theta")
+    if finished:
+        message = state.message
+    else:
+        chord_note = f"; {count(chord, 'Newton step')} on it moving {chord_moved:.2g}" if chord else ""
+        evaluations = count(fit.opt_evaluations, 'evaluation')
+        counts = (f"{nit} iterations before resuming" if fit.resumed_polish else
+                  f"{nit} iterations, {evaluations}" if fit.resumed_at is None else
+                  f"{nit} iterations, {fit.resumed_at} of them before resuming; {evaluations} in this run")
+        message = (f"{fit.optimizer}: {fit.opt_message} ({counts}); "
+                   f"{count(newton, 'BHHH polish step')} moving {fit.moved:.2g} in theta; Hessian ({objective.hessian_rule}) "
+                   f"{count(objective.hessian_evaluations, 'evaluation')}{reuse_note}{chord_note}; max |mean score| "
+                   f"{g_theta:.2g} in theta")
+        reporter.checkpoint(progress.state("finished", theta, message))
     reporter.log(("converged: " if converged else "did NOT converge: ") + message)
 
     # H is d^2(-loglik/n)/d theta^2; d score/d b = -n D H D
@@ -441,6 +621,7 @@ def estimate_mle(source, problem, model, settings: MleSettings, x0: np.ndarray, 
         n_clusters=None if units == "sets" else int(s.n_clusters if use_clusters else n_units),
         objective=-ll, loglik=ll, likelihood=likelihood, converged=converged, message=message,
         steps=[StepRecord(step=1, weighting="mle", params=b.tolist(), objective=-ll, iterations=int(nit) + newton,
-                          evaluations=oracle.evaluations, converged=converged, message=message)],
+                          evaluations=oracle.evaluations, converged=converged, message=message,
+                          history=step_history(state.history if finished else progress.history))],
         evaluations=oracle.evaluations, hessian_evaluations=objective.hessian_evaluations, derived=derived,
         notes=notes, units=units)

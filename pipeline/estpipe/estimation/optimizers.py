@@ -128,6 +128,7 @@ class IterationRecord:
     seconds: float
     evaluations: int
     params: list[float] = field(repr=False)
+    objective_name: str = "Q"  # what `objective` is, for progress lines: Q (GMM) or -loglik (MLE)
 
     def to_dict(self) -> dict:
         return {

@@ -19,7 +19,7 @@ def start_backend(problem, options, plan, log, model: ModelSpec | None = None) -
     N: batch-job workers; `workers` N > 1: a LocalCluster; otherwise in-process.
 
     problem: the ChoiceProblem; options: reads workers, scheduler, scheduler_file, jobqueue,
-    connect_timeout, model and derivatives; plan(n_workers) -> the partitions, called once the
+    connect_timeout, dashboard, model and derivatives; plan(n_workers) -> the partitions, called once the
     number of workers is known (for an existing cluster, once connected: one partition per worker
     present); log(message) for progress. Memory is checked before anything loads, and for
     processes of this machine before any starts. Partition i goes to worker i mod n. model: the
@@ -41,9 +41,11 @@ def start_backend(problem, options, plan, log, model: ModelSpec | None = None) -
         partitions, assignment = placed(cluster.planned_workers)
     cluster.start()
     try:
+        if cluster.client is not None:
+            log(f"dask: {cluster.description}")
         dashboard = cluster.dashboard()
         if dashboard is not None:
-            log(f"dask: {cluster.description}; dashboard: {dashboard}")
+            log(dashboard)
         if cluster.planned_workers is None:
             partitions, assignment = placed(len(cluster.workers()))
         return cluster.evaluator().load(source, partitions, assignment)

@@ -25,14 +25,14 @@ class Backend:
 
 
 def _jobqueue(kind: str) -> Callable[[object], Cluster]:
-    return lambda options: JobQueue(kind, options.workers, options.connect_timeout)
+    return lambda options: JobQueue(kind, options.workers, options.connect_timeout, dashboard=options.dashboard)
 
 
 BACKENDS: Registry[Backend] = Registry("back end", [
     Backend("local", "this machine: in-process, or a LocalCluster of `workers` processes",
-            lambda o: InProcess() if o.workers <= 1 else Local(o.workers)),
+            lambda o: InProcess() if o.workers <= 1 else Local(o.workers, dashboard=o.dashboard)),
     Backend("dask", "an existing dask cluster, at `scheduler` or in `scheduler_file`",
-            lambda o: Existing(o.scheduler, o.scheduler_file, o.connect_timeout)),
+            lambda o: Existing(o.scheduler, o.scheduler_file, o.connect_timeout, dashboard=o.dashboard)),
     *(Backend(kind.name, f"`workers` dask workers as batch jobs: {kind.description}", _jobqueue(kind.name))
       for kind in KINDS.values()),
 ])
@@ -48,5 +48,5 @@ def backend_name(options) -> str:
 
 def cluster_for(options) -> Cluster:
     """The Cluster (not started) of the back end the options choose; reads workers, scheduler,
-    scheduler_file, jobqueue and connect_timeout."""
+    scheduler_file, jobqueue, connect_timeout and dashboard."""
     return BACKENDS.get(backend_name(options)).cluster(options)

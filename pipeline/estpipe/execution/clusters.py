@@ -11,12 +11,20 @@ Implementations: InProcess (no cluster), Local (a LocalCluster of N processes on
 Existing (`scheduler` / `scheduler_file`) and JobQueue (slurm/pbs batch jobs, in
 execution/jobqueue.py). Each waits for its workers through `wait_for_workers`, whose one rule is
 in its docstring. execution/backends.py names them as job specs do (local, dask, slurm, pbs).
+
+The dask dashboard is off unless asked for (`dashboard`, --dashboard): a scheduler this process
+starts then serves no dashboard, and its HTTP server (health and metrics routes, which dask's
+scheduler always runs) listens on loopback at a free port, not on every interface at 8787.
+Asked for, a scheduler of this process serves it on 127.0.0.1 at a free port (bokeh needed:
+`require_bokeh`); a scheduler elsewhere (an existing cluster, a batch job's) is only asked where
+its own is, and the log line says how to reach it through ssh (`dashboard_line`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -31,6 +39,73 @@ from estpipe.execution.memory import MemoryPool, available_memory, cpu_count
 
 # Seconds between two looks at the scheduler while waiting for workers.
 POLL_SECONDS = 0.2
+# Where a scheduler of this process listens for HTTP: with the dashboard off only dask's health and
+# metrics routes, on loopback at a free port (dask's default, 8787, warns when another cluster of
+# this machine has it); with it on, the dashboard there too (an ssh tunnel reaches it).
+LOOPBACK_HTTP = "127.0.0.1:0"
+DASHBOARD_EXTRA = 'pip install "estpipe[dashboard]"'
+
+
+def dashboard_problem() -> str | None:
+    """Why this process cannot serve a dashboard (bokeh, in the version dask needs, is missing),
+    or None."""
+    from distributed.versions import BOKEH_REQUIREMENT
+
+    try:
+        import bokeh
+    except ImportError:
+        return f"{term('dashboard')} needs bokeh, which is not installed; {DASHBOARD_EXTRA}"
+    if not BOKEH_REQUIREMENT.specifier.contains(bokeh.__version__, prereleases=True):
+        return (f"{term('dashboard')} needs {BOKEH_REQUIREMENT} (dask's dashboard), not bokeh {bokeh.__version__}; "
+                f"{DASHBOARD_EXTRA}")
+    return None
+
+
+def require_bokeh() -> None:
+    problem = dashboard_problem()
+    if problem:
+        raise UserError(problem)
+
+
+def scheduler_http_options(dashboard: bool) -> dict:
+    """The Scheduler keywords of a scheduler this process starts (see LOOPBACK_HTTP)."""
+    return {"dashboard": bool(dashboard), "dashboard_address": LOOPBACK_HTTP}
+
+
+def _scheduler_http(dask_scheduler=None) -> dict:
+    """Run on the scheduler: whether it serves the dashboard, and where its HTTP server listens."""
+    server, app = getattr(dask_scheduler, "http_server", None), getattr(dask_scheduler, "http_application", None)
+    sockets = list(getattr(server, "_sockets", {}).values()) if server is not None else []
+    # the dashboard is a bokeh server application (BokehTornado) added to the scheduler's routes
+    bokeh = [a for a in getattr(app, "applications", ()) if any(c.__name__ == "BokehTornado" for c in type(a).__mro__)]
+    return {"dashboard": bool(bokeh),
+            "addresses": [s.getsockname()[:2] for s in sockets]}
+
+
+def dashboard_line(client, local: bool) -> str:
+    """The log line for the dashboard of the scheduler `client` talks to: its URL, and how to reach
+    it from another machine (an ssh tunnel to the scheduler's host; local: this machine's name);
+    or a warning when that scheduler serves none (the run goes on without)."""
+    address = client.scheduler.address
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    info = client.run_on_scheduler(_scheduler_http)
+    if not info["dashboard"] or not info["addresses"]:
+        return (f"warning: {term('dashboard')}: the dask scheduler at {address} serves no dashboard (it needs bokeh "
+                f"where it runs, {DASHBOARD_EXTRA}, and no --no-dashboard); going on without it")
+    bound, port = info["addresses"][0]
+    loopback = bound.startswith("127.") or bound == "::1"
+    anywhere = bound in ("0.0.0.0", "::", "")
+    target = "localhost" if loopback or anywhere else bound  # where the tunnel's far end connects
+    if local:
+        url, tunnel_host = f"http://{'127.0.0.1' if loopback else host}:{port}/status", socket.gethostname()
+    elif loopback:
+        url, tunnel_host = None, host  # reachable only on the scheduler's machine
+    else:
+        url, tunnel_host = f"http://{host if anywhere else bound}:{port}/status", host
+    tunnel = f"ssh -L {port}:{target}:{port} {tunnel_host}, then open http://localhost:{port}/status"
+    if url is None:
+        return f"dashboard: on {host} at 127.0.0.1:{port} only; from your machine: {tunnel}"
+    return f"dashboard: {url} (from another machine: {tunnel})"
 
 
 def wait_for_workers(client, wanted: int | None, timeout: float, timed_out: Callable[[int], str], *,
@@ -91,7 +166,7 @@ class Cluster(ABC):
         """A new evaluator over these workers, nothing loaded; closing it closes this cluster."""
 
     def dashboard(self) -> str | None:
-        """The dashboard's address for the log (None: no dask cluster)."""
+        """The dashboard's log line when one was asked for (None: not asked, or no dask cluster)."""
         return None
 
     def close(self) -> None:
@@ -127,6 +202,8 @@ class DaskCluster(Cluster):
     """What the dask clusters share: a client, the evaluator over it, the workers it sees."""
 
     direct = False  # gather results straight from the workers (only where surely reachable)
+    want_dashboard = False
+    local_scheduler = False  # the scheduler runs in this process (its dashboard is on this machine)
 
     def workers(self) -> list[str]:
         return worker_addresses(self.client)
@@ -141,7 +218,7 @@ class DaskCluster(Cluster):
         return DaskEvaluator(self)
 
     def dashboard(self) -> str | None:
-        return self.client.dashboard_link
+        return dashboard_line(self.client, self.local_scheduler) if self.want_dashboard else None
 
 
 def blas_threads_per_worker(workers: int, cores: int | None = None) -> int:
@@ -156,9 +233,11 @@ class Local(DaskCluster):
     name = "local"
     new_processes = True
     direct = True
+    local_scheduler = True
 
-    def __init__(self, n_workers: int):
+    def __init__(self, n_workers: int, dashboard: bool = False):
         self.planned_workers = n_workers
+        self.want_dashboard = dashboard
         self.threads = blas_threads_per_worker(n_workers)
         self.cluster = None
         self.environ_before: dict[str, str] | None = None
@@ -175,9 +254,7 @@ class Local(DaskCluster):
 
         workers, threads = self.planned_workers, self.threads
         env = {v: str(threads) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
-        # The scheduler serves HTTP (the dashboard, or without bokeh its other routes) even when
-        # asked for no dashboard, and then on port 8787, warning on stderr when that is taken (by
-        # another cluster on this machine): any free port on loopback instead.
+        # The scheduler's HTTP server (the dashboard only when asked for): LOOPBACK_HTTP.
         # Resident partitions must never be spilled to disk: they are the working set. Work stealing
         # off: an idle worker stole a queued evaluation from a busy one and fetched its partition
         # (hundreds of MB) to run it, so one evaluation took seconds and the data were held twice
@@ -190,6 +267,8 @@ class Local(DaskCluster):
                    if k != "MALLOC_TRIM_THRESHOLD_"}
         config = {"distributed.worker.memory.target": False, "distributed.worker.memory.spill": False,
                   "distributed.scheduler.work-stealing": False, "distributed.nanny.pre-spawn-environ": environ}
+        if self.want_dashboard:
+            require_bokeh()
         self.environ_before = dict(os.environ)
         # A signal kills the worker processes (children of this one) before this process dies:
         # registered before they start, so that none is left behind whenever the signal comes.
@@ -199,7 +278,8 @@ class Local(DaskCluster):
                 with dask.config.set(config):
                     self.cluster = LocalCluster(
                         n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                        dashboard_address="127.0.0.1:0", env=env,
+                        dashboard_address=LOOPBACK_HTTP if self.want_dashboard else None, env=env,
+                        scheduler_kwargs=scheduler_http_options(self.want_dashboard),
                     )
             finally:
                 # the workers have their variables now; the caller gets its own back (a worker
@@ -213,9 +293,6 @@ class Local(DaskCluster):
             raise
         self.description = (f"LocalCluster of {workers} worker processes at {self.cluster.scheduler_address}, "
                             f"{threads} BLAS thread{'s' if threads > 1 else ''} per worker")
-
-    def dashboard(self) -> str | None:
-        return self.cluster.dashboard_link if _has_bokeh() else "off (install bokeh for it)"
 
     def close(self) -> None:
         client, cluster, self.client, self.cluster = self.client, self.cluster, None, None
@@ -234,14 +311,6 @@ class Local(DaskCluster):
                 restore_environ(self.environ_before)
 
 
-def _has_bokeh() -> bool:
-    try:
-        import bokeh  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 class Existing(DaskCluster):
     """`scheduler` ADDRESS or `scheduler_file` FILE: a dask cluster someone else started. Within
     `timeout` seconds the scheduler answers and at least one worker has joined; every worker
@@ -249,8 +318,9 @@ class Existing(DaskCluster):
 
     name = "dask"
 
-    def __init__(self, address: str | None, scheduler_file: str | None, timeout: float):
+    def __init__(self, address: str | None, scheduler_file: str | None, timeout: float, dashboard: bool = False):
         self.address, self.scheduler_file, self.timeout = address, scheduler_file, timeout
+        self.want_dashboard = dashboard
 
     def _address(self) -> str:
         if self.scheduler_file is None:

@@ -29,7 +29,7 @@ from typing import Literal
 
 from estpipe import interrupts
 from estpipe.errors import UserError, term
-from estpipe.execution.clusters import DaskCluster, wait_for_workers
+from estpipe.execution.clusters import DaskCluster, require_bokeh, scheduler_http_options, wait_for_workers
 from estpipe.execution.dask_backend import quiet_distributed_logs
 from estpipe.outputs import check_writable_folder
 from estpipe.registry import Choice, Registry
@@ -163,6 +163,9 @@ class JobQueue(DaskCluster):
     interface / scheduler_host: the network the workers reach the scheduler on; on one test machine
     use interface="lo" and scheduler_host="127.0.0.1".
     Workers run the interpreter of this process (sys.executable).
+    dashboard: the scheduler (in this process) serves the dask dashboard on 127.0.0.1 at a free
+    port (an ssh tunnel to this machine reaches it); otherwise none, and its HTTP server listens
+    on loopback only. dask's jobqueue `scheduler-options` configuration, when set, still wins.
 
     start() raises UserError with the batch system's reason when a worker job cannot be submitted
     or the workers have not all connected within `timeout` seconds (nothing is left queued)."""
@@ -171,12 +174,14 @@ class JobQueue(DaskCluster):
                  cores: int | None = None, memory: str | None = None, walltime: str | None = None,
                  queue: str | None = None, account: str | None = None,
                  env_lines: tuple[str, ...] | list[str] = (), log_dir: str | Path | None = None,
-                 interface: str | None = None, scheduler_host: str | None = None):
+                 interface: str | None = None, scheduler_host: str | None = None, dashboard: bool = False):
         self.name = self.kind = kind
         self.n_workers, self.timeout = workers, timeout
         self.options = dict(cores=cores, memory=memory, walltime=walltime, queue=queue, account=account)
         self.env_lines, self.interface, self.scheduler_host = list(env_lines), interface, scheduler_host
         self.log_dir = Path(log_dir or "dask-worker-logs").resolve()
+        self.want_dashboard = dashboard
+        self.local_scheduler = True
         self.cluster = None
 
     @property
@@ -193,6 +198,8 @@ class JobQueue(DaskCluster):
         submit = "sbatch" if kind == "slurm" else "qsub"
         if shutil.which(submit) is None:
             raise UserError(f"{term('jobqueue')} {kind}: {submit} is not on PATH; run on a login node of a {kind} cluster")
+        if self.want_dashboard:
+            require_bokeh()
         import dask.config
         from dask_jobqueue import PBSCluster, SLURMCluster
 
@@ -212,7 +219,8 @@ class JobQueue(DaskCluster):
             value = dask.config.get(f"jobqueue.{kind}.{name}", None)
             return default if value is None else value
 
-        scheduler_options = {"dashboard_address": ":0", **(dask.config.get(f"jobqueue.{kind}.scheduler-options", None) or {})}
+        scheduler_options = {**scheduler_http_options(self.want_dashboard),
+                             **(dask.config.get(f"jobqueue.{kind}.scheduler-options", None) or {})}
         if self.scheduler_host:
             scheduler_options["host"] = self.scheduler_host
         cls = SLURMCluster if kind == "slurm" else PBSCluster

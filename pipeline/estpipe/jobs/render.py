@@ -31,6 +31,9 @@ from estpipe.jobs.spec import JobSpec, LoadSpec
 
 # Seconds the script waits for the scheduler file and all workers before giving up with a message.
 SCHEDULER_WAIT = 120
+# Where the scheduler's HTTP server listens (execution.clusters.LOOPBACK_HTTP): dask scheduler's
+# default is every interface at 8787, the dashboard included whenever bokeh is importable.
+SCHEDULER_HTTP = "127.0.0.1:0"
 
 
 @dataclass(frozen=True)
@@ -92,13 +95,23 @@ def _common_body(spec: JobSpec, python: str, job_id: str, restart: str, after_va
         'export DASK_LOGGING__DISTRIBUTED="${DASK_LOGGING__DISTRIBUTED:-warning}"',
         "# A scheduler file left by an earlier run of this job would point at a dead scheduler.",
         'rm -f "$SCHEDULER_FILE"',
-        '"$PYTHON" -m dask scheduler --scheduler-file "$SCHEDULER_FILE" --port 0 --dashboard-address :0'
+        *_scheduler_comment(backend.dashboard),
+        '"$PYTHON" -m dask scheduler --scheduler-file "$SCHEDULER_FILE" --port 0 '
+        + ("--dashboard" if backend.dashboard else "--no-dashboard") + f" --dashboard-address {SCHEDULER_HTTP}"
         + (f" --interface {_q(backend.interface)}" if backend.interface else "")
         + " &",
         "SCHEDULER_PID=$!",
         "",
     ]
     return lines
+
+
+def _scheduler_comment(dashboard: bool) -> list[str]:
+    if dashboard:
+        return ["# The dask dashboard ([backend] dashboard = true) on this node's loopback at a free port; the",
+                "# estimate's log line names the port and the ssh tunnel that reaches it."]
+    return ["# No dask dashboard ([backend] dashboard = true asks for one); the scheduler's HTTP server",
+            "# (health and metrics only) listens on this node's loopback at a free port."]
 
 
 def _worker_command(spec: JobSpec, per_process: int) -> str:
@@ -138,8 +151,9 @@ def _estimate_tail(spec: JobSpec) -> list[str]:
     backend = spec.backend
     # The job's own cluster, checkpoint and results (shell variables), then what the spec fixes.
     options = dataclasses.replace(spec.estimate, scheduler_file='"$SCHEDULER_FILE"', checkpoint='"$CHECKPOINT"',
-                                  resume=True, out='"$RESULTS"')
-    names = ("scheduler_file", "checkpoint", "resume", "out") + spec.estimate_keys
+                                  resume=True, out='"$RESULTS"', dashboard=backend.dashboard)
+    names = ("scheduler_file", "checkpoint", "resume", "out") + (("dashboard",) if backend.dashboard else ()) \
+        + spec.estimate_keys
     estimate = _command(['"$PYTHON"', "-m", "estpipe", "estimate", '"$DATA"'] + estimate_argv(options, names))
     return _data_lines(spec) + [
         "",

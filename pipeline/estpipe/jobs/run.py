@@ -58,7 +58,7 @@ def _prepare_data(spec: JobSpec) -> Path:
 
 def estimate_options(spec: JobSpec, *, scheduler: str | None = None, json: bool = False) -> EstimateOptions:
     """The `estpipe estimate` options for this job on this machine: the spec's [estimate], its
-    checkpoint (resumed) and results file, and where the work runs."""
+    checkpoint (resumed) and results file, where the work runs and whether it shows the dashboard."""
     backend = spec.backend
     where: dict = {}
     if scheduler is not None:
@@ -71,7 +71,7 @@ def estimate_options(spec: JobSpec, *, scheduler: str | None = None, json: bool 
         else:
             where["scheduler_file"] = str(backend.scheduler_file)
     return replace(spec.estimate, checkpoint=str(spec.output.checkpoint), resume=True, out=str(spec.output.results),
-                   json=json, **where)
+                   json=json, dashboard=backend.dashboard, **where)
 
 
 @contextmanager
@@ -84,7 +84,7 @@ def _cluster_for(spec: JobSpec):
     cluster = JobQueue(
         backend.kind, backend.workers, backend.worker_timeout, cores=backend.cores, memory=backend.memory,
         walltime=backend.walltime, queue=backend.partition or backend.queue, account=backend.account,
-        env_lines=backend.setup, log_dir=spec.output.logs, interface=backend.interface,
+        env_lines=backend.setup, log_dir=spec.output.logs, interface=backend.interface, dashboard=backend.dashboard,
     )
     cluster.start()
     try:

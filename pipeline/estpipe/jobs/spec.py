@@ -7,7 +7,7 @@
     [estimate]  the options of `estpipe estimate` that change the estimate, and max_iter and
                 partitions (ESTIMATE_KEYS), checked by EstimateOptions as on the command line
     [backend]   kind = local | dask | a batch system of execution.jobqueue.KINDS (slurm, pbs), and
-                what that kind needs
+                what that kind needs; dashboard = true serves the dask dashboard (off by default)
     [output]    results, checkpoint, logs
 
 Relative paths resolve against the spec's folder. `load_job_spec` collects EVERY problem of a spec
@@ -38,10 +38,11 @@ LOAD_KEYS = ("path", "input", "set_col", "choice_col", "x", "z", "dm", "alt_col"
 # The estimate options a job fixes: those that change the estimate, how long it may run and in how
 # many pieces. Where it runs and where its output goes come from [backend] and [output].
 ESTIMATE_KEYS = RESULT_OPTIONS + ("max_iter", "partitions")
-BATCH_KEYS = ("kind", "nodes", "workers", "cores", "memory", "walltime", "account", "setup", "interface", "worker_timeout")
+BATCH_KEYS = ("kind", "nodes", "workers", "cores", "memory", "walltime", "account", "setup", "interface", "worker_timeout",
+              "dashboard")
 BACKEND_KEYS = {
-    "local": ("kind", "workers"),
-    "dask": ("kind", "address", "scheduler_file"),
+    "local": ("kind", "workers", "dashboard"),
+    "dask": ("kind", "address", "scheduler_file", "dashboard"),
     "slurm": BATCH_KEYS + ("partition",),
     "pbs": BATCH_KEYS + ("queue",),
 }
@@ -116,6 +117,9 @@ class BackendSpec:
     setup: tuple[str, ...] = ()
     interface: str | None = None
     worker_timeout: int = 300
+    # the dask dashboard: served on loopback by the scheduler the job starts (an ssh tunnel reaches
+    # it), its address in the log; off by default
+    dashboard: bool = False
 
     @property
     def memory_mb(self) -> int:
@@ -389,15 +393,20 @@ def _backend(table: _Table) -> BackendSpec | None:
         return None
     hint = {"slurm": " (Slurm calls it partition)", "pbs": " (PBS calls it queue)"}.get(kind, "")
     table.check_keys(BACKEND_KEYS[kind], f" for kind {kind!r}{hint if {'queue', 'partition'} & set(table.values) else ''}")
+    dashboard = table.boolean("dashboard")
     if kind == "local":
-        return BackendSpec(kind=kind, workers=table.integer("workers", 1))
+        workers = table.integer("workers", 1)
+        if dashboard and workers == 1:
+            table.problems.add("backend.dashboard", "shows a dask cluster's work, and workers = 1 runs in-process "
+                                                    "without one; set backend.workers above 1 or leave out dashboard")
+        return BackendSpec(kind=kind, workers=workers, dashboard=dashboard)
     if kind == "dask":
         address, scheduler_file = table.string("address"), table.path("scheduler_file")
         if not table.has("address") and not table.has("scheduler_file"):
             table.problems.add("backend", "kind 'dask' needs address (tcp://host:port) or scheduler_file")
         elif table.has("address") and table.has("scheduler_file"):
             table.problems.add("backend", "give either address or scheduler_file, not both")
-        return BackendSpec(kind=kind, address=address, scheduler_file=scheduler_file)
+        return BackendSpec(kind=kind, address=address, scheduler_file=scheduler_file, dashboard=dashboard)
     nodes = table.integer("nodes", 1)
     workers = table.integer("workers", 2)
     memory = table.values.get("memory", "2GB")
@@ -418,7 +427,7 @@ def _backend(table: _Table) -> BackendSpec | None:
         kind=kind, nodes=nodes, workers=workers, cores=table.integer("cores", 1), memory=str(memory),
         walltime=walltime, partition=table.string("partition"), queue=table.string("queue"),
         account=table.string("account"), setup=table.strings("setup"), interface=table.string("interface"),
-        worker_timeout=table.integer("worker_timeout", 300),
+        worker_timeout=table.integer("worker_timeout", 300), dashboard=dashboard,
     )
 
 

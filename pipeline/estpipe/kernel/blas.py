@@ -96,3 +96,31 @@ def restart_stale_openblas(controller) -> list[str]:
         done.append(lib.filepath)
     restarted.extend(done)
     return done
+
+
+# -- glibc's heap: keep freed memory for the next evaluation ------------------------------------------
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+MMAP_THRESHOLD = 32 * 2**20  # glibc's largest allowed on 64-bit
+TRIM_THRESHOLD = 512 * 2**20
+_heap_kept = False
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc serve allocations of up to 32 MiB from its heap and keep up to 512 MiB freed
+    there, instead of mapping each large numpy temporary afresh (and faulting its pages in, zeroed,
+    on first touch) and unmapping it when freed. A kernel's evaluation makes the same temporaries
+    every time (the simulated likelihood some 8 MB each per tile and batch of draws): measured at
+    4,000 sets x 3 x 1,000 draws, 0.12-0.18 s per evaluation against 0.072-0.075 s with the heap
+    kept (interleaved, 2 runs each). Once per process; True when glibc took it (False elsewhere)."""
+    global _heap_kept
+    if _heap_kept:
+        return True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    ok = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    _heap_kept = ok
+    return ok

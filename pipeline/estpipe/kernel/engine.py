@@ -37,7 +37,7 @@ import numpy as np
 
 from estpipe.data.format import ChoiceData
 from estpipe.dual import Workspace
-from estpipe.kernel.blas import blas_threads, restart_stale_openblas
+from estpipe.kernel.blas import blas_threads, keep_freed_memory, restart_stale_openblas
 from estpipe.kernel.blas import controller as _blas_controller
 from estpipe.kernel.derivatives import DERIVATIVES
 from estpipe.kernel.fused_logit import FusedLogit
@@ -100,6 +100,7 @@ class PartitionKernel:
     def __init__(self, data: ChoiceData, model: str = "logit", derivatives: str = "dual",
                  tile_rows: int | None = None, fast: bool = True, chunk: int | None = None,
                  threads: int | None = None, x_names=None):
+        keep_freed_memory()  # the evaluations' large temporaries are reused, not mapped anew (kernel/blas.py)
         self.data = data
         self.x_names = tuple(x_names) if x_names is not None else tuple(f"x{k + 1}" for k in range(data.K))
         self.model = get_model(model)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from estpipe.errors import UserError, term
 from estpipe.estimation.gmm import GmmState
+from estpipe.estimation.mle import MleState
 from estpipe.outputs import write_json_atomic
 
 KIND = "estpipe-checkpoint"
@@ -29,7 +30,11 @@ class Checkpoint:
 
     fingerprint: str
     options: dict
-    state: GmmState
+    state: GmmState | MleState
+
+    @property
+    def estimator(self) -> str:
+        return getattr(self.state, "estimator", "gmm")
 
     @property
     def step(self) -> int:
@@ -44,8 +49,8 @@ class Checkpoint:
         return self.state.history
 
     def to_dict(self) -> dict:
-        return {"kind": KIND, "version": VERSION, "fingerprint": self.fingerprint, "options": self.options,
-                **self.state.to_dict()}
+        return {"kind": KIND, "version": VERSION, "estimator": self.estimator, "fingerprint": self.fingerprint,
+                "options": self.options, **self.state.to_dict()}
 
     def save(self, path: str | os.PathLike) -> None:
         write_json_atomic(path, self.to_dict())
@@ -72,8 +77,15 @@ def load_checkpoint(path: str | os.PathLike, fingerprint: str, options: dict, da
             f"{fingerprint}); remove it or give another {term('checkpoint')} to start fresh"
         )
     if d["options"] != options:
-        diff = sorted(k for k in set(d["options"]) | set(options) if d["options"].get(k) != options.get(k))
-        shown = ", ".join(f"{k} was {d['options'].get(k)!r}, now {options.get(k)!r}" for k in diff)
+        # the default estimator is left out of the options (older checkpoints have none): name it
+        was, now = {"estimator": "gmm"} | d["options"], {"estimator": "gmm"} | options
+        diff = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+        shown = ", ".join(f"{k} was {was.get(k)!r}, now {now.get(k)!r}" for k in diff)
         raise UserError(f"{path}: this checkpoint was written with other options ({shown}); "
                         "rerun with the same options, or remove it to start fresh")
-    return Checkpoint(fingerprint=d["fingerprint"], options=d["options"], state=GmmState.from_dict(d))
+    kind = MleState if d.get("estimator", "gmm") == "mle" else GmmState
+    try:
+        state = kind.from_dict(d)
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{path}: a damaged estpipe checkpoint (its state cannot be read); remove it to start fresh") from None
+    return Checkpoint(fingerprint=d["fingerprint"], options=d["options"], state=state)

@@ -19,7 +19,7 @@ import numpy as np
 
 from estpipe.data.problem import ChoiceProblem, read_problem
 from estpipe.errors import EXIT_NOT_CONVERGED, EXIT_USER, UserError, term
-from estpipe.estimation.gmm import GmmSettings, GmmState, Reporter, estimate_gmm, logit_start
+from estpipe.estimation.gmm import GmmSettings, Reporter, estimate_gmm, logit_start
 from estpipe.estimation.mle import MleSettings, estimate_mle, simulated_start
 from estpipe.estimation.results import Results, Telemetry
 from estpipe.execution import start_backend
@@ -105,7 +105,7 @@ class _CheckpointWriter(Reporter):
     def iteration(self, record) -> None:
         self.inner.iteration(record)
 
-    def checkpoint(self, state: GmmState) -> None:
+    def checkpoint(self, state) -> None:  # a GmmState or an MleState
         if not self.path:
             return
         try:
@@ -160,10 +160,6 @@ def estimate(path: str | os.PathLike, options: EstimateOptions | None = None, *,
     result_options = options.result_options() | ({"model_file": spec.digest} if spec.digest else {})
 
     ckpt = None
-    if options.estimator == "mle" and options.checkpoint:
-        reporter.log(f"note: {term('estimator')} mle writes no checkpoints yet (an MLE run is short); "
-                     f"{term('checkpoint')} {options.checkpoint} is neither read nor written")
-        options = replace(options, checkpoint=None, resume=False)
     if options.checkpoint and options.resume:
         ckpt = load_checkpoint(options.checkpoint, problem.fingerprint, result_options, str(path))
         reporter.log(f"resuming from {options.checkpoint}: step {ckpt.step}, {count(ckpt.evaluations, 'evaluation')} so far"
@@ -195,9 +191,10 @@ def estimate(path: str | os.PathLike, options: EstimateOptions | None = None, *,
             if options.estimator == "mle":
                 mle_settings = MleSettings(tol=options.tol, max_iter=options.max_iter, optimizer=options.optimizer,
                                            se=options.se)
-                if options.start is None and getattr(model, "simulated", False):
+                if options.start is None and ckpt is None and getattr(model, "simulated", False):
                     x0 = simulated_start(evaluator, problem, model, mle_settings, clustered, reporter)
-                est = estimate_mle(evaluator, problem, model, mle_settings, x0, clustered, reporter=reporter)
+                est = estimate_mle(evaluator, problem, model, mle_settings, x0, clustered, reporter=writer,
+                                   state=None if ckpt is None else ckpt.state)
             else:
                 est = estimate_gmm(evaluator, problem, model, settings, x0, clustered,
                                    state=None if ckpt is None else ckpt.state, reporter=writer)

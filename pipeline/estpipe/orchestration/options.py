@@ -18,6 +18,7 @@ from estpipe.errors import UserError, term
 from estpipe.estimation.estimators import ESTIMATORS
 from estpipe.estimation.mle import DEFAULT_OPTIMIZER as MLE_DEFAULT_OPTIMIZER, MLE_OPTIMIZERS
 from estpipe.estimation.optimizers import OPTIMIZERS
+from estpipe.execution.clusters import dashboard_problem
 from estpipe.execution.jobqueue import KINDS
 from estpipe.kernel.derivatives import DERIVATIVES
 from estpipe.registry import did_you_mean
@@ -86,6 +87,9 @@ class EstimateOptions:
     resume: bool = False
     json: bool = False
     connect_timeout: float = 30.0
+    # Serve the dask dashboard: on 127.0.0.1 of this machine for the clusters this process starts
+    # (bokeh needed), or print where an existing or batch cluster's scheduler serves its own.
+    dashboard: bool = False
 
     def __post_init__(self):
         # A start that is not numbers stays as given, for problems() to name.
@@ -166,7 +170,7 @@ class EstimateOptions:
         elif self.se is not None and self.estimator != "mle":
             add("se", f"{term('se')} chooses among the standard errors of {term('estimator')} mle; GMM's are the "
                       f"sandwich of its last step (clustered with the file's clusters unless {term('no_cluster')})")
-        for field in ("no_cluster", "resume", "json", "correlated", "panel"):
+        for field in ("no_cluster", "resume", "json", "correlated", "panel", "dashboard"):
             if not isinstance(getattr(self, field), bool):
                 add(field, f"{term(field)} must be true or false, got {getattr(self, field)!r}")
 
@@ -191,6 +195,12 @@ class EstimateOptions:
         given = [field for field in ("scheduler", "scheduler_file", "jobqueue") if getattr(self, field)]
         if len(given) > 1:
             add(given[0], f"{' and '.join(map(term, given))} both choose the cluster; give only one")
+        if self.dashboard is True and not (self.scheduler or self.scheduler_file):
+            if not self.jobqueue and _whole(self.workers) and self.workers <= 1:
+                add("dashboard", f"{term('dashboard')} shows a dask cluster's work, and {term('workers')} 1 runs "
+                                 f"in-process without one; add {term('workers')} N (N > 1) or leave out {term('dashboard')}")
+            elif (problem := dashboard_problem()) is not None:
+                add("dashboard", problem)
         if self.resume and not self.checkpoint:
             add("resume", f"{term('resume')} needs {term('checkpoint')} FILE (the checkpoint to continue from)")
         return found
