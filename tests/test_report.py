@@ -187,6 +187,15 @@ def test_an_mle_report_shows_the_likelihood(tmp_path):
     assert f"{r['aic']:.6g}" not in page
 
 
+def test_per_iteration_counts_restart_where_a_resumed_run_began():
+    """The history's running counts fall where a resumed run began (GMM: the step's count starts
+    again; MLE: the seconds): that iteration's own count is the count itself, never negative."""
+    h = [{"evaluations": 2, "seconds": 0.5}, {"evaluations": 3, "seconds": 0.75},  # the first run
+         {"evaluations": 1, "seconds": 0.25}, {"evaluations": 4, "seconds": 1.0}]  # resumed
+    assert report._per_iteration(h) == [(2, 0.5), (1, 0.25), (1, 0.25), (3, 0.75)]
+    assert report._per_iteration([{"iteration": 1}]) == [(None, None)]
+
+
 def test_report_errors_are_one_line(tmp_path):
     r = cli("report", tmp_path / "missing.json", check=False)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "no such file" in r.stderr
