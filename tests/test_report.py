@@ -123,6 +123,9 @@ def test_the_moment_fit_is_the_closed_form_for_the_efficient_weight(tmp_path):
     # just identified: no moment section
     exact = estimate(tmp_path / "d.h5", EstimateOptions(estimator="mle"))
     assert exact.moments is None
+    # the notebook API's Results.report writes the same page
+    page = exact.report(tmp_path / "nb.html").read_text()
+    assert 'id="likelihood"' in page and 'id="moments"' not in page and 'id="convergence"' in page
 
 
 def test_older_or_partial_results_still_render(gmm_run, tmp_path):
