@@ -123,6 +123,11 @@ def test_the_moment_fit_is_the_closed_form_for_the_efficient_weight(tmp_path):
     # just identified: no moment section
     exact = estimate(tmp_path / "d.h5", EstimateOptions(estimator="mle"))
     assert exact.moments is None
+    # GMM with M = K: no moment fit (every g is 0 at the estimate), no section
+    cli("simulate", tmp_path / "k.h5", "--sets", 1000, "--alternatives", 5, "--params", 3, "--moments", 3, "--seed", 5)
+    just = estimate(tmp_path / "k.h5", EstimateOptions())
+    assert just.moments is None and just.j_statistic is None
+    assert 'id="moments"' not in report.render(just.to_dict())
     # the notebook API's Results.report writes the same page
     page = exact.report(tmp_path / "nb.html").read_text()
     assert 'id="likelihood"' in page and 'id="moments"' not in page and 'id="convergence"' in page
