@@ -74,11 +74,28 @@ def test_a_two_step_report_has_every_section_and_its_plots(gmm_run):
     assert blobs(imgs["estimates-plot"], report.ESTIMATE_COLOR) == P
     assert blobs(imgs["estimates-plot"], report.TRUTH_COLOR) == P  # the truth, once per parameter
     assert blobs(imgs["standardized-plot"], report.ZERR_COLOR) == P
+    # the estimates' colour is theirs alone: no other plot uses it
+    assert all(blobs(img, report.ESTIMATE_COLOR) == 0 for name, img in imgs.items() if name != "estimates-plot")
+    # convergence: one objective marker and one gradient-norm marker per accepted iteration
+    iterations = sum(s["iterations"] for s in r["steps"])
+    assert blobs(imgs["convergence"], report.OBJECTIVE_COLOR) == iterations
+    assert blobs(imgs["convergence"], report.GRADIENT_COLOR) == iterations
     # every step's history is in the results, and in the page's tables
     assert [len(s["history"]) for s in r["steps"]] == [s["iterations"] for s in r["steps"]]
+    for s in r["steps"]:
+        h = s["history"]
+        assert set(h[0]) >= {"iteration", "objective", "gradient_norm", "evaluations", "seconds"}
+        assert [e["iteration"] for e in h] == list(range(1, len(h) + 1))
+        assert h[-1]["evaluations"] <= s["evaluations"] and all(e["seconds"] >= 0 for e in h)
+        assert h[-1]["gradient_norm"] < h[0]["gradient_norm"]
     assert page.count("<details>") >= len(r["steps"])
     # the J test and the set sizes (10 alternatives each)
     assert f"J = {r['j_statistic']:.4g}" in page and r["data"]["set_sizes"] == {"10": 2000}
+    # the data and the run: sizes, clusters, the file's provenance, the back end, versions, options
+    for text in ("<th>sets</th><td>2000</td>", "<th>clusters</th><td>none</td>", "<th>command</th><td>estpipe simulate</td>",
+                 f"<th>back end</th><td>{r['backend']}</td>", f"<th>numpy</th><td>{r['versions']['numpy']}</td>",
+                 "<th>optimizer</th><td>gauss-newton</td>", "seconds per evaluation"):
+        assert text in page, text
 
 
 def test_the_moment_fit_is_the_closed_form_for_the_efficient_weight(tmp_path):
@@ -106,6 +123,14 @@ def test_the_moment_fit_is_the_closed_form_for_the_efficient_weight(tmp_path):
     # just identified: no moment section
     exact = estimate(tmp_path / "d.h5", EstimateOptions(estimator="mle"))
     assert exact.moments is None
+    # GMM with M = K: no moment fit (every g is 0 at the estimate), no section
+    cli("simulate", tmp_path / "k.h5", "--sets", 1000, "--alternatives", 5, "--params", 3, "--moments", 3, "--seed", 5)
+    just = estimate(tmp_path / "k.h5", EstimateOptions())
+    assert just.moments is None and just.j_statistic is None
+    assert 'id="moments"' not in report.render(just.to_dict())
+    # the notebook API's Results.report writes the same page
+    page = exact.report(tmp_path / "nb.html").read_text()
+    assert 'id="likelihood"' in page and 'id="moments"' not in page and 'id="convergence"' in page
 
 
 def test_older_or_partial_results_still_render(gmm_run, tmp_path):
@@ -124,7 +149,15 @@ def test_older_or_partial_results_still_render(gmm_run, tmp_path):
     with pytest.raises(UserError, match="the results have no 'std_errors'"):
         report.render({"params": [1.0], "param_names": ["a"]})
     bad = dict(r, converged=False, message="stopped after 3 iterations")
-    assert "NOT CONVERGED: stopped after 3 iterations" in report.render(bad)
+    page = report.render(bad)
+    assert "NOT CONVERGED: stopped after 3 iterations" in page
+    assert page.index("NOT CONVERGED") < page.index('id="estimates"')  # at the top
+    # a standard error that is NaN or null (a flat direction): the point without an interval
+    flat = copy.deepcopy(r)
+    flat["std_errors"][0], flat["std_errors"][1] = float("nan"), None
+    imgs = images(report.render(flat))
+    assert blobs(imgs["estimates-plot"], report.ESTIMATE_COLOR) == len(r["params"])
+    assert blobs(imgs["standardized-plot"], report.ZERR_COLOR) == len(r["params"]) - 2
 
 
 def test_an_mle_report_shows_the_likelihood(tmp_path):
@@ -137,7 +170,38 @@ def test_an_mle_report_shows_the_likelihood(tmp_path):
     r = json.loads((tmp_path / "r.json").read_text())
     assert 'id="likelihood"' in page and f"{r['loglik']:.6g}" in page and f"{r['aic']:.6g}" in page
     assert "classical" in page and 'id="moments"' not in page
-    assert blobs(images(page)["estimates-plot"], report.ESTIMATE_COLOR) == 6
+    imgs = images(page)
+    assert blobs(imgs["estimates-plot"], report.ESTIMATE_COLOR) == 6
+    assert blobs(imgs["estimates-plot"], report.TRUTH_COLOR) == 0 and "standardized-plot" not in imgs  # no truth
+    # the MLE's history: the optimizer's iterations, then the BHHH polish, one line each in the plot
+    step = r["steps"][0]
+    h = step["history"]
+    assert len(h) == step["iterations"] and [e["iteration"] for e in h] == list(range(1, len(h) + 1))
+    phases = [e["phase"] for e in h]
+    assert phases[0] == "optimizer" and phases == sorted(phases)  # optimizer..., polish...
+    assert h[-1]["gradient_norm"] < 1e-6 < h[0]["gradient_norm"]
+    assert h[-1]["objective"] == pytest.approx(-r["loglik"], rel=1e-9)
+    assert h[-1]["evaluations"] <= r["evaluations"]
+    assert 'id="convergence"' in page and "then BHHH polish" in page
+    assert blobs(imgs["convergence"], report.GRADIENT_COLOR) == len(h)
+    # without the likelihood keys and the history (an older file), it still renders
+    old = {k: v for k, v in r.items() if k not in ("loglik_null", "rho_squared", "rho_squared_adj", "aic", "bic",
+                                                   "n_units", "n_draws", "draws_kind", "std_errors_classical",
+                                                   "std_errors_robust", "loglik")}
+    for s in old["steps"]:
+        s.pop("history")
+    page = report.render(old)
+    assert 'id="likelihood"' in page and 'id="convergence"' not in page and "AIC" in page
+    assert f"{r['aic']:.6g}" not in page
+
+
+def test_per_iteration_counts_restart_where_a_resumed_run_began():
+    """The history's running counts fall where a resumed run began (GMM: the step's count starts
+    again; MLE: the seconds): that iteration's own count is the count itself, never negative."""
+    h = [{"evaluations": 2, "seconds": 0.5}, {"evaluations": 3, "seconds": 0.75},  # the first run
+         {"evaluations": 1, "seconds": 0.25}, {"evaluations": 4, "seconds": 1.0}]  # resumed
+    assert report._per_iteration(h) == [(2, 0.5), (1, 0.25), (1, 0.25), (3, 0.75)]
+    assert report._per_iteration([{"iteration": 1}]) == [(None, None)]
 
 
 def test_report_errors_are_one_line(tmp_path):
@@ -148,6 +212,21 @@ def test_report_errors_are_one_line(tmp_path):
     assert r.returncode == 2 and "not a results file" in r.stderr
 
 
+def test_without_matplotlib_one_line_and_exit_2(gmm_run, tmp_path):
+    """The core install has no matplotlib: `report` and `estimate --report` say so in one line,
+    the latter before any work (no results file written)."""
+    d, _ = gmm_run
+    hide = "import sys; sys.modules['matplotlib'] = None; from estpipe.entry import main; sys.argv[0] = 'estpipe'; main()"
+    r = subprocess.run([sys.executable, "-c", hide, "report", str(d / "r.json"), "--out", str(tmp_path / "x.html")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and 'pip install "estpipe[report]"' in r.stderr
+    assert not (tmp_path / "x.html").exists()
+    r = subprocess.run([sys.executable, "-c", hide, "estimate", str(d / "d.h5"), "--out", str(tmp_path / "r.json"),
+                        "--report", str(tmp_path / "r.html")], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "matplotlib" in r.stderr
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_writing_a_20_parameter_report_takes_under_2_seconds(tmp_path):
     cli("simulate", tmp_path / "d.h5", "--sets", 1000, "--seed", 1)
     cli("estimate", tmp_path / "d.h5", "--out", tmp_path / "r.json")
@@ -156,7 +235,7 @@ def test_writing_a_20_parameter_report_takes_under_2_seconds(tmp_path):
     seconds = time.perf_counter() - t0
     # the whole process, matplotlib's import included; 2 s is the target on an idle machine, the
     # bound here leaves room for a loaded CI runner
-    assert seconds < 6.0, seconds
+    assert seconds < 4.0, seconds
     assert len(json.loads((tmp_path / "r.json").read_text())["params"]) == 20
 
 
@@ -168,34 +247,49 @@ def _chromium():
     return None
 
 
-def test_the_report_in_a_real_browser(gmm_run, tmp_path):
+def locate(shot: Image.Image, img: Image.Image) -> tuple[int, int]:
+    """Where `img` appears, pixel for pixel, in the screenshot `shot` (x, y of its top left): a
+    row of the image with many distinct pixels is found in the screenshot's rows, then the whole
+    region is compared."""
+    a, s = np.asarray(img), np.asarray(shot)
+    h, w = a.shape[:2]
+    row = max(range(h), key=lambda y: len(np.unique(a[y], axis=0)))
+    needle = a[row].tobytes()
+    for y in range(s.shape[0] - h + row + 1):
+        hay = s[y].tobytes()
+        at = hay.find(needle)
+        while at >= 0:
+            if at % 3 == 0:
+                x, top = at // 3, y - row
+                if top >= 0 and np.abs(s[top:top + h, x:x + w].astype(int) - a.astype(int)).mean() < 2:
+                    return x, top
+            at = hay.find(needle, at + 1)
+    raise AssertionError("the plot is not in the screenshot")
+
+
+def test_the_report_in_a_real_browser(gmm_run):
+    """Headless Chromium shows the report page itself: the estimates plot is on the screen where
+    its PNG is, with one marker of the estimates' colour per parameter inside that region and
+    none outside it."""
     browser = _chromium()
     if browser is None:
         if os.environ.get("CI") == "true":
             pytest.fail("chromium is missing on CI (.ci/run installs Debian's chromium)")
         pytest.skip("no chromium on this machine (apt-get install chromium)")
     d, r = gmm_run
-    # a page with only the estimates plot, at a known place, so its region is known in pixels
     page = (d / "r.html").read_text()
-    data = re.search(r'<img class="estimates-plot" alt="[^"]*" src="(data:image/png;base64,[^"]+)">', page).group(1)
-    probe = tmp_path / "probe.html"
-    full = images(page)["estimates-plot"]
-    w, h = full.size
-    probe.write_text(f'<html><body style="margin:0;background:#fff"><img src="{data}" '
-                     f'style="position:absolute;left:40px;top:30px;width:{w}px;height:{h}px"></body></html>')
-    shot = tmp_path / "shot.png"
+    plot = images(page)["estimates-plot"]
+    shot = d / "shot.png"
     subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--screenshot={shot}", f"--window-size={w + 80},{h + 60}", probe.as_uri()],
-                   capture_output=True, timeout=120, check=True)
+                    "--force-device-scale-factor=1", f"--screenshot={shot}", "--window-size=1100,4000",
+                    (d / "r.html").as_uri()], capture_output=True, timeout=120, check=True)
     img = Image.open(shot).convert("RGB")
-    inside = img.crop((40, 30, 40 + w, 30 + h))
+    x, y = locate(img, plot)
+    w, h = plot.size
+    assert blobs(img.crop((x, y, x + w, y + h)), report.ESTIMATE_COLOR) == len(r["params"])
     outside = np.asarray(img).copy()
-    outside[30:30 + h, 40:40 + w] = 255
-    assert blobs(inside, report.ESTIMATE_COLOR) == len(r["params"])
+    outside[y:y + h, x:x + w] = 255
     assert blobs(Image.fromarray(outside), report.ESTIMATE_COLOR) == 0
-    # and the whole report renders: the banner's green and the estimates plot's markers on the page
-    whole = tmp_path / "whole.png"
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--screenshot={whole}", "--window-size=1100,2400", (d / "r.html").as_uri()],
-                   capture_output=True, timeout=120, check=True)
-    assert blobs(Image.open(whole).convert("RGB"), report.ESTIMATE_COLOR) >= len(r["params"])
+    # the page above the plot: the green banner (converged) is drawn
+    banner = np.asarray(img)[:y].reshape(-1, 3).astype(int)
+    assert (np.abs(banner - [0xe5, 0xf5, 0xe0]).sum(axis=1) < 6).sum() > 1000

@@ -33,12 +33,16 @@ from pathlib import Path
 from estpipe.errors import UserError
 from estpipe.outputs import write_bytes_atomic
 
-# Unique colours, so that a test (or a reader) finds each mark by its colour.
+# Unique colours, each used by one kind of mark only, so that a test (or a reader) finds each
+# mark by its colour, in the PNG or in a browser's screenshot of the page.
 ESTIMATE_COLOR = "#d6246e"  # the estimates' markers
 INTERVAL_COLOR = "#4a6fa5"  # their 95% intervals
 TRUTH_COLOR = "#1a9850"  # the truth
 ZERR_COLOR = "#7b3294"  # standardized errors
 FIT_COLOR = "#e08214"  # moment conditions' t
+OBJECTIVE_COLOR = "#2c7fb8"  # convergence: the objective
+GRADIENT_COLOR = "#8c510a"  # convergence: the gradient norm
+SIZES_COLOR = "#737373"  # the histogram of set sizes
 Z95 = 1.959963984540054
 
 
@@ -59,6 +63,10 @@ def _png(fig, plt) -> str:
     fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def _img(data: str, alt: str, cls: str) -> str:
@@ -121,35 +129,69 @@ def _estimates_table(r: dict) -> str:
 
 
 def _estimates_plot(r: dict, plt) -> str:
+    """Each estimate on its own scale (parameters' scales differ: on one shared axis most
+    intervals would be dots), all in ONE axes: row k maps its own span (interval, truth, and
+    zero when near) onto [0, 1] and prints its numbers beside it. One axes, not P, keeps a
+    20-parameter plot at ~0.1 s."""
     names, b, se = r["param_names"], r["params"], r["std_errors"]
     truth = r.get("truth")
     P = len(names)
-    fig, axes = plt.subplots(P, 1, figsize=(7.5, 0.42 * P + 0.9), squeeze=False)
-    for k, ax in enumerate(axes[:, 0]):
-        lo, hi = b[k] - Z95 * se[k], b[k] + Z95 * se[k]
-        ax.hlines(0, lo, hi, color=INTERVAL_COLOR, lw=2)
-        ax.plot([b[k]], [0], "o", color=ESTIMATE_COLOR, ms=7, zorder=3)
-        span = [lo, hi]
-        if truth is not None and truth[k] is not None:
-            ax.plot([truth[k]], [0], "|", color=TRUTH_COLOR, ms=16, mew=2.5, zorder=2)
-            span += [truth[k]]
+    fig, ax = plt.subplots(figsize=(8.4, 0.3 * P + 0.8))
+    ys = list(range(P))[::-1]
+    seg_x, seg_y, dots, ticks, zeros, labels = [], [], [], [], [], []
+    for k, y in enumerate(ys):
+        has_ci = _finite(se[k])  # a standard error that is null or NaN (a flat direction): the point alone
+        lo, hi = (b[k] - Z95 * se[k], b[k] + Z95 * se[k]) if has_ci else (b[k], b[k])
+        t = truth[k] if truth is not None and _finite(truth[k]) else None
+        span = [lo, hi] + ([t] if t is not None else [])
         width = (max(span) - min(span)) or max(abs(b[k]), 1.0)
-        ax.set_xlim(min(span) - 0.15 * width, max(span) + 0.15 * width)
-        ax.set_yticks([])
-        ax.set_ylabel(names[k], rotation=0, ha="right", va="center", fontsize=9)
-        ax.tick_params(axis="x", labelsize=7, pad=1)
-        for side in ("left", "right", "top"):
-            ax.spines[side].set_visible(False)
-    axes[0, 0].set_title("estimate (dot), 95% interval (line)" + (", truth (tick)" if truth else "")
-                         + "; each on its own scale", fontsize=9)
-    fig.subplots_adjust(left=0.22, right=0.97, top=1 - 0.45 / fig.get_figheight(), bottom=0.4 / fig.get_figheight(),
-                        hspace=1.1)
+        if min(span) - 0.5 * width <= 0.0 <= max(span) + 0.5 * width:
+            span.append(0.0)  # zero within reach: on the row, so a reader sees whether the interval covers it
+        left, right = min(span), max(span)
+        width = (right - left) or max(abs(b[k]), 1.0)
+        left, right = left - 0.06 * width, right + 0.06 * width
+
+        def u(v, left=left, right=right):
+            return (v - left) / (right - left)
+
+        if has_ci:
+            seg_x += [u(lo), u(hi), None]
+            seg_y += [y, y, None]
+        dots.append((u(b[k]), y))
+        if t is not None:
+            ticks.append((u(t), y))
+        if left <= 0.0 <= right:
+            zeros.append((u(0.0), y))
+        text = f"{b[k]:.4g}" + (f"  [{lo:.4g}, {hi:.4g}]" if has_ci else "  (no std. error)")
+        labels.append((y, text + (f"   truth {t:.4g}" if t is not None else "")))
+    if zeros:
+        ax.plot([x for x, _ in zeros], [y for _, y in zeros], "|", color="#aaaaaa", ms=12, mew=1, zorder=1)
+    ax.plot([v if v is not None else float("nan") for v in seg_x], [v if v is not None else float("nan") for v in seg_y],
+            "-", color=INTERVAL_COLOR, lw=2, zorder=2)
+    if ticks:
+        ax.plot([x for x, _ in ticks], [y for _, y in ticks], "|", color=TRUTH_COLOR, ms=14, mew=2.5, zorder=2)
+    ax.plot([x for x, _ in dots], [y for _, y in dots], "o", color=ESTIMATE_COLOR, ms=7, mew=0, zorder=3)
+    for y, text in labels:
+        ax.text(1.03, y, text, va="center", ha="left", fontsize=8, family="monospace")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(-0.7, P - 0.3)
+    ax.set_xticks([])
+    ax.set_yticks(ys)
+    ax.set_yticklabels(names, fontsize=8)
+    for side in ("right", "top", "bottom"):
+        ax.spines[side].set_visible(False)
+    fig.text(0.01, 1 - 0.12 / fig.get_figheight(), "estimate (dot), 95% interval (line)"
+             + (", truth (green tick)" if truth else "") + ", zero (grey tick); each row on its own scale",
+             fontsize=8, va="top", ha="left")
+    fig.subplots_adjust(left=0.13, right=0.5, top=1 - 0.35 / fig.get_figheight(), bottom=0.15 / fig.get_figheight())
     return _png(fig, plt)
 
 
 def _standardized_plot(r: dict, plt) -> str:
     names, b, se, truth = r["param_names"], r["params"], r["std_errors"], r["truth"]
-    z = [(bi - ti) / si if si else 0.0 for bi, ti, si in zip(b, truth, se)]
+    keep = [k for k in range(len(names)) if _finite(se[k]) and se[k] > 0]  # a z needs a standard error
+    names = [names[k] for k in keep]
+    z = [(b[k] - truth[k]) / se[k] for k in keep]
     P = len(names)
     fig, ax = plt.subplots(figsize=(7.5, 0.28 * P + 1.2))
     ys = list(range(P))[::-1]
@@ -160,55 +202,97 @@ def _standardized_plot(r: dict, plt) -> str:
     ax.set_yticklabels(names, fontsize=8)
     lim = max(3.0, max(abs(v) for v in z) * 1.15)
     ax.set_xlim(-lim, lim)
-    ax.set_xlabel("(estimate - truth) / std. error; grey: +-1.96", fontsize=9)
+    ax.set_xlabel("(estimate - truth) / std. error; the truth at 0, grey: +-1.96", fontsize=9)
     fig.subplots_adjust(left=0.22, right=0.97, top=1 - 0.15 / fig.get_figheight(), bottom=0.55 / fig.get_figheight())
     return _png(fig, plt)
+
+
+def _per_iteration(h: list[dict]) -> list[tuple]:
+    """(evaluations, seconds) of each iteration from the history's running counts, which restart
+    where a resumed run began (a count that falls): there the iteration's own is the count."""
+    out, prev_e, prev_t = [], 0, 0.0
+    for e in h:
+        ev, secs = e.get("evaluations"), e.get("seconds")
+        d_e = None if ev is None else (ev - prev_e if ev >= prev_e else ev)
+        d_t = None if secs is None else (secs - prev_t if secs >= prev_t else secs)
+        out.append((d_e, d_t))
+        prev_e, prev_t = (ev if ev is not None else prev_e), (secs if secs is not None else prev_t)
+    return out
+
+
+def _path(ax, x, y, color) -> None:
+    """One marker per iteration in `color` on a thin grey line (the markers stay separate blobs
+    of their colour, so a test counts the iterations drawn)."""
+    ax.plot(x, y, "-", color="#bbbbbb", lw=1, zorder=2)
+    ax.plot(x, y, "o", color=color, ms=4.5, mew=0, zorder=3)
 
 
 def _convergence(r: dict, plt) -> str:
     steps = [s for s in (r.get("steps") or []) if s.get("history")]
     if not steps:
         return ""
-    fig, axes = plt.subplots(len(steps), 2, figsize=(8, 2.4 * len(steps) + 0.4), squeeze=False)
+    fig, axes = plt.subplots(len(steps), 2, figsize=(8.4, 2.4 * len(steps) + 0.4), squeeze=False)
     tables = []
     for i, s in enumerate(steps):
         h = s["history"]
         it = [e["iteration"] for e in h]
-        obj = [e["objective"] for e in h]
+        obj = [e.get("objective") for e in h]
         grad = [e.get("gradient_norm") for e in h]
         label = f"step {s.get('step', i + 1)} ({s.get('weighting', '')})"
+        # an MLE's optimizer is followed by BHHH polish steps: a dashed line where they begin
+        polish = next((e["iteration"] for e in h if e.get("phase") == "polish"), None)
         ax = axes[i, 0]
-        positive = [o for o in obj if o is not None and o > 0]
-        ax.plot(it, obj, "o-", color=INTERVAL_COLOR, ms=3)
-        if positive and len(positive) == len(obj):
+        pts = [(x, o) for x, o in zip(it, obj) if _finite(o)]
+        _path(ax, [x for x, _ in pts], [o for _, o in pts], OBJECTIVE_COLOR)
+        positive = [o for _, o in pts if o > 0]
+        if positive and len(positive) == len(pts):
             ax.set_yscale("log")
             ax.yaxis.set_minor_formatter(plt.NullFormatter())  # a narrow range labels its minor ticks: unreadable
             if max(positive) / min(positive) < 10:
-                ax.yaxis.set_major_formatter(plt.FormatStrFormatter("%.4g"))
+                ax.yaxis.set_major_formatter(plt.FormatStrFormatter("%.6g"))
                 ax.yaxis.set_minor_locator(plt.NullLocator())
-                ax.set_yticks([min(positive), max(positive)])
-        ax.set_title(f"{label}: objective", fontsize=9)
+                ax.set_yticks(sorted({min(positive), max(positive)}))
+        ax.set_title(f"{label}: objective" + (" (-loglik)" if s.get("weighting") == "mle" else ""), fontsize=8)
         ax.set_xlabel("iteration", fontsize=8)
         ax = axes[i, 1]
-        g = [v for v in grad if v is not None and v > 0]
-        ax.plot([x for x, v in zip(it, grad) if v is not None and v > 0], g, "o-", color=ESTIMATE_COLOR, ms=3)
-        if g:
+        pts = [(x, v) for x, v in zip(it, grad) if _finite(v) and v > 0]
+        _path(ax, [x for x, _ in pts], [v for _, v in pts], GRADIENT_COLOR)
+        if pts:
             ax.set_yscale("log")
-        ax.set_title(f"{label}: gradient norm (standardized)", fontsize=9)
+        ax.set_title(f"{label}: gradient norm", fontsize=8)
         ax.set_xlabel("iteration", fontsize=8)
-        rows, prev_t, prev_e = [], 0.0, 0
-        for e in h:
-            secs = e.get("seconds")
-            ev = e.get("evaluations")
-            rows.append([e["iteration"], _num(e["objective"], ".10g"), _num(e.get("gradient_norm"), ".3e"),
-                         _num(None if ev is None else ev - prev_e), _num(None if secs is None else secs - prev_t, ".3f")])
-            prev_t, prev_e = secs or prev_t, ev or prev_e
-        tables.append(f"<details><summary>{html.escape(label)}: {len(h)} iterations, "
-                      f"{_num(s.get('evaluations'))} evaluations; {html.escape(str(s.get('message', '')))}</summary>"
-                      + _table(["iteration", "objective", "gradient norm", "evaluations", "seconds"], rows) + "</details>")
+        for ax in axes[i]:
+            ax.tick_params(labelsize=7)
+            ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+            if polish is not None:
+                ax.axvline(polish - 0.5, color="#999999", ls="--", lw=1)
+        per = _per_iteration(h)
+        rows = [[e["iteration"], html.escape(str(e.get("phase", ""))), _num(e.get("objective"), ".10g"),
+                 _num(e.get("gradient_norm"), ".3e"), _num(d_e), _num(d_t, ".3f")] for e, (d_e, d_t) in zip(h, per)]
+        evals = [d for d, _ in per if d is not None]
+        secs = [t for _, t in per if t is not None]
+        mean = []
+        if evals:
+            v = sum(evals) / len(evals)
+            mean.append(f"{v:.3g} evaluation{'' if v == 1 else 's'}")
+        if secs:
+            mean.append(f"{sum(secs) / len(secs):.3g} s")
+        summary = (f"{html.escape(label)}: {len(h)} iterations" + (f" ({polish - 1} by the optimizer, then BHHH polish)"
+                                                                 if polish is not None else "")
+                   + (f", {' and '.join(mean)} per iteration" if mean else "")
+                   + f"; {_num(s.get('evaluations'))} evaluations in all; {html.escape(str(s.get('message', '')))}")
+        head = ["iteration", "phase", "objective", "gradient norm", "evaluations", "seconds"]
+        if not any(e.get("phase") for e in h):
+            head.pop(1)
+            rows = [r[:1] + r[2:] for r in rows]
+        tables.append(f"<details><summary>{summary}</summary>" + _table(head, rows) + "</details>")
     fig.subplots_adjust(left=0.13, right=0.97, top=1 - 0.35 / fig.get_figheight(), bottom=0.5 / fig.get_figheight(),
                         hspace=0.75, wspace=0.3)
-    return _img(_png(fig, plt), "convergence of each step", "convergence") + "".join(tables)
+    return (_img(_png(fig, plt), "convergence of each step", "convergence")
+            + "<p class=\"small\">Log scales. The gradient norm is the largest absolute component of the "
+              "objective's gradient in standardized parameters (GMM: of the normalized Q; MLE: of the mean score), "
+              "the quantity the convergence test compares with --tol. Each step's table gives the evaluations and "
+              "seconds of every iteration.</p>" + "".join(tables))
 
 
 def _moments(r: dict, plt) -> str:
@@ -256,7 +340,9 @@ def _likelihood(r: dict) -> str:
 def _histogram(sizes: dict, plt) -> str:
     xs = sorted(int(k) for k in sizes)
     fig, ax = plt.subplots(figsize=(6, 2.2))
-    ax.bar(xs, [sizes[str(x)] for x in xs], color=INTERVAL_COLOR, width=0.8)
+    ax.bar(xs, [sizes[str(x)] for x in xs], color=SIZES_COLOR, width=0.8)
+    ax.set_xlim(min(xs) - 1, max(xs) + 1)
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set_xlabel("alternatives in the set", fontsize=9)
     ax.set_ylabel("sets", fontsize=9)
     fig.subplots_adjust(left=0.14, right=0.97, top=0.93, bottom=0.25)
@@ -266,9 +352,16 @@ def _histogram(sizes: dict, plt) -> str:
 def _data_and_run(r: dict, plt) -> str:
     d = r.get("data") or {}
     pairs = [("file", d.get("path")), ("sets", d.get("n_sets")), ("rows", d.get("n_rows")), ("K (covariates)", d.get("K")),
-             ("M (moments)", d.get("M")), ("clusters", d.get("n_clusters")), ("panel units", d.get("n_panel_units")),
-             ("fingerprint", d.get("fingerprint"))]
-    out = "<h3>Data</h3>" + _kv([p for p in pairs if p[1] is not None])
+             ("M (moments)", d.get("M")), ("fingerprint", d.get("fingerprint"))]
+    pairs = [p for p in pairs if p[1] is not None]
+    for name, key in (("clusters", "n_clusters"), ("panel units", "n_panel_units")):
+        if key in d:  # null: the file has none (older results files lack the key: nothing said)
+            pairs.append((name, "none" if d[key] is None else d[key]))
+    sizes = d.get("set_sizes") or {}
+    if sizes:
+        js = [int(k) for k in sizes]
+        pairs.append(("alternatives per set", f"{min(js)}" if min(js) == max(js) else f"{min(js)} to {max(js)}"))
+    out = "<h3>Data</h3>" + _kv(pairs)
     if d.get("set_sizes"):
         out += _histogram(d["set_sizes"], plt)
     prov = d.get("provenance") or {}
@@ -291,6 +384,10 @@ def _data_and_run(r: dict, plt) -> str:
         out += "<h4>Versions</h4>" + _kv([(k, str(v[k])) for k in ("estpipe", "python", "numpy", "scipy", "dask") if k in v]
                                          + ([("BLAS", f"{libs}, {blas.get('threads_per_worker')} threads per worker")]
                                             if libs else []))
+    config = r.get("config") or {}
+    if config:  # the run's provenance: every option it ran with (those left at null are defaults)
+        out += ("<details><summary>Options of the run (config)</summary>"
+                + _kv([(k, "null" if val is None else str(val)) for k, val in config.items()]) + "</details>")
     return out
 
 
@@ -328,7 +425,7 @@ def render(results: dict) -> str:
              "standard errors</p>",
              "<h2 id=\"estimates\">Estimates</h2>", _estimates_table(r),
              _img(_estimates_plot(r, plt), "estimates with 95% intervals", "estimates-plot")]
-    if r.get("truth") and all(t is not None for t in r["truth"]):
+    if r.get("truth") and all(_finite(t) for t in r["truth"]) and any(_finite(v) and v > 0 for v in r["std_errors"]):
         parts += ["<h3>Standardized errors against the truth</h3>",
                   _img(_standardized_plot(r, plt), "standardized errors", "standardized-plot")]
     conv = _convergence(r, plt)

@@ -148,7 +148,8 @@ class GmmEstimate:
 def step_history(history: list[dict], step: int) -> list[dict]:
     """The accepted iterations of `step` (IterationRecord dicts, with those before a resume), as
     the results file keeps them: iteration, objective, gradient_norm, step_norm, evaluations
-    (the run's count so far), seconds (since the step started)."""
+    (since the step started, as IterationRecord counts them; a resumed step's restart), seconds
+    (likewise)."""
     return [{"iteration": h["iteration"], "objective": h["objective"], "gradient_norm": h["grad_norm"],
              "step_norm": h.get("step_norm"), "evaluations": h["evaluations"], "seconds": h["seconds"]}
             for h in history if h.get("step") == step]
