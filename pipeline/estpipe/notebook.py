@@ -51,19 +51,49 @@ def from_frame(df, out, *, set_col: str, choice_col: str, x, z=None, dm=None, al
         twice = sorted({n for n in names if names.count(n) > 1})
         raise UserError(f"DataFrame: column {twice[0]!r} appears {names.count(twice[0])} times; rename the columns so "
                         "that every name is unique")
+    if len(df) == 0:
+        raise UserError("DataFrame: no rows; from_frame needs one row per available alternative")
     frame_df = df.set_axis(names, axis=1)
-    mixed = [c for c in names if frame_df[c].dtype == object]
+    used = _used_columns(set_col, choice_col, x, z, dm, alt_col, cluster_col, panel_col)
+    for argument, name in used:
+        if name not in names and name in [str(n) for n in df.index.names if n is not None]:
+            raise UserError(f"DataFrame: {name!r} (asked by {argument}) is the frame's index, not a column; pass "
+                            "df.reset_index() to make it one")
+    # Only the used columns go to Arrow (the loader reads no other): an unused column of any type
+    # is no obstacle, and a wide frame converts fast. The loader still sees every name.
+    keep = [c for c in dict.fromkeys(name for _, name in used) if c in names]
+    frame_df = frame_df[keep]
+    mixed = [c for c in keep if frame_df[c].dtype == object]
     if mixed:  # object columns (mixed types) as text, which the loader parses with the row of a bad value
         frame_df = frame_df.assign(**{c: frame_df[c].map(lambda v: None if pd.isna(v) else str(v)) for c in mixed})
     try:
         table = pa.Table.from_pandas(frame_df, preserve_index=False)
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+    except pa.ArrowException as exc:
         raise UserError(f"DataFrame: a column cannot be converted to Arrow ({' '.join(str(exc).split())}); give every "
                         "used column one type (numbers, or text for ids)") from None
-    frame = FrameTable(table, df.index, batch_rows or DEFAULT_BATCH_ROWS)
+    frame = FrameTable(table, df.index, batch_rows or DEFAULT_BATCH_ROWS, names=names)
     return load_choice_data(frame, out, set_col=set_col, choice_col=choice_col, x=x, z=z, dm=dm, alt_col=alt_col,
                             asc=asc, asc_base=asc_base, cluster_col=cluster_col, panel_col=panel_col,
                             command="estpipe.from_frame")
+
+
+def _used_columns(set_col, choice_col, x, z, dm, alt_col, cluster_col, panel_col) -> list[tuple[str, str]]:
+    """(argument, column name) of every column the load reads; lists as the loader splits them
+    (a bad list is left for the loader's own message)."""
+    used = []
+    for argument, value in (("set_col", set_col), ("choice_col", choice_col), ("alt_col", alt_col),
+                            ("cluster_col", cluster_col), ("panel_col", panel_col), ("x", x), ("z", z), ("dm", dm)):
+        if value is None:
+            continue
+        if isinstance(value, str):
+            names = value.split(",") if argument in ("x", "z", "dm") else [value]
+        else:
+            try:
+                names = list(value)
+            except TypeError:
+                continue
+        used += [(argument, str(n).strip()) for n in names]
+    return used
 
 
 def _options(kwargs: dict):

@@ -199,13 +199,16 @@ class FrameTable(_Table):
     """A pandas DataFrame's columns as an Arrow table, read like a Parquet file (typed columns);
     rows are named by position and index label (notebook.from_frame)."""
 
-    def __init__(self, table: pa.Table, index, batch_rows: int):
+    def __init__(self, table: pa.Table, index, batch_rows: int, names: list[str] | None = None):
+        # `table` holds the columns the load uses; `names` are all the frame's columns, which a
+        # missing column's message lists (converting only the used ones keeps an unused column of
+        # any type, e.g. complex or nested objects, out of the way, and is faster on wide frames).
         self.table, self.index = table, index
         self.path = "DataFrame"
         self.batch_rows = max(1, int(batch_rows))
         self.kind = "dataframe"
         self.delimiter = ","
-        self.names = list(table.schema.names)
+        self.names = list(names) if names is not None else list(table.schema.names)
         self.n_batches = 0
 
     def __str__(self) -> str:
@@ -679,7 +682,16 @@ class _SetBuilder:
 def _columns_list(option: str, value) -> list[str] | None:
     if value is None:
         return None
-    names = [c.strip() for c in value.split(",")] if isinstance(value, str) else [str(c).strip() for c in value]
+    if isinstance(value, str):
+        names = [c.strip() for c in value.split(",")]
+    else:  # a list, tuple or pandas Index of names (the Python API)
+        try:
+            names = [str(c).strip() for c in value]
+        except TypeError:
+            names = None
+        if names is None or isinstance(value, (bytes, dict)):
+            raise UserError(f"{option} {value!r}: give the column names as a list or as text separated by commas, "
+                            f"e.g. {option} price,time")
     if not names or any(not c for c in names):
         raise UserError(f"{option} {value!r}: give column names separated by commas, e.g. {option} price,time")
     dup = [c for c in dict.fromkeys(names) if names.count(c) > 1]
