@@ -148,8 +148,10 @@ def test_estimate_results_summary_frame_and_html(tmp_path):
     assert strip(r.summary()) == strip(printed)
     html = r._repr_html_()
     assert all(f"<th>{n}</th>" in html for n in saved["param_names"]) and html.count("<tr>") == 7
-    with pytest.raises(UserError, match=r"unknown option 'estimater' \(did you mean 'estimator'\?\)"):
+    assert "truth" not in frame  # the data has none
+    with pytest.raises(UserError, match=r"unknown option 'estimater' \(did you mean 'estimator'\?\)") as info:
         estpipe.estimate(tmp_path / "mc.h5", estimater="mle")
+    assert "\n" not in str(info.value) and "max_iter" in str(info.value)  # one line listing the options
 
 
 def test_simulate_returns_the_truth_and_estimate_shows_it(tmp_path):
@@ -171,3 +173,67 @@ def test_the_readme_example_runs(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "invc" in r.stdout and "estimate" in r.stdout
+
+
+def test_from_frame_python_mistakes_are_one_line_user_errors(tmp_path):
+    df = pd.read_csv(MODECHOICE)
+    cases = [
+        (dict(x=3), "x 3: give the column names as a list"),
+        (dict(z={"invc": 1}), "z {'invc': 1}: give the column names as a list"),
+    ]
+    for extra, expected in cases:
+        with pytest.raises(UserError, match=re.escape(expected)):
+            estpipe.from_frame(df, tmp_path / "o.h5", **(MC_ARGS | extra))
+    with pytest.raises(UserError, match=r"'individual' \(asked by set_col\) is the frame's index.*df\.reset_index\(\)"):
+        estpipe.from_frame(df.set_index("individual"), tmp_path / "o.h5", **MC_ARGS)
+    with pytest.raises(UserError, match="DataFrame: no rows"):
+        estpipe.from_frame(df.iloc[:0], tmp_path / "o.h5", **MC_ARGS)
+    assert not list(tmp_path.iterdir())
+
+
+def test_unused_columns_of_any_type_do_not_matter_and_an_index_of_names_is_a_list(tmp_path):
+    df = pd.read_csv(MODECHOICE)
+    estpipe.from_frame(df, tmp_path / "plain.h5", **MC_ARGS)
+    odd = df.assign(z=df["invc"] * 1j, nested=[{"a": [i]} for i in range(len(df))])  # Arrow cannot take complex
+    estpipe.from_frame(odd, tmp_path / "odd.h5", **(MC_ARGS | {"x": df.columns[3:6]}))  # ttme, invc, invt
+    with pytest.raises(UserError, match="cannot be converted to Arrow"):  # but a used one is refused
+        estpipe.from_frame(odd, tmp_path / "bad.h5", **(MC_ARGS | {"x": ["invc", "z"]}))
+    with h5py.File(tmp_path / "odd.h5") as f:
+        assert [str(n) for n in f.attrs["param_names"]][:3] == ["ttme", "invc", "invt"]
+    plain, other = h5_contents(tmp_path / "plain.h5"), h5_contents(tmp_path / "odd.h5")
+    order = [2, 0, 1]  # x = ttme, invc, invt; plain has invc, invt, ttme
+    np.testing.assert_array_equal(other["X"][:, :3], plain["X"][:, order])
+    np.testing.assert_array_equal(other["chosen"], plain["chosen"])
+
+
+def test_report_writes_the_html_report_or_says_the_module_is_missing(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    sim = estpipe.simulate(tmp_path / "s.h5", sets=800, alternatives=4, params=2, moments=4, seed=5)
+    r = estpipe.estimate(sim.path)
+    path = r.report(tmp_path / "r.html")
+    text = Path(path).read_text()
+    assert Path(path) == tmp_path / "r.html" and text.startswith("<!") and all(n in text for n in r.param_names)
+    monkeypatch.setitem(sys.modules, "estpipe.report", None)  # as before estpipe.report existed
+    with pytest.raises(UserError, match="report module .* not available yet") as info:
+        r.report(tmp_path / "r2.html")
+    assert "\n" not in str(info.value) and not (tmp_path / "r2.html").exists()
+
+
+def test_derived_quantities_are_marked_in_the_frame_and_the_html(tmp_path):
+    sim = estpipe.simulate(tmp_path / "n.h5", design="nested-logit", sets=1500, alternatives=6, params=2, moments=6,
+                           nests=2, seed=3)
+    assert list(sim.truth) == ["x1", "x2", "log_lambda_n1", "log_lambda_n2"]
+    r = estpipe.estimate(sim.path, model="nested-logit", nests=sim.summary.nests, estimator="mle",
+                         out=str(tmp_path / "n.json"))
+    saved = json.loads((tmp_path / "n.json").read_text())
+    frame = r.to_frame()
+    derived = frame[frame["kind"] == "derived"]
+    assert list(derived.index) == [d["name"] for d in saved["derived"]] == ["lambda_n1", "lambda_n2"]
+    for column, key in (("estimate", "estimate"), ("std_error", "std_error")):
+        np.testing.assert_allclose(derived[column].to_numpy(), [d[key] for d in saved["derived"]], rtol=1e-12, atol=0)
+    params = frame[frame["kind"] == "parameter"]
+    np.testing.assert_array_equal(params["truth"].to_numpy(), saved["truth"])
+    assert derived["truth"].isna().all()
+    html = r._repr_html_()
+    assert all(f"<th>{n}</th>" in html for n in list(params.index) + list(derived.index))
+    assert html.count("<tr>") == 1 + 4 + 1 + 2  # head, parameters, the derived header, derived
