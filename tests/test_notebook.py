@@ -172,7 +172,12 @@ def test_the_readme_example_runs(tmp_path):
     (tmp_path / "data" / "modechoice.csv").write_bytes(MODECHOICE.read_bytes())
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "invc" in r.stdout and "estimate" in r.stdout
+    out = r.stdout
+    assert out.startswith("estpipe estimate: ") and "maximum likelihood" in out and "asc_4" in out  # summary()
+    assert "DataFrame: no column 'cost' (asked by x)" in out  # the error, as the comment says
+    assert re.search(r"\{'x1': -?[\d.]+, 'x2': -?[\d.]+, 'x3': -?[\d.]+\}", out)  # the truth
+    assert re.search(r"estimate\s+std_error\s+truth", out)  # the simulated data's frame has the truth
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "mc.h5", "sim.h5"]  # no bad.h5
 
 
 def test_from_frame_python_mistakes_are_one_line_user_errors(tmp_path):
