@@ -162,6 +162,24 @@ def test_simulate_returns_the_truth_and_estimate_shows_it(tmp_path):
     assert np.all(np.abs((frame["estimate"] - frame["truth"]) / frame["std_error"]) < 4)
     with pytest.raises(UserError, match="simulate: unknown option 'set'"):
         estpipe.simulate(tmp_path / "t.h5", set=10)
+    for bad, expected in ((dict(sets=2.5), "simulate: sets must be a whole number, got 2.5"),
+                          (dict(seed="s"), "simulate: seed must be a whole number, got 's'"),
+                          (dict(alternatives="a:b"), "simulate: alternatives='a:b' is not a size")):
+        with pytest.raises(UserError, match=re.escape(expected)):
+            estpipe.simulate(tmp_path / "t.h5", **bad)
+    assert not (tmp_path / "t.h5").exists()
+
+
+@pytest.mark.parametrize("start, expected", [("a,b", "start: entry 1 ('a') is not a number"),
+                                             ([1, "x"], "start: entry 2 ('x') is not a number"),
+                                             (5, "start: 5 is not a list of numbers"),
+                                             ([0.1], "start has 1 value, but model logit")])
+def test_estimate_option_values_are_checked_as_for_the_cli(tmp_path, start, expected):
+    path = tmp_path / "s.h5"
+    estpipe.simulate(path, sets=200, alternatives=3, params=2, moments=3, seed=1)
+    with pytest.raises(UserError, match=re.escape(expected)) as info:
+        estpipe.estimate(path, start=start)
+    assert "\n" not in str(info.value)
 
 
 def test_the_readme_example_runs(tmp_path):

@@ -20,6 +20,8 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
+
 from estpipe.errors import UserError
 from estpipe.registry import did_you_mean
 
@@ -104,10 +106,7 @@ def _options(kwargs: dict):
         if key not in valid:
             raise UserError(f"estimate: unknown option {key!r}{did_you_mean(key, valid)}; the options are: "
                             f"{', '.join(valid)}")
-    if isinstance(kwargs.get("start"), str):
-        kwargs["start"] = [float(v) for v in kwargs["start"].split(",")]
-    elif kwargs.get("start") is not None:
-        kwargs["start"] = [float(v) for v in kwargs["start"]]
+    # Values are EstimateOptions' to check (start: numbers or "0.1,-2" text), as for the CLI.
     return EstimateOptions(**kwargs)
 
 
@@ -151,6 +150,13 @@ def simulate(path: str | os.PathLike, *, alternatives=30, **options) -> Simulate
         if key not in valid and key != "alternatives":
             raise UserError(f"simulate: unknown option {key!r}{did_you_mean(key, valid)}; the options are: "
                             f"{', '.join(valid)}")
+    for key in ("sets", "params", "moments", "seed", "cluster_size", "panel_size", "nests"):
+        # the command line's typer makes these whole numbers; from Python, say so rather than truncate
+        if key not in options or (options[key] is None and key in ("cluster_size", "panel_size", "nests")):
+            continue
+        value = options[key]
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise UserError(f"simulate: {key} must be a whole number, got {value!r}")
     if isinstance(alternatives, str):
         lo, _, hi = alternatives.partition(":")
         try:
