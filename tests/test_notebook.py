@@ -111,7 +111,8 @@ def _bad(kind):
         return df, {}, "DataFrame: set 2 (row 4 (index 1004) to row 7 (index 1007)) has 2 chosen rows"
     if kind == "not contiguous":
         df = pd.concat([df.iloc[:2], df.iloc[6:], df.iloc[2:6]])
-        return df, {}, "DataFrame: the rows of set 1 are not contiguous: it occupies row 0 (index 1000) to row 1 (index 1001)"
+        return df, {}, ("DataFrame: the rows of set 1 are not contiguous: it occupies row 0 (index 1000) to row 1 (index 1001) "
+                        "and appears again at row 836 (index 1002); sort the frame by individual")
     raise AssertionError(kind)
 
 
