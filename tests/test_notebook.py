@@ -261,3 +261,22 @@ def test_derived_quantities_are_marked_in_the_frame_and_the_html(tmp_path):
     html = r._repr_html_()
     assert all(f"<th>{n}</th>" in html for n in list(params.index) + list(derived.index))
     assert html.count("<tr>") == 1 + 4 + 1 + 2  # head, parameters, the derived header, derived
+
+
+def test_the_loaders_notes_are_warnings(tmp_path):
+    df = pd.read_csv(MODECHOICE)
+    with pytest.warns(UserWarning, match=r"^estpipe: note: column hinc \(x\) never varies within a set") as caught:
+        s = estpipe.from_frame(df, tmp_path / "o.h5", **(MC_ARGS | {"x": ["invc", "hinc"]}))
+    assert [str(w.message) for w in caught] == [f"estpipe: note: {n}" for n in s.notes] and len(s.notes) == 1
+    assert (tmp_path / "o.h5").exists()
+
+
+def test_without_pandas_one_line_naming_the_extra(tmp_path, monkeypatch):
+    sim = estpipe.simulate(tmp_path / "s.h5", sets=200, alternatives=3, params=2, moments=3, seed=1)
+    r = estpipe.estimate(sim.path)  # estimate and simulate need no pandas
+    monkeypatch.setitem(sys.modules, "pandas", None)  # as in a core install
+    for call in (lambda: estpipe.from_frame(None, tmp_path / "o.h5", set_col="s", choice_col="c", x=["x"]), r.to_frame):
+        with pytest.raises(UserError, match=r'needs pandas.*pip install "estpipe\[notebook\]"') as info:
+            call()
+        assert "\n" not in str(info.value)
+    assert "<table>" in r._repr_html_() and r.summary().startswith("estpipe estimate: ")  # these need no pandas

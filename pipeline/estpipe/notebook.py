@@ -17,6 +17,7 @@ one is a UserError with a guess) and no printing unless `verbose`. Results has `
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -74,9 +75,12 @@ def from_frame(df, out, *, set_col: str, choice_col: str, x, z=None, dm=None, al
         raise UserError(f"DataFrame: a column cannot be converted to Arrow ({' '.join(str(exc).split())}); give every "
                         "used column one type (numbers, or text for ids)") from None
     frame = FrameTable(table, df.index, batch_rows or DEFAULT_BATCH_ROWS, names=names)
-    return load_choice_data(frame, out, set_col=set_col, choice_col=choice_col, x=x, z=z, dm=dm, alt_col=alt_col,
-                            asc=asc, asc_base=asc_base, cluster_col=cluster_col, panel_col=panel_col,
-                            command="estpipe.from_frame")
+    summary = load_choice_data(frame, out, set_col=set_col, choice_col=choice_col, x=x, z=z, dm=dm, alt_col=alt_col,
+                               asc=asc, asc_base=asc_base, cluster_col=cluster_col, panel_col=panel_col,
+                               command="estpipe.from_frame")
+    for note in summary.notes:  # what `estpipe load` prints on stderr as "estpipe: note: ..."; a notebook shows warnings
+        warnings.warn(f"estpipe: note: {note}", UserWarning, stacklevel=2)
+    return summary
 
 
 def _used_columns(set_col, choice_col, x, z, dm, alt_col, cluster_col, panel_col) -> list[tuple[str, str]]:
