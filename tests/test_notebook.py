@@ -280,3 +280,11 @@ def test_without_pandas_one_line_naming_the_extra(tmp_path, monkeypatch):
             call()
         assert "\n" not in str(info.value)
     assert "<table>" in r._repr_html_() and r.summary().startswith("estpipe estimate: ")  # these need no pandas
+
+
+def test_not_converged_is_a_warning_and_the_results_come_back(tmp_path):
+    sim = estpipe.simulate(tmp_path / "s.h5", sets=300, alternatives=4, params=2, moments=4, seed=3)
+    with pytest.warns(UserWarning, match=r"^estpipe: NOT converged: ") as caught:
+        r = estpipe.estimate(sim.path, max_iter=1)
+    assert not r.converged and len(caught) == 1 and r.message.rstrip(".") in str(caught[0].message)
+    assert r.summary().splitlines()[-1].startswith("NOT converged")

@@ -117,7 +117,9 @@ def _options(kwargs: dict):
 def estimate(path: str | os.PathLike, *, verbose: bool = False, **options):
     """Estimate on the choice-data file at `path` with `options` (the fields of EstimateOptions,
     spelled as in Python: model="mixed-logit", random="time", estimator="mle", workers=2, ...).
-    Returns the Results (summary(), to_frame(), report(path)). verbose: progress lines on stderr,
+    Returns the Results (summary(), to_frame(), report(path)), with a UserWarning when the run did
+    not converge (the CLI's exit code 3). A results file (out=) that cannot be written raises
+    ResultsNotWritten, a UserError whose `results` holds them. verbose: progress lines on stderr,
     as the CLI prints them."""
     from estpipe.estimation.gmm import Reporter
     from estpipe.orchestration import estimate as run
@@ -128,7 +130,11 @@ def estimate(path: str | os.PathLike, *, verbose: bool = False, **options):
         from estpipe.cli.reporters import StderrReporter
 
         reporter = StderrReporter()
-    return run(path, opts, reporter=reporter or Reporter())
+    results = run(path, opts, reporter=reporter or Reporter())
+    if not results.converged:  # the CLI's exit code 3; here the results come back, with a warning
+        warnings.warn(f"estpipe: NOT converged: {results.message.rstrip('.')}; the estimates are where it stopped "
+                      "(results.converged is False)", UserWarning, stacklevel=2)
+    return results
 
 
 @dataclass
