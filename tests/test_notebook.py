@@ -149,6 +149,8 @@ def test_estimate_results_summary_frame_and_html(tmp_path):
     assert strip(r.summary()) == strip(printed)
     html = r._repr_html_()
     assert all(f"<th>{n}</th>" in html for n in saved["param_names"]) and html.count("<tr>") == 7
+    assert repr(r) == (f"<estpipe Results: maximum likelihood, 6 parameters (invc, invt, ttme, asc_2, asc_3, asc_4); "
+                       f"converged; {tmp_path / 'mc.h5'}; summary() or to_frame() for the estimates>")
     assert "truth" not in frame  # the data has none
     with pytest.raises(UserError, match=r"unknown option 'estimater' \(did you mean 'estimator'\?\)") as info:
         estpipe.estimate(tmp_path / "mc.h5", estimater="mle")

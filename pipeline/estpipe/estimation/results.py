@@ -211,6 +211,15 @@ class Results:
     def __str__(self) -> str:
         return self.table()
 
+    def __repr__(self) -> str:
+        """One line (a REPL's echo; the dataclass's own repr would print every array): what was
+        estimated, whether it converged, where from, and how to see more."""
+        names = ", ".join(self.param_names[:6]) + (", ..." if len(self.param_names) > 6 else "")
+        method = "maximum likelihood" if self.likelihood is not None else f"GMM ({len(self.steps)} steps)"
+        return (f"<estpipe Results: {method}, {count(len(self.params), 'parameter')} ({names}); "
+                f"{'converged' if self.converged else 'NOT converged'}; {self.data.get('path', '')}; "
+                "summary() or to_frame() for the estimates>")
+
     def to_frame(self):
         """A pandas DataFrame, one row per parameter (then per derived quantity, kind "derived"):
         estimate, std_error, z, p, ci_low, ci_high, truth (only when the data has it; NaN on
