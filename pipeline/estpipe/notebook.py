@@ -17,8 +17,11 @@ one is a UserError with a guess) and no printing unless `verbose`. Results has `
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
+
+import numpy as np
 
 from estpipe.errors import UserError
 from estpipe.registry import did_you_mean
@@ -51,19 +54,52 @@ def from_frame(df, out, *, set_col: str, choice_col: str, x, z=None, dm=None, al
         twice = sorted({n for n in names if names.count(n) > 1})
         raise UserError(f"DataFrame: column {twice[0]!r} appears {names.count(twice[0])} times; rename the columns so "
                         "that every name is unique")
+    if len(df) == 0:
+        raise UserError("DataFrame: no rows; from_frame needs one row per available alternative")
     frame_df = df.set_axis(names, axis=1)
-    mixed = [c for c in names if frame_df[c].dtype == object]
+    used = _used_columns(set_col, choice_col, x, z, dm, alt_col, cluster_col, panel_col)
+    for argument, name in used:
+        if name not in names and name in [str(n) for n in df.index.names if n is not None]:
+            raise UserError(f"DataFrame: {name!r} (asked by {argument}) is the frame's index, not a column; pass "
+                            "df.reset_index() to make it one")
+    # Only the used columns go to Arrow (the loader reads no other): an unused column of any type
+    # is no obstacle, and a wide frame converts fast. The loader still sees every name.
+    keep = [c for c in dict.fromkeys(name for _, name in used) if c in names]
+    frame_df = frame_df[keep]
+    mixed = [c for c in keep if frame_df[c].dtype == object]
     if mixed:  # object columns (mixed types) as text, which the loader parses with the row of a bad value
         frame_df = frame_df.assign(**{c: frame_df[c].map(lambda v: None if pd.isna(v) else str(v)) for c in mixed})
     try:
         table = pa.Table.from_pandas(frame_df, preserve_index=False)
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+    except pa.ArrowException as exc:
         raise UserError(f"DataFrame: a column cannot be converted to Arrow ({' '.join(str(exc).split())}); give every "
                         "used column one type (numbers, or text for ids)") from None
-    frame = FrameTable(table, df.index, batch_rows or DEFAULT_BATCH_ROWS)
-    return load_choice_data(frame, out, set_col=set_col, choice_col=choice_col, x=x, z=z, dm=dm, alt_col=alt_col,
-                            asc=asc, asc_base=asc_base, cluster_col=cluster_col, panel_col=panel_col,
-                            command="estpipe.from_frame")
+    frame = FrameTable(table, df.index, batch_rows or DEFAULT_BATCH_ROWS, names=names)
+    summary = load_choice_data(frame, out, set_col=set_col, choice_col=choice_col, x=x, z=z, dm=dm, alt_col=alt_col,
+                               asc=asc, asc_base=asc_base, cluster_col=cluster_col, panel_col=panel_col,
+                               command="estpipe.from_frame")
+    for note in summary.notes:  # what `estpipe load` prints on stderr as "estpipe: note: ..."; a notebook shows warnings
+        warnings.warn(f"estpipe: note: {note}", UserWarning, stacklevel=2)
+    return summary
+
+
+def _used_columns(set_col, choice_col, x, z, dm, alt_col, cluster_col, panel_col) -> list[tuple[str, str]]:
+    """(argument, column name) of every column the load reads; lists as the loader splits them
+    (a bad list is left for the loader's own message)."""
+    used = []
+    for argument, value in (("set_col", set_col), ("choice_col", choice_col), ("alt_col", alt_col),
+                            ("cluster_col", cluster_col), ("panel_col", panel_col), ("x", x), ("z", z), ("dm", dm)):
+        if value is None:
+            continue
+        if isinstance(value, str):
+            names = value.split(",") if argument in ("x", "z", "dm") else [value]
+        else:
+            try:
+                names = list(value)
+            except TypeError:
+                continue
+        used += [(argument, str(n).strip()) for n in names]
+    return used
 
 
 def _options(kwargs: dict):
@@ -74,17 +110,16 @@ def _options(kwargs: dict):
         if key not in valid:
             raise UserError(f"estimate: unknown option {key!r}{did_you_mean(key, valid)}; the options are: "
                             f"{', '.join(valid)}")
-    if isinstance(kwargs.get("start"), str):
-        kwargs["start"] = [float(v) for v in kwargs["start"].split(",")]
-    elif kwargs.get("start") is not None:
-        kwargs["start"] = [float(v) for v in kwargs["start"]]
+    # Values are EstimateOptions' to check (start: numbers or "0.1,-2" text), as for the CLI.
     return EstimateOptions(**kwargs)
 
 
 def estimate(path: str | os.PathLike, *, verbose: bool = False, **options):
     """Estimate on the choice-data file at `path` with `options` (the fields of EstimateOptions,
     spelled as in Python: model="mixed-logit", random="time", estimator="mle", workers=2, ...).
-    Returns the Results (summary(), to_frame(), report(path)). verbose: progress lines on stderr,
+    Returns the Results (summary(), to_frame(), report(path)), with a UserWarning when the run did
+    not converge (the CLI's exit code 3). A results file (out=) that cannot be written raises
+    ResultsNotWritten, a UserError whose `results` holds them. verbose: progress lines on stderr,
     as the CLI prints them."""
     from estpipe.estimation.gmm import Reporter
     from estpipe.orchestration import estimate as run
@@ -95,7 +130,11 @@ def estimate(path: str | os.PathLike, *, verbose: bool = False, **options):
         from estpipe.cli.reporters import StderrReporter
 
         reporter = StderrReporter()
-    return run(path, opts, reporter=reporter or Reporter())
+    results = run(path, opts, reporter=reporter or Reporter())
+    if not results.converged:  # the CLI's exit code 3; here the results come back, with a warning
+        warnings.warn(f"estpipe: NOT converged: {results.message.rstrip('.')}; the estimates are where it stopped "
+                      "(results.converged is False)", UserWarning, stacklevel=2)
+    return results
 
 
 @dataclass
@@ -121,6 +160,13 @@ def simulate(path: str | os.PathLike, *, alternatives=30, **options) -> Simulate
         if key not in valid and key != "alternatives":
             raise UserError(f"simulate: unknown option {key!r}{did_you_mean(key, valid)}; the options are: "
                             f"{', '.join(valid)}")
+    for key in ("sets", "params", "moments", "seed", "cluster_size", "panel_size", "nests"):
+        # the command line's typer makes these whole numbers; from Python, say so rather than truncate
+        if key not in options or (options[key] is None and key in ("cluster_size", "panel_size", "nests")):
+            continue
+        value = options[key]
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise UserError(f"simulate: {key} must be a whole number, got {value!r}")
     if isinstance(alternatives, str):
         lo, _, hi = alternatives.partition(":")
         try:

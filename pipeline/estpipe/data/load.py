@@ -79,6 +79,8 @@ class _Table:
     columns. CSV columns are read as text and converted here, so that a bad value can be pinned to
     its line; Parquet columns keep their types."""
 
+    noun = "file"  # what a message tells the user to fix ("sort the file by ...")
+
     def __init__(self, path: Path, batch_rows: int):
         self.path = path
         self.batch_rows = max(1, int(batch_rows))
@@ -199,13 +201,17 @@ class FrameTable(_Table):
     """A pandas DataFrame's columns as an Arrow table, read like a Parquet file (typed columns);
     rows are named by position and index label (notebook.from_frame)."""
 
-    def __init__(self, table: pa.Table, index, batch_rows: int):
+    def __init__(self, table: pa.Table, index, batch_rows: int, names: list[str] | None = None):
+        # `table` holds the columns the load uses; `names` are all the frame's columns, which a
+        # missing column's message lists (converting only the used ones keeps an unused column of
+        # any type, e.g. complex or nested objects, out of the way, and is faster on wide frames).
         self.table, self.index = table, index
         self.path = "DataFrame"
         self.batch_rows = max(1, int(batch_rows))
         self.kind = "dataframe"
+        self.noun = "frame"
         self.delimiter = ","
-        self.names = list(table.schema.names)
+        self.names = list(names) if names is not None else list(table.schema.names)
         self.n_batches = 0
 
     def __str__(self) -> str:
@@ -395,7 +401,7 @@ def _scan_structure(table: _Table, set_col: str, cluster_col: str | None, alt_co
         raise UserError(
             f"{table.path}: the rows of set {ids[b].as_py()} are not contiguous: it occupies "
             f"{table.where(int(starts[a]))} to {table.where(int(ends[a]) - 1)} and appears again at "
-            f"{table.where(int(starts[b]))}; sort the file by {set_col} so that each set's rows are together"
+            f"{table.where(int(starts[b]))}; sort the {table.noun} by {set_col} so that each set's rows are together"
         )
 
     def set_at(row: int):
@@ -410,7 +416,7 @@ def _scan_structure(table: _Table, set_col: str, cluster_col: str | None, alt_co
             raise UserError(
                 f"{table.path}: cluster {cids[b].as_py()} is split into non-contiguous blocks: its sets start at "
                 f"{table.where(int(cstarts[a]))} and again at {table.where(int(cstarts[b]))} after other clusters; "
-                f"sort the file by {cluster_col} (then {set_col}) so that each cluster's sets are together"
+                f"sort the {table.noun} by {cluster_col} (then {set_col}) so that each cluster's sets are together"
             )
         codes = np.searchsorted(cstarts, starts, side="right").astype(np.int64) - 1
     panel_codes = None
@@ -423,7 +429,7 @@ def _scan_structure(table: _Table, set_col: str, cluster_col: str | None, alt_co
             raise UserError(
                 f"{table.path}: the sets of panel unit {pids[b].as_py()} (column {panel_col}) are not contiguous: they start "
                 f"with set {set_at(int(pstarts[a]))} ({table.where(int(pstarts[a]))}) and the unit appears again at set "
-                f"{set_at(int(pstarts[b]))} ({table.where(int(pstarts[b]))}) after other units; sort the file by {order} "
+                f"{set_at(int(pstarts[b]))} ({table.where(int(pstarts[b]))}) after other units; sort the {table.noun} by {order} "
                 "so that each decision maker's sets are together"
             )
         if clusters is not None:
@@ -679,7 +685,16 @@ class _SetBuilder:
 def _columns_list(option: str, value) -> list[str] | None:
     if value is None:
         return None
-    names = [c.strip() for c in value.split(",")] if isinstance(value, str) else [str(c).strip() for c in value]
+    if isinstance(value, str):
+        names = [c.strip() for c in value.split(",")]
+    else:  # a list, tuple or pandas Index of names (the Python API)
+        try:
+            names = [str(c).strip() for c in value]
+        except TypeError:
+            names = None
+        if names is None or isinstance(value, (bytes, dict)):
+            raise UserError(f"{option} {value!r}: give the column names as a list or as text separated by commas, "
+                            f"e.g. {option} price,time")
     if not names or any(not c for c in names):
         raise UserError(f"{option} {value!r}: give column names separated by commas, e.g. {option} price,time")
     dup = [c for c in dict.fromkeys(names) if names.count(c) > 1]
@@ -849,7 +864,7 @@ def load_choice_data(
         if writer.n_rows == 0:
             raise UserError(
                 f"{input}: every set has a single alternative ({count(builder.n_dropped, 'set')}), and such sets carry no "
-                "information; the file needs sets with two or more alternatives"
+                f"information; the {table.noun} needs sets with two or more alternatives"
             )
         details["dropped_single_alternative_sets"] = builder.n_dropped
         details["first_dropped_set_id"] = builder.first_dropped

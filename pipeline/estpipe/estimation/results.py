@@ -211,18 +211,28 @@ class Results:
     def __str__(self) -> str:
         return self.table()
 
+    def __repr__(self) -> str:
+        """One line (a REPL's echo; the dataclass's own repr would print every array): what was
+        estimated, whether it converged, where from, and how to see more."""
+        names = ", ".join(self.param_names[:6]) + (", ..." if len(self.param_names) > 6 else "")
+        method = "maximum likelihood" if self.likelihood is not None else f"GMM ({len(self.steps)} steps)"
+        return (f"<estpipe Results: {method}, {count(len(self.params), 'parameter')} ({names}); "
+                f"{'converged' if self.converged else 'NOT converged'}; {self.data.get('path', '')}; "
+                "summary() or to_frame() for the estimates>")
+
     def to_frame(self):
         """A pandas DataFrame, one row per parameter (then per derived quantity, kind "derived"):
-        estimate, std_error, z, p, ci_low, ci_high, truth (NaN where none) and, for an MLE,
-        std_error_classical and std_error_robust. Needs pandas (estpipe[notebook])."""
+        estimate, std_error, z, p, ci_low, ci_high, truth (only when the data has it; NaN on
+        the derived rows) and, for an MLE, std_error_classical and std_error_robust. Needs pandas (estpipe[notebook])."""
         try:
             import pandas as pd
         except ImportError:
             raise UserError('to_frame needs pandas: pip install "estpipe[notebook]"') from None
         zt = self._z()
-        truth = self.truth if self.truth is not None else np.full(len(self.params), np.nan)
         rows = {"kind": ["parameter"] * len(self.params), "estimate": self.params, "std_error": self.std_errors,
-                "z": zt["z"], "p": zt["p"], "ci_low": zt["lower"], "ci_high": zt["upper"], "truth": truth}
+                "z": zt["z"], "p": zt["p"], "ci_low": zt["lower"], "ci_high": zt["upper"]}
+        if self.truth is not None:  # only when the data has it (simulated data), as in the results file
+            rows["truth"] = self.truth
         if self.likelihood is not None:
             if "classical" in self.covariances:
                 rows["std_error_classical"] = self.std_errors_of("classical")
@@ -235,13 +245,16 @@ class Results:
                  "std_error": [d.std_error for d in self.derived], "z": [d.z for d in self.derived],
                  "p": [d.p_value for d in self.derived],
                  "ci_low": [d.estimate - 1.959963984540054 * d.std_error for d in self.derived],
-                 "ci_high": [d.estimate + 1.959963984540054 * d.std_error for d in self.derived], "truth": np.nan},
+                 "ci_high": [d.estimate + 1.959963984540054 * d.std_error for d in self.derived]},
                 index=pd.Index([d.name for d in self.derived], name="parameter"))
+            if "truth" in rows:
+                extra["truth"] = np.nan
             frame = pd.concat([frame, extra])
         return frame
 
     def _repr_html_(self) -> str:
-        """Jupyter's view: the estimates as an HTML table under a one-line caption (escaped)."""
+        """Jupyter's view: the estimates (then the derived quantities) as an HTML table under a
+        one-line caption; every name is escaped."""
         import html
 
         zt = self._z()
@@ -255,6 +268,13 @@ class Results:
             if self.truth is not None:
                 cells.append(f"<td>{self.truth[k]:.5g}</td>")
             body.append("<tr>" + "".join(cells) + "</tr>")
+        if self.derived:  # as the text table shows them: a block of their own (z against each one's null)
+            body.append(f"<tr><th colspan=\"{6 + (self.truth is not None)}\">derived</th></tr>")
+            for d in self.derived:
+                lo, hi = d.estimate - 1.959963984540054 * d.std_error, d.estimate + 1.959963984540054 * d.std_error
+                body.append(f"<tr><th>{html.escape(str(d.name))}</th><td>{d.estimate:.6g}</td><td>{d.std_error:.4g}</td>"
+                            f"<td>{d.z:.3f}</td><td>{d.p_value:.4f}</td><td>[{lo:.5g}, {hi:.5g}]</td>"
+                            + ("<td></td>" if self.truth is not None else "") + "</tr>")
         status = "converged" if self.converged else "NOT converged"
         caption = html.escape(f"{'maximum likelihood' if self.likelihood is not None else 'GMM'}; {self.se_type} "
                               f"standard errors; {status}; {self.data.get('path', '')}")
@@ -263,12 +283,13 @@ class Results:
 
     def report(self, path):
         """Write the HTML report of these results to `path` (estpipe report; needs estpipe[report])."""
-        try:
+        try:  # imported here: the report (and its matplotlib) only when asked for
             from estpipe.report import write_report
         except ImportError as exc:
-            if "estpipe.report" in str(exc) or "No module named 'estpipe.report'" in str(exc):
-                raise UserError("the report module is not available in this estpipe") from None
-            raise UserError(f'the report needs matplotlib: pip install "estpipe[report]" ({exc})') from None
+            if exc.name == "estpipe.report" or "estpipe.report" in str(exc):
+                raise UserError("report: the report module (estpipe.report) is not available yet in this estpipe; "
+                                "write the results with out=... and run `estpipe report` once it is") from None
+            raise
         return write_report(self.to_dict(), path)
 
     def table(self) -> str:
