@@ -271,6 +271,7 @@ def simulated_likelihood_tile(model, tile: TileData, params, chosen, batch_bytes
     if degenerate:
         eta_mean = m.mean_draws(units)
     one_each = bool(np.all(ybar == 1.0))
+    pos_of = {g[0]: np.argmax(g[5], axis=1) for g in groups} if one_each else {}  # the chosen row's place per set
     lp = np.empty((seg.n_sets, step), dtype=dtype)  # log s_chosen per set and draw
     A = np.empty((m.Kr, seg.n_sets, step), dtype=dtype) if weighted else None  # y'x - ybar s_r'x, random columns
     for r0 in range(0, 1 if degenerate else R, step):
@@ -303,7 +304,10 @@ def simulated_likelihood_tile(model, tile: TileData, params, chosen, batch_bytes
             if not safe:  # shift by each set's maximum only where exp could overflow (fused_logit.py)
                 shift = u.real.max(axis=1, keepdims=True)
                 u -= shift
-            lpg = np.einsum("nj,njb->nb", yg, u)
+            if one_each:  # the chosen row's utility: a gather, not a sum over J
+                lpg = u[np.arange(len(sets)), pos_of[J]]
+            else:
+                lpg = np.einsum("nj,njb->nb", yg, u)
             e = np.exp(u, out=u)
             total = e.sum(axis=1)  # (n, B)
             if one_each:
