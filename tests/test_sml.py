@@ -6,6 +6,8 @@ workers that do not change the sums, and recovery and inference on simulated pan
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -247,3 +249,22 @@ def test_inference_over_40_data_sets(tmp_path, sd):
     ratio = est.std(axis=0, ddof=1) / se.mean(axis=0)
     print("coverage", covered / z.size, "sd/se", ratio, "bias/se", (est.mean(axis=0) - truth) / se.mean(axis=0))
     assert np.all((ratio > 0.65) & (ratio < 1.45)), ratio
+
+
+def test_a_stalling_polish_hands_over_to_newton_steps(tmp_path):
+    """On the modechoice data (210 people, in dollars and minutes) the mixed logit's OPG is far
+    from -H: BHHH's polish stops after two slow steps, and Newton steps on the one Hessian
+    converge (before the stall rule it spent all 20 polish steps for nothing)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "estpipe", "load", repo / "data" / "modechoice.csv", tmp_path / "mc.h5",
+                    "--set-col", "individual", "--choice-col", "choice", "--x", "invc,invt,ttme", "--alt-col", "mode",
+                    "--asc"], check=True, capture_output=True)
+    r = estimate(tmp_path / "mc.h5", EstimateOptions(model="mixed-logit", random="invt,ttme", estimator="mle",
+                                                     draws=100, draws_kind="halton"))
+    assert r.converged, r.message
+    polish = int(re.search(r"(\d+) BHHH polish steps?", r.message).group(1))
+    assert polish < 20 and re.search(r"\d+ Newton steps? on it", r.message), r.message

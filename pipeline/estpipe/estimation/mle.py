@@ -36,6 +36,7 @@ from estpipe.text import count
 HESSIAN_STEP = float(np.finfo(float).eps ** (1 / 3))  # central differences: error ~ step^2
 FORWARD_STEP = float(np.sqrt(np.finfo(float).eps))  # forward differences: error ~ step
 POLISH_STEPS = 20
+POLISH_STALL = 0.5  # a polish step that does not halve max |mean score| twice in a row hands over to Newton steps
 
 
 @dataclass
@@ -297,13 +298,23 @@ class Bhhh(MleOptimizer):
     needs_opg = True
     ARMIJO, HALVINGS = 1e-4, 40
 
-    def minimize(self, objective, theta0, gtol, max_iter, accepted=None):
+    def minimize(self, objective, theta0, gtol, max_iter, accepted=None, stall: float | None = None):
+        """stall: stop (unconverged) after two steps in a row that each leave max |mean score|
+        above stall times the last one: the OPG is not -H there and BHHH converges too slowly
+        to be worth its evaluations (the polish then hands over to Newton steps on the Hessian)."""
         theta = np.asarray(theta0, dtype=np.float64).copy()
         f = objective.value(theta)
+        last, slow = None, 0
         for it in range(max_iter):
             g = objective.gradient(theta)
-            if np.max(np.abs(g)) <= gtol:
+            size = float(np.max(np.abs(g)))
+            if size <= gtol:
                 return theta, it, True, "mean score below gtol"
+            if stall is not None and last is not None:
+                slow = slow + 1 if size > stall * last else 0
+                if slow >= 2:
+                    return theta, it, False, "stalled"
+            last = size
             try:
                 d = -np.linalg.solve(objective.opg(theta), g)
             except np.linalg.LinAlgError:
@@ -462,7 +473,7 @@ def maximize(source, settings: MleSettings, x0: np.ndarray, clustered: bool, sta
     before = theta
     objective.needs_opg = True
     theta, _, _, _ = Bhhh().minimize(objective, theta, max(settings.tol, 1e-11), POLISH_STEPS,
-                                     progress.accepted("polish"))
+                                     progress.accepted("polish"), stall=POLISH_STALL)
     objective.needs_opg = False  # the Hessian's and the chord steps' evaluations need no OPG
     theta = np.asarray(theta, dtype=np.float64)
     fit = Maximized(b=theta / D, theta=theta, D=D, n=n, objective=objective, oracle=oracle,
