@@ -114,7 +114,10 @@ class EstimateOptions:
         return asdict(self)
 
     def result_options(self) -> dict:
-        return {k: getattr(self, k) for k in RESULT_OPTIONS if not (k == "estimator" and self.estimator == "gmm")}
+        """The options that change the estimate (a checkpoint of others is refused). GMM's
+        `steps` means nothing to the MLE, so it is not among the MLE's."""
+        skip = {"estimator"} if self.estimator == "gmm" else {"steps"}
+        return {k: getattr(self, k) for k in RESULT_OPTIONS if k not in skip}
 
     def model_options(self) -> dict:
         """The model options given (not at their defaults), for ModelSpec."""
