@@ -271,6 +271,9 @@ def simulated_likelihood_tile(model, tile: TileData, params, chosen, batch_bytes
     if degenerate:
         eta_mean = m.mean_draws(units)
     one_each = bool(np.all(ybar == 1.0))
+    if not len(lognormal):  # per group: X_r L (n, J, Kr) and v + X_r mean (n, J)
+        XL = [g[3] @ L if m.correlated else g[3] * np.diag(L)[None, None, :] for g in groups]
+        vm = [g[4] + g[3] @ means for g in groups]
     pos_of = {g[0]: np.argmax(g[5], axis=1) for g in groups} if one_each else {}  # the chosen row's place per set
     lp = np.empty((seg.n_sets, step), dtype=dtype)  # log s_chosen per set and draw
     A = np.empty((m.Kr, seg.n_sets, step), dtype=dtype) if weighted else None  # y'x - ybar s_r'x, random columns
@@ -282,14 +285,19 @@ def simulated_likelihood_tile(model, tile: TileData, params, chosen, batch_bytes
         else:
             eta = m.unit_draws(units, r0, r1)  # (n_u, Kr, B): draws last, so each coefficient's row is contiguous
         B = r1 - r0
-        if m.correlated:
-            z = np.einsum("il,ulb->uib", L, eta)
+        if len(lognormal):
+            if m.correlated:
+                z = np.einsum("il,ulb->uib", L, eta)
+            else:
+                z = eta * np.diag(L)[None, :, None]
+            z += means[None, :, None]
+            beta = z  # (n_u, Kr, B)
+            for i in lognormal:
+                beta[:, i, :] = signs[i] * np.exp(z[:, i, :])
         else:
-            z = eta * np.diag(L)[None, :, None]
-        z += means[None, :, None]
-        beta = z  # (n_u, Kr, B)
-        for i in lognormal:
-            beta[:, i, :] = signs[i] * np.exp(z[:, i, :])
+            # every coefficient normal: x'beta_r = x'mean + (x'L) eta_r, so the draws enter the
+            # utilities as they are (no (units, Kr, draws) array of coefficients is made)
+            beta = None
         # |beta| from the parameters and the largest |eta| the draws can take (no pass over beta)
         spread = np.abs(L).sum(axis=1).real * (m.draws.max_abs if not degenerate else np.abs(eta_mean).max(initial=0.0))
         reach = np.abs(means.real) + spread
@@ -297,10 +305,15 @@ def simulated_likelihood_tile(model, tile: TileData, params, chosen, batch_bytes
         safe = v_bound + float(reach.max(initial=0.0)) * x_bound < SAFE_UTILITY
         probs = []
         lpb = lp[:, :B]
-        for J, sets, row_idx, Xg, vg, yg, yb, us in groups:
-            bu = beta if own and len(sets) == seg.n_sets else beta[us]  # (n, Kr, B): each set's unit's
-            u = np.matmul(Xg, bu)  # (n, J, B)
-            u += vg[:, :, None]
+        for gi, (J, sets, row_idx, Xg, vg, yg, yb, us) in enumerate(groups):
+            whole = own and len(sets) == seg.n_sets
+            if beta is not None:
+                bu = beta if whole else beta[us]  # (n, Kr, B): each set's unit's
+                u = np.matmul(Xg, bu)  # (n, J, B)
+                u += vg[:, :, None]
+            else:
+                u = np.matmul(XL[gi], eta if whole else eta[us])  # (n, J, B)
+                u += vm[gi][:, :, None]
             if not safe:  # shift by each set's maximum only where exp could overflow (fused_logit.py)
                 shift = u.real.max(axis=1, keepdims=True)
                 u -= shift
