@@ -434,3 +434,33 @@ def test_the_fused_logit_likelihood_is_the_generic_one_in_every_mode(seed):
     a = fused.evaluate(Request.for_likelihood(b, seed_scale=scale))
     g = fused.evaluate(Request.for_likelihood(b))
     np.testing.assert_allclose(a.score, g.score / scale, rtol=1e-14)
+
+
+def test_the_memory_check_of_an_mle_counts_no_dm(tmp_path):
+    """dm is not loaded for a likelihood, so the memory check does not count it: a file whose X
+    fits and whose dm would not passes for --estimator mle and is refused for GMM."""
+    import h5py
+
+    from estpipe.data.problem import read_problem
+    from estpipe.errors import UserError
+    from estpipe.execution.memory import MemoryPool, check_memory
+    from estpipe.execution.planning import plan_partitions
+
+    n_sets, J, M = 1000, 100_000, 40  # 1e8 rows: X 0.8 GB, dm 32 GB (unwritten chunks: a small file)
+    path = tmp_path / "wide.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("offsets", data=np.arange(n_sets + 1, dtype=np.int64) * J)
+        f.create_dataset("X", (n_sets * J, 1), dtype="f8", chunks=(65536, 1))
+        f.create_dataset("dm", (n_sets * J, M), dtype="f8", chunks=(4096, M))
+        for k, v in dict(estpipe_format="choice-data", estpipe_format_version=1, n_sets=n_sets, n_rows=n_sets * J,
+                         n_params=1, n_moments=M, param_names=["a"], moment_names=[f"m{i}" for i in range(M)],
+                         provenance="{}").items():
+            f.attrs[k] = v
+    problem = read_problem(path)
+    parts = plan_partitions(problem.offsets, 1)
+    pools = [MemoryPool("this process", 4 * 2**30, (0,), "use a machine with more memory")]
+    kw = dict(model="logit", derivatives="dual", threads=1, new_processes=False)
+    plan = check_memory(problem, parts, [0], pools, moments=False, **kw)
+    assert plan.data_bytes < 2**30
+    with pytest.raises(UserError, match="will not fit in memory"):
+        check_memory(problem, parts, [0], pools, moments=True, **kw)

@@ -34,7 +34,8 @@ def start_backend(problem, options, plan, log, model: ModelSpec | None = None) -
         partitions = plan(n_workers)
         assignment = [i % n_workers for i in range(len(partitions))]
         check_memory(problem, partitions, assignment, cluster.available_memory(), model=kind,
-                     derivatives=source.derivatives, threads=cluster.threads, new_processes=cluster.new_processes)
+                     derivatives=source.derivatives, threads=cluster.threads, new_processes=cluster.new_processes,
+                     moments=source.moments)
         return partitions, assignment
 
     if cluster.planned_workers is not None:

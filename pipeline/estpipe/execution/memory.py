@@ -164,14 +164,16 @@ class MemoryPool:
 
 
 def check_memory(problem, partitions: list[Partition], assignment: list[int], pools: list[MemoryPool], *,
-                 model: str, derivatives: str, threads: int, new_processes: bool) -> MemoryPlan:
+                 model: str, derivatives: str, threads: int, new_processes: bool, moments: bool = True) -> MemoryPlan:
     """The memory check, before any partition is loaded: refuse (UserError) when the workers of
     a pool would need more than it has. problem: the ChoiceProblem (sizes, chosen, cluster);
     assignment[i]: the worker of partition i; threads: the kernel threads of each worker;
     new_processes: the workers are processes this run is about to start (each charged
-    PROCESS_BYTES)."""
+    PROCESS_BYTES); moments: the partitions hold dm (False for maximum likelihood, which loads
+    none: then dm counts nothing)."""
     n_workers = max((w for pool in pools for w in pool.workers), default=-1) + 1
-    plan = plan_memory(partitions, assignment, n_workers, problem.K, problem.M, problem.has_chosen, problem.has_cluster,
+    plan = plan_memory(partitions, assignment, n_workers, problem.K, problem.M if moments else 0, problem.has_chosen,
+                       problem.has_cluster,
                        new_processes, model=model, derivatives=derivatives, threads=threads)
     for pool in pools:
         need = sum(plan.per_worker[w] for w in pool.workers)
