@@ -194,6 +194,51 @@ class FusedMixed:
 
 
 # -- the simulated likelihood -------------------------------------------------------------------------
+class _Layout:
+    """What simulated_likelihood_tile needs of a tile that no parameter changes: the chosen rows
+    y (rows,) and their count per set, the units (first set of each, ids, each set's unit), the
+    random columns Xr and y'Xr per set, the bound on |x_r| per row, the fixed columns, and the
+    sets grouped by size with their rows, Xr, y, chosen count, unit and chosen row's place.
+    Made once per tile (and set of random columns), kept on the tile's view, which the kernel
+    holds for its lifetime: an evaluation then does only the work the parameters change."""
+
+    def __init__(self, tile: TileData, chosen, rcols: np.ndarray):
+        seg = tile.seg
+        rows_n, K = tile.X.shape
+        self.y = y = np.zeros(rows_n)
+        np.add.at(y, chosen[0], 1.0)
+        self.ybar = ybar = np.add.reduceat(y, seg.starts) if seg.n_sets else np.zeros(0)  # chosen rows per set
+        unit = np.asarray(tile.unit)  # the tile's units: contiguous runs of sets (tiles hold whole units)
+        self.ustart = ustart = (np.flatnonzero(np.r_[True, unit[1:] != unit[:-1]]) if len(unit)
+                                else np.zeros(0, dtype=np.int64))
+        self.units = unit[ustart]
+        self.own = len(ustart) == seg.n_sets  # every set its own unit (no panel): no sums over a unit's sets
+        self.unit_of_set = np.repeat(np.arange(len(ustart)), np.diff(np.r_[ustart, len(unit)]))
+        rset = set(rcols.tolist())
+        self.fixed = np.array([k for k in range(K) if k not in rset], dtype=np.int64)
+        self.Xr = Xr = tile.X[:, rcols]
+        self.x_bound = float(np.abs(Xr).sum(axis=1).max(initial=0.0))
+        # y'x_k per set for the random columns (the weighted parameters' first term)
+        self.yXr = np.add.reduceat(y[:, None] * Xr, seg.starts, axis=0) if seg.n_sets else np.zeros((0, len(rcols)))
+        self.one_each = bool(np.all(ybar == 1.0))
+        self.groups, self.pos_of = [], {}
+        for J in np.unique(seg.sizes):
+            sets = np.flatnonzero(seg.sizes == J)
+            row_idx = seg.starts[sets][:, None] + np.arange(J)[None, :]
+            yg = y[row_idx]
+            self.groups.append((int(J), sets, row_idx, Xr[row_idx], yg, ybar[sets], self.unit_of_set[sets]))
+            if self.one_each:
+                self.pos_of[int(J)] = np.argmax(yg, axis=1)  # the chosen row's place per set
+
+
+def _likelihood_layout(tile: TileData, chosen, rcols: np.ndarray) -> _Layout:
+    key = tuple(int(c) for c in rcols)
+    cache = tile.__dict__.setdefault("_likelihood_layouts", {})
+    if key not in cache:
+        cache[key] = _Layout(tile, chosen, rcols)
+    return cache[key]
+
+
 def simulated_likelihood_tile(model, tile: TileData, params, chosen, batch_bytes: int = BATCH_BYTES):
     """The simulated log-likelihood of the tile's units and their scores (DESIGN.md, "Simulated
     maximum likelihood"): (loglik, loglik_null, n_chosen, S) with S (n_sets, P) holding each
@@ -238,26 +283,13 @@ def simulated_likelihood_tile(model, tile: TileData, params, chosen, batch_bytes
     R = m.draws.R
 
     c_rows, c_sets = chosen
-    y = np.zeros(rows_n)
-    np.add.at(y, c_rows, 1.0)
-    ybar = np.add.reduceat(y, seg.starts) if seg.n_sets else np.zeros(0)  # chosen rows per set (1, or 0)
-    # the tile's units: contiguous runs of sets (tiles hold whole units)
-    unit = np.asarray(tile.unit)
-    ustart = np.flatnonzero(np.r_[True, unit[1:] != unit[:-1]]) if len(unit) else np.zeros(0, dtype=np.int64)
-    units = unit[ustart]
-    n_u = len(units)
-    own = n_u == seg.n_sets  # every set its own unit (no panel): no sums over a unit's sets
-    unit_of_set = np.repeat(np.arange(n_u), np.diff(np.r_[ustart, len(unit)]))
-    rset = set(rcols.tolist())
-    fixed = np.array([k for k in range(K) if k not in rset], dtype=np.int64)
+    lay = _likelihood_layout(tile, chosen, rcols)
+    y, ybar, ustart, units, unit_of_set, Xr, yXr = lay.y, lay.ybar, lay.ustart, lay.units, lay.unit_of_set, lay.Xr, lay.yXr
+    n_u, own, x_bound, one_each, pos_of = len(units), lay.own, lay.x_bound, lay.one_each, lay.pos_of
+    fixed = lay.fixed
     v = tile.X[:, fixed] @ params[fixed] if len(fixed) else np.zeros(rows_n, dtype=dtype)
     v_bound = float(np.abs(v).max(initial=0.0))
-    Xr = tile.X[:, rcols]
-    x_bound = float(np.abs(Xr).sum(axis=1).max(initial=0.0))
-    groups = [(J, sets, row_idx, Xr[row_idx], v[row_idx], y[row_idx], ybar[sets], unit_of_set[sets])
-              for J, sets, row_idx in FusedMixed(model).groups(tile)]
-    # y'x_k per set for the random columns (the weighted parameters' first term)
-    yXr = np.add.reduceat(y[:, None] * Xr, seg.starts, axis=0) if seg.n_sets else np.zeros((0, m.Kr))
+    groups = [(J, sets, row_idx, Xg, v[row_idx], yg, yb, us) for J, sets, row_idx, Xg, yg, yb, us in lay.groups]
 
     mx = np.full(n_u, -np.inf)  # running maximum of l_ur over the draws so far (real)
     tot = np.zeros(n_u, dtype=dtype)  # sum_r exp(l_ur - mx)
@@ -270,11 +302,9 @@ def simulated_likelihood_tile(model, tile: TileData, params, chosen, batch_bytes
     degenerate = not np.any(L)
     if degenerate:
         eta_mean = m.mean_draws(units)
-    one_each = bool(np.all(ybar == 1.0))
     if not len(lognormal):  # per group: X_r L (n, J, Kr) and v + X_r mean (n, J)
         XL = [g[3] @ L if m.correlated else g[3] * np.diag(L)[None, None, :] for g in groups]
         vm = [g[4] + g[3] @ means for g in groups]
-    pos_of = {g[0]: np.argmax(g[5], axis=1) for g in groups} if one_each else {}  # the chosen row's place per set
     lp = np.empty((seg.n_sets, step), dtype=dtype)  # log s_chosen per set and draw
     A = np.empty((m.Kr, seg.n_sets, step), dtype=dtype) if weighted else None  # y'x - ybar s_r'x, random columns
     for r0 in range(0, 1 if degenerate else R, step):
