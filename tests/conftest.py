@@ -46,3 +46,20 @@ def estimate_error_line(path, args, model: str) -> str:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     return one_error_line(done.stderr)
+
+
+def assert_monte_carlo(est, se, truth, zmax: float = 4.5, ratio_range=(0.65, 1.45)):
+    """Recovery and inference over Monte Carlo data sets: est, se (data sets, P), truth (P,).
+    Every estimate within zmax SE of the truth; 95% intervals covering at a binomially consistent
+    rate (two-sided p > 0.001, pooled over parameters); the spread of the estimates over the mean
+    standard error per parameter inside ratio_range. Returns (coverage, sd/se per parameter)."""
+    from scipy.stats import binomtest
+
+    est, se = np.asarray(est), np.asarray(se)
+    z = (est - truth) / se
+    assert np.all(np.abs(z) < zmax), z
+    covered = int(np.sum(np.abs(z) < 1.959964))
+    assert binomtest(covered, z.size, 0.95).pvalue > 0.001, covered / z.size
+    ratio = est.std(axis=0, ddof=1) / se.mean(axis=0)
+    assert np.all((ratio > ratio_range[0]) & (ratio < ratio_range[1])), ratio
+    return covered / z.size, ratio

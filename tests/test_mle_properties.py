@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import assert_monte_carlo
 from estpipe.data.format import ChoiceData, ChoiceDataFile, read_choice_data, write_choice_data
 from estpipe.estimation.mle import HESSIAN_STEP, hessian
 from estpipe.kernel import PartitionKernel
@@ -164,8 +165,6 @@ def test_inference_over_40_data_sets(tmp_path, which):
     """Every estimate within 4.5 standard errors of the truth, the 95% intervals covering at a
     binomially consistent rate (pooled over parameters), and the spread of the estimates that of
     the mean standard error."""
-    from scipy.stats import binomtest
-
     if which == "logit":
         truth, options = LOGIT_TRUE, EstimateOptions(estimator="mle")
     else:
@@ -183,14 +182,8 @@ def test_inference_over_40_data_sets(tmp_path, which):
         est.append(r.params)
         se.append(r.std_errors)
         path.unlink()
-    est, se = np.array(est), np.array(se)
-    z = (est - truth) / se
-    assert np.all(np.abs(z) < 4.5), z
-    covered = int(np.sum(np.abs(z) < 1.959964))
-    assert binomtest(covered, z.size, 0.95).pvalue > 0.001, covered / z.size
-    ratio = est.std(axis=0, ddof=1) / se.mean(axis=0)
-    print(which, "coverage", covered / z.size, "sd/se", ratio)
-    assert np.all((ratio > 0.65) & (ratio < 1.45)), ratio
+    coverage, ratio = assert_monte_carlo(est, se, truth)
+    print(which, "coverage", coverage, "sd/se", ratio)
 
 
 # -- the nested logit at lambda = 1 is the logit, at any beta ---------------------------------------

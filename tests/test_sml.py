@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import assert_monte_carlo
 from estpipe.data.format import ChoiceData, write_choice_data
 from estpipe.dual import Segments
 from estpipe.estimation.mle import HESSIAN_STEP, hessian
@@ -231,8 +232,6 @@ def test_inference_over_40_data_sets(tmp_path, sd):
     """95% intervals cover at a binomially consistent rate and the spread of the estimates is
     that of the standard errors, with R = 200 draws per decision maker (bias ~ 1/R, small
     against the standard errors at this size: Train 2009, section 10.5)."""
-    from scipy.stats import binomtest
-
     truth = np.array([1.0, -0.8, 0.5, sd])
     est, se = [], []
     for seed in range(40):
@@ -241,14 +240,8 @@ def test_inference_over_40_data_sets(tmp_path, sd):
         assert r.converged
         est.append(r.params)
         se.append(r.std_errors)
-    est, se = np.array(est), np.array(se)
-    z = (est - truth) / se
-    assert np.all(np.abs(z) < 4.5), z
-    covered = int(np.sum(np.abs(z) < 1.959964))
-    assert binomtest(covered, z.size, 0.95).pvalue > 0.001, covered / z.size
-    ratio = est.std(axis=0, ddof=1) / se.mean(axis=0)
-    print("coverage", covered / z.size, "sd/se", ratio, "bias/se", (est.mean(axis=0) - truth) / se.mean(axis=0))
-    assert np.all((ratio > 0.65) & (ratio < 1.45)), ratio
+    coverage, ratio = assert_monte_carlo(est, se, truth)
+    print("coverage", coverage, "sd/se", ratio)
 
 
 def test_a_stalling_polish_hands_over_to_newton_steps(tmp_path):

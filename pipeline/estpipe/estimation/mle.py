@@ -152,6 +152,14 @@ class LikelihoodOracle:
             self._memo.popitem(last=False)
         return s
 
+    def exact_hessian(self, b: np.ndarray) -> np.ndarray:
+        """The kernel's exact d2 loglik / db2 (P, P) at b, in one evaluation (only where the
+        first evaluation showed it has one: LikelihoodSums.hessian not None)."""
+        s = self.source.evaluate(Request.for_likelihood(np.array(b, dtype=np.float64), clustered=self.clustered,
+                                                        score=False, opg=False, hessian=True))
+        self.evaluations += 1
+        return s.hessian
+
 
 def hessian(score, b: np.ndarray, steps: np.ndarray) -> np.ndarray:
     """d score / d b (P, P) by central differences of the exact score(b) (P,), steps (P,) in b's
@@ -234,10 +242,7 @@ class LikelihoodObjective:
             e0 = self.oracle.evaluations
             H = None
             if self.exact:
-                s = self.oracle.source.evaluate(Request.for_likelihood(theta / self.D, clustered=self.oracle.clustered,
-                                                                       score=False, opg=False, hessian=True))
-                self.oracle.evaluations += 1
-                H = -s.hessian / np.outer(self.D, self.D) / self.n
+                H = -self.oracle.exact_hessian(theta / self.D) / np.outer(self.D, self.D) / self.n
                 self.hessian_rule = "exact"
             if H is None:  # the gradient at theta is the oracle's memo (the last accepted point)
                 H = forward_hessian(self.gradient, theta, FORWARD_STEP * np.maximum(1.0, np.abs(theta)))
@@ -377,6 +382,7 @@ class Maximized:
     moved: float
     resumed_at: int | None = None  # the optimizer's iterations before this run, when it resumed them
     resumed_polish: bool = False  # this run resumed the polish: its optimizer ran in the runs before
+    progress: "_Progress | None" = None  # the run's state as it went (history, counts)
 
 
 class _Progress:
@@ -480,8 +486,7 @@ def maximize(source, settings: MleSettings, x0: np.ndarray, clustered: bool, sta
                     iterations=progress.iterations, optimizer=optimizer.name, opt_message=progress.message,
                     opt_evaluations=opt_evaluations, polish_steps=progress.polish_steps,
                     moved=float(np.max(np.abs(theta - before))), resumed_at=resumed_at,
-                    resumed_polish=state is not None and state.phase == "polish")
-    fit.progress = progress
+                    resumed_polish=state is not None and state.phase == "polish", progress=progress)
     return fit
 
 

@@ -240,17 +240,21 @@ class Results:
                 rows["std_error_robust"] = self.std_errors_of(self.robust_type)
         frame = pd.DataFrame(rows, index=pd.Index(list(self.param_names), name="parameter"))
         if self.derived:
+            lo, hi = self._derived_intervals()
             extra = pd.DataFrame(
                 {"kind": "derived", "estimate": [d.estimate for d in self.derived],
                  "std_error": [d.std_error for d in self.derived], "z": [d.z for d in self.derived],
-                 "p": [d.p_value for d in self.derived],
-                 "ci_low": [d.estimate - 1.959963984540054 * d.std_error for d in self.derived],
-                 "ci_high": [d.estimate + 1.959963984540054 * d.std_error for d in self.derived]},
+                 "p": [d.p_value for d in self.derived], "ci_low": lo, "ci_high": hi},
                 index=pd.Index([d.name for d in self.derived], name="parameter"))
             if "truth" in rows:
                 extra["truth"] = np.nan
             frame = pd.concat([frame, extra])
         return frame
+
+    def _derived_intervals(self) -> tuple[np.ndarray, np.ndarray]:
+        """The derived quantities' 95% intervals (lower, upper), as z_table makes the parameters'."""
+        t = z_table(np.array([d.estimate for d in self.derived]), np.array([d.std_error for d in self.derived]))
+        return t["lower"], t["upper"]
 
     def _repr_html_(self) -> str:
         """Jupyter's view: the estimates (then the derived quantities) as an HTML table under a
@@ -270,8 +274,7 @@ class Results:
             body.append("<tr>" + "".join(cells) + "</tr>")
         if self.derived:  # as the text table shows them: a block of their own (z against each one's null)
             body.append(f"<tr><th colspan=\"{6 + (self.truth is not None)}\">derived</th></tr>")
-            for d in self.derived:
-                lo, hi = d.estimate - 1.959963984540054 * d.std_error, d.estimate + 1.959963984540054 * d.std_error
+            for d, lo, hi in zip(self.derived, *self._derived_intervals()):
                 body.append(f"<tr><th>{html.escape(str(d.name))}</th><td>{d.estimate:.6g}</td><td>{d.std_error:.4g}</td>"
                             f"<td>{d.z:.3f}</td><td>{d.p_value:.4f}</td><td>[{lo:.5g}, {hi:.5g}]</td>"
                             + ("<td></td>" if self.truth is not None else "") + "</tr>")

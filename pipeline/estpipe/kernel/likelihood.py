@@ -89,6 +89,17 @@ def likelihood_tile(model: Model, params, tile: TileData, ws: Workspace, chosen,
     return (ll if np.iscomplexobj(ll) else float(ll)), null, len(rows), S
 
 
+def _per_set(w: np.ndarray, X: np.ndarray, seg) -> np.ndarray:
+    """sum over each set's rows of w x (n_sets, K); for sets of one size a batched product, with
+    no (rows, K) temporary."""
+    if not seg.n_sets:
+        return np.zeros((0, X.shape[1]))
+    J = seg.equal_size
+    if J:
+        return np.einsum("nj,njk->nk", w.reshape(-1, J), X.reshape(-1, J, X.shape[1]))
+    return np.add.reduceat(w[:, None] * X, seg.starts, axis=0)
+
+
 def fused_logit_likelihood_tile(tile: TileData, params, ws: Workspace, chosen, seed_scale=None,
                                 score: bool = True, per_set: bool = True, hessian: np.ndarray | None = None):
     """The textbook logit's (loglik, loglik_null, n_chosen, S, score) by hand: s from
@@ -102,9 +113,7 @@ def fused_logit_likelihood_tile(tile: TileData, params, ws: Workspace, chosen, s
     null = -float(np.sum(np.log(seg.sizes[sets])))
     if hessian is not None:
         # d2 loglik / db2 = -sum_i X_i'(diag(s_i) - s_i s_i')X_i = -[(X o s)'X - sum_i c_i c_i'], c_i = X_i's_i
-        J = seg.equal_size
-        C = (np.einsum("nj,njk->nk", s.reshape(-1, J), X.reshape(-1, J, X.shape[1])) if J
-             else np.add.reduceat(s[:, None] * X, seg.starts, axis=0)) if seg.n_sets else np.zeros((0, X.shape[1]))
+        C = _per_set(s, X, seg)
         H = C.T @ C - (X * s[:, None]).T @ X
         if seed_scale is not None:
             H /= np.outer(seed_scale, seed_scale)
@@ -114,13 +123,7 @@ def fused_logit_likelihood_tile(tile: TileData, params, ws: Workspace, chosen, s
     np.negative(s, out=s)
     np.add.at(s, rows, 1.0)  # r = y - s
     total = X.T @ s
-    S = None
-    if per_set and seg.n_sets:
-        J = seg.equal_size
-        if J:  # sets of one size: a batched product, no (rows, K) temporary
-            S = np.einsum("nj,njk->nk", s.reshape(-1, J), X.reshape(-1, J, X.shape[1]))
-        else:
-            S = np.add.reduceat(s[:, None] * X, seg.starts, axis=0)
+    S = _per_set(s, X, seg) if per_set else None
     if seed_scale is not None:
         total = total / seed_scale
         S = None if S is None else S / seed_scale
