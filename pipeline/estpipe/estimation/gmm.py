@@ -433,18 +433,8 @@ class FixedParameters:
                        fd_steps=widen(request.fd_steps, 1.0))
 
     def evaluate(self, request):
-        from dataclasses import replace
-
-        sums = self.source.evaluate(self._full(request))
-        if hasattr(sums, "opg"):  # a likelihood's sums (kernel/likelihood.py LikelihoodSums)
-            f = self.free
-            return replace(sums, score=None if sums.score is None else sums.score[f],
-                           opg=None if sums.opg is None else sums.opg[np.ix_(f, f)],
-                           hessian=None if sums.hessian is None else sums.hessian[np.ix_(f, f)],
-                           opg_cluster=None if sums.opg_cluster is None else sums.opg_cluster[np.ix_(f, f)])
-        if sums.gG.shape[1] > 1:
-            sums = replace(sums, gG=sums.gG[:, np.r_[0, 1 + self.free]])
-        return sums
+        # moment or likelihood sums alike: each kind knows its parameters' columns
+        return self.source.evaluate(self._full(request)).restricted(self.free)
 
     def pullback_of(self, request, v):
         return np.asarray(self.source.pullback_of(self._full(request), v))[self.free]

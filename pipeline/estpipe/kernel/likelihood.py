@@ -14,7 +14,7 @@ set. With complex parameters (complex steps) loglik stays complex.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -64,6 +64,17 @@ class LikelihoodSums:
             hessian=plus(self.hessian, other.hessian))
 
     __radd__ = __add__
+
+    def restricted(self, free: np.ndarray) -> "LikelihoodSums":
+        """The sums of the parameters `free` only (the others held fixed:
+        estimation.gmm.FixedParameters): the score's entries, the OPGs' and Hessian's blocks."""
+        f = np.asarray(free)
+
+        def block(a):
+            return None if a is None else a[np.ix_(f, f)]
+
+        return replace(self, score=None if self.score is None else self.score[f], opg=block(self.opg),
+                       opg_cluster=block(self.opg_cluster), hessian=block(self.hessian))
 
     @property
     def nbytes(self) -> int:

@@ -6,7 +6,7 @@ sets of choice sets, so the reducer is plain addition and one partition equals m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -34,6 +34,13 @@ class MomentSums:
     n_units: int = 0
     loglik: float = 0.0
     moment_scale: np.ndarray | None = None
+
+    def restricted(self, free: np.ndarray) -> "MomentSums":
+        """The sums with the Jacobian's columns of the parameters `free` only (the others held
+        fixed: estimation.gmm.FixedParameters)."""
+        if self.gG.shape[1] <= 1:
+            return self
+        return replace(self, gG=self.gG[:, np.r_[0, 1 + np.asarray(free)]])
 
     def __add__(self, other: "MomentSums") -> "MomentSums":
         if isinstance(other, int) and other == 0:  # lets sum() start from 0
