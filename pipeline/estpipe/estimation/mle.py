@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.optimize import minimize
 
-from estpipe.errors import UserError, term
+from estpipe.errors import UserError, cli_flag, term
 from estpipe.estimation.gmm import Reporter, StepRecord
 from estpipe.estimation.inference import delta_method
 from estpipe.kernel.request import Request
@@ -555,6 +555,14 @@ def step_history(history: list[dict]) -> list[dict]:
             for i, h in enumerate(history)]
 
 
+def check_chosen(problem) -> None:
+    """A likelihood needs the chosen rows: a file without them is one UserError line."""
+    if not problem.has_chosen:
+        raise UserError(f"{problem.path}: the file has no chosen rows; {term('estimator')} mle needs them: write the "
+                        f"file with estpipe load {cli_flag('choice_col')} COLUMN (the 0/1 column of the chosen "
+                        "alternative), or use the default GMM estimator")
+
+
 def estimate_mle(source, problem, model, settings: MleSettings, x0: np.ndarray, clustered: bool,
                  reporter: Reporter | None = None, state: MleState | None = None) -> MleEstimate:
     """Maximum likelihood of `model` on the data `source` sums over (see the module docstring).
@@ -565,9 +573,7 @@ def estimate_mle(source, problem, model, settings: MleSettings, x0: np.ndarray, 
     Raises UserError for data without chosen rows, a start that is not finite, or a likelihood
     flat at the estimate."""
     reporter = reporter or Reporter()
-    if not problem.has_chosen:
-        raise UserError(f"{problem.path}: the file has no chosen rows; maximum likelihood needs them: write the file "
-                        "with estpipe load --chosen COLUMN (or use the default GMM estimator)")
+    check_chosen(problem)
     names = list(model.param_names(problem.x_names))
     simulated = bool(getattr(model, "simulated", False))
     reporter.log(f"maximum likelihood: {MLE_OPTIMIZERS.get(settings.optimizer).name} on the exact score, then BHHH "

@@ -20,7 +20,7 @@ import numpy as np
 from estpipe.data.problem import ChoiceProblem, read_problem
 from estpipe.errors import EXIT_NOT_CONVERGED, EXIT_USER, UserError, term
 from estpipe.estimation.gmm import GmmSettings, Reporter, estimate_gmm, logit_start
-from estpipe.estimation.mle import MleSettings, estimate_mle, simulated_start
+from estpipe.estimation.mle import MleSettings, check_chosen, estimate_mle, simulated_start
 from estpipe.estimation.results import Results, Telemetry
 from estpipe.execution import start_backend
 from estpipe.execution.planning import default_partitions, plan_partitions, unit_ids
@@ -120,9 +120,8 @@ class _CheckpointWriter(Reporter):
 def _start(problem: ChoiceProblem, model, options: EstimateOptions) -> np.ndarray:
     P = model.n_params(problem.K)
     names = model.param_names(problem.x_names)
-    if options.estimator == "mle" and not problem.has_chosen:
-        raise UserError(f"{problem.path}: the file has no chosen rows; {term('estimator')} mle needs them: write the "
-                        "file with estpipe load --chosen COLUMN, or use the default GMM estimator")
+    if options.estimator == "mle":
+        check_chosen(problem)
     if problem.M < P and options.estimator == "gmm":
         more = (" (a mixed logit's variances need instruments beyond x, e.g. squares and interactions of the random "
                 "x: estpipe simulate --design mixed-logit writes them)" if model.name == "mixed-logit" else "")
