@@ -23,6 +23,10 @@ from estpipe.jobs.spec import JobSpec
 
 SUBMITTERS = {"slurm": ["sbatch", "--parsable"], "pbs": ["qsub"]}
 SUBMIT_TIMEOUT = 60
+# Seconds a signal waits for an sbatch/qsub in flight: longer than the interrupts' usual bound,
+# since a job the batch system accepts must never be hidden, and a busy controller can take several
+# seconds to answer (CI saw more than 5 s on this machine's one-node Slurm).
+SUBMIT_WAIT_SECONDS = 20.0
 
 
 @dataclass(frozen=True)
@@ -67,8 +71,11 @@ class _SubmitWatch:
     def __call__(self) -> None:
         if self.proc is None:
             return
+        if self.proc.poll() is None:
+            interrupts.say(f"waiting (at most {SUBMIT_WAIT_SECONDS:.0f} s) for {self.command[0]} to say whether it "
+                           f"accepted {self.script}")
         try:
-            self.proc.wait(timeout=interrupts.ACTION_WAIT_SECONDS)
+            self.proc.wait(timeout=SUBMIT_WAIT_SECONDS)
         except subprocess.TimeoutExpired:
             interrupts.say(f"interrupted while {self.command[0]} {self.script} was still running; check the queue "
                            f"({'squeue' if self.kind == 'slurm' else 'qstat'}) for the job")
