@@ -296,8 +296,10 @@ def test_the_default_start_is_a_logit_fit(tmp_path):
 
 def test_which_instruments_identify_lambda(tmp_path):
     """z = x alone: M = 2 moments for 4 parameters, refused. x and x interacted with the nest
-    dummies (M = P = 4): lambda barely identified here (its standard errors are orders of
-    magnitude those of the next case). Adding the attributes of the other alternatives of the same
+    dummies (M = P = 4): lambda barely identified here: the fit wanders off (one lambda towards 0
+    on this machine, where it does not converge), and at least one lambda's standard error is
+    orders of magnitude that of the next case (which one, and by how much, depends on where the
+    wandering fit stops, which rounding decides: CI's machine and this one differ). Adding the attributes of the other alternatives of the same
     nest: lambda recovered within 4 standard errors, which are small."""
     with pytest.raises(UserError, match=r"M = 2 moments for 4 parameters"):
         estimate(_simulate(tmp_path / "x.h5", seed=5, instruments=()), EstimateOptions(model="nested-logit", nests=NESTS))
@@ -307,7 +309,9 @@ def test_which_instruments_identify_lambda(tmp_path):
     truth = np.r_[B_TRUE, np.log(LAMBDA_TRUE)]
     assert np.all(np.abs(strong.params - truth) < 4 * strong.std_errors)
     assert np.all(strong.std_errors[2:] < 0.5)
-    assert np.all(weak.std_errors[2:] > 10 * strong.std_errors[2:]), (weak.std_errors, strong.std_errors)
+    ratio = weak.std_errors[2:] / strong.std_errors[2:]
+    assert np.nanmax(ratio) > 100, (weak.params, weak.std_errors, strong.std_errors)
+    assert np.all(ratio > 3), (weak.params, weak.std_errors, strong.std_errors)
 
 
 def test_partitions_and_dask_workers_give_the_in_process_estimate(tmp_path):
