@@ -102,6 +102,27 @@ def test_fused_loglik_is_the_definition_and_its_scores_are_complex_steps(problem
     np.testing.assert_allclose(S.sum(axis=0), steps, rtol=1e-9, atol=1e-10)
 
 
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=panels(), batch=st.sampled_from([64, 2000, 8 * 2**20]))
+def test_the_exact_hessian_is_the_complex_step_of_the_exact_score(problem, batch):
+    """Every coefficient normal (panels, correlated or not, sets of one alternative, batches of
+    draws, spreads at 0 too): the tile's exact Hessian equals complex steps of its exact score
+    to rounding; with a lognormal coefficient it has none (differences of the score then)."""
+    model, X, offsets, unit, chosen_row, params = problem
+    tile = TileData(X=X, seg=Segments(offsets), alt=None, unit=unit, x_names=tuple(model.x_names))
+    chosen = (chosen_row, np.arange(len(offsets) - 1))
+    ll, null, n, S, H = simulated_likelihood_tile(model, tile, params, chosen, batch_bytes=batch, hessian=True)
+    assert ll == pytest.approx(simulated_likelihood_tile(model, tile, params, chosen, batch_bytes=batch)[0], rel=1e-13)
+    if any(r.sign for r in model.random):
+        assert H is None
+        return
+    h = 1e-30
+    P = len(params)
+    steps = np.column_stack([simulated_likelihood_tile(model, tile, params + 1j * h * np.eye(P)[k], chosen,
+                                                       batch_bytes=batch)[3].sum(axis=0).imag / h for k in range(P)])
+    np.testing.assert_allclose(H, (steps + steps.T) / 2, rtol=1e-10, atol=1e-10 * max(1.0, np.abs(steps).max()))
+
+
 def _panel_file(path, seed, n=2400, J=3, panel_size=4, sd=0.9):
     """A mixed logit with a normal coefficient on x2 (mean -0.8, sd `sd`) drawn once per decision
     maker of `panel_size` sets; x1, x3 fixed."""
@@ -137,6 +158,37 @@ def test_the_hessian_of_central_differences_is_the_complex_step_of_the_exact_sco
     h = 1e-30
     exact = np.column_stack([score(b + 1j * h * np.eye(len(b))[k]).imag / h for k in range(len(b))])
     np.testing.assert_allclose(H, (exact + exact.T) / 2, rtol=1e-6, atol=1e-6 * np.abs(exact).max())
+
+
+def test_the_kernels_exact_hessian_over_tiles_and_seed_scales(tmp_path):
+    """A whole partition (panel units, several tiles on two threads, correlated normals): the
+    exact Hessian the likelihood request returns is the complex step of the kernel's score, also
+    with a seed scale (partials with respect to beta = scale * params); every sums object says
+    whether its kernel has one."""
+    from estpipe.data.format import read_choice_data
+
+    data = read_choice_data(_panel_file(tmp_path / "p.h5", seed=4, n=600))
+    model = get_model("mixed-logit").bind(Facts(3), random="x2,x3", correlated=True, draws=40)
+    kernel = PartitionKernel(data, model=model, x_names=["x1", "x2", "x3"], tile_rows=150, threads=2)
+    assert len(kernel.tiles) > 2
+    b = np.array([0.9, -0.7, 0.4, 0.8, 0.2, 0.5])
+    scale = np.array([1.0, 2.0, 0.5, 1.0, 3.0, 1.0])
+    h = 1e-30
+    for seed_scale in (None, scale):
+        got = kernel.evaluate(Request.for_likelihood(b, seed_scale=seed_scale, score=False, opg=False, hessian=True))
+        assert got.has_hessian
+
+        def score(x):
+            return kernel.evaluate(Request.for_likelihood(x, seed_scale=seed_scale)).score
+
+        exact = np.column_stack([score(b + 1j * h * np.eye(len(b))[k]).imag / h for k in range(len(b))])
+        if seed_scale is not None:
+            exact = exact / seed_scale[None, :]
+        np.testing.assert_allclose(got.hessian, (exact + exact.T) / 2, rtol=1e-10, atol=1e-10 * np.abs(exact).max())
+    lognormal = get_model("mixed-logit").bind(Facts(3), random="x2:lognormal", draws=10)
+    other = PartitionKernel(data, model=lognormal, x_names=["x1", "x2", "x3"])
+    sums = other.evaluate(Request.for_likelihood(np.array([0.9, -0.7, 0.4, 0.3]), hessian=True))
+    assert sums.hessian is None and not sums.has_hessian
 
 
 def test_with_every_sd_at_zero_it_is_the_logit(tmp_path):
@@ -261,3 +313,44 @@ def test_a_stalling_polish_hands_over_to_newton_steps(tmp_path):
     assert r.converged, r.message
     polish = int(re.search(r"(\d+) BHHH polish steps?", r.message).group(1))
     assert polish < 20 and re.search(r"\d+ Newton steps? on it", r.message), r.message
+
+
+class _WithoutExactHessian:
+    """The same kernel with its exact Hessian withheld: the estimator then takes forward
+    differences of the score, the path a lognormal coefficient takes."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def evaluate(self, request):
+        from dataclasses import replace
+
+        return replace(self.kernel.evaluate(request), hessian=None, has_hessian=False)
+
+
+def test_the_estimators_exact_hessian_gives_the_forward_differences_errors_in_one_evaluation(tmp_path):
+    """The whole estimator on panel data, clustered: with the exact Hessian the estimate, the
+    classical and the robust covariance are those of forward differences (which are ~1e-8
+    relative), in one Hessian evaluation instead of P, and the message says which."""
+    from types import SimpleNamespace
+
+    from estpipe.data.format import read_choice_data
+    from estpipe.estimation.mle import MleSettings, estimate_mle
+
+    path = _panel_file(tmp_path / "p.h5", seed=8, n=1200, panel_size=4)
+    data = read_choice_data(path)
+    model = get_model("mixed-logit").bind(Facts(3), random="x2,x3", correlated=True, draws=60)
+    problem = SimpleNamespace(has_chosen=True, x_names=["x1", "x2", "x3"], has_panel=True, path=str(path))
+    start = np.r_[0.8, -0.6, 0.4, 0.5, 0.0, 0.5]
+    kernel = PartitionKernel(data, model=model, x_names=problem.x_names)
+    exact = estimate_mle(kernel, problem, model, MleSettings(), start, clustered=True)
+    forward = estimate_mle(_WithoutExactHessian(PartitionKernel(data, model=model, x_names=problem.x_names)),
+                           problem, model, MleSettings(), start, clustered=True)
+    P = len(start)
+    assert exact.converged and forward.converged
+    assert exact.hessian_evaluations == 1 and "Hessian (exact) 1 evaluation" in exact.message, exact.message
+    assert forward.hessian_evaluations == P and "forward differences" in forward.message
+    np.testing.assert_allclose(exact.params, forward.params, rtol=1e-7, atol=1e-8)
+    assert set(exact.covariances) == set(forward.covariances) >= {"classical", "clustered"}
+    for kind, cov in exact.covariances.items():
+        np.testing.assert_allclose(cov, forward.covariances[kind], rtol=1e-5, atol=1e-5 * np.abs(cov).max())

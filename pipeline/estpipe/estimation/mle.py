@@ -8,7 +8,8 @@ starts no back end and knows no flag. The log-likelihood is maximized by an MLE_
 (bfgs, l-bfgs-b, bhhh, trust-newton) on the exact gradient in standardized parameters theta = D b
 (D_k = the root mean square of unit scores at the start, so the optimizer sees no data units),
 then polished by BHHH steps (the OPG comes with every evaluation). ONE Hessian at the final
-estimate, exact where the kernel has one (the textbook logit), else the forward difference of the
+estimate, exact where the kernel has one (the textbook logit; the mixed logit with normal
+coefficients), else the forward difference of the
 exact gradient (P evaluations; none when trust-newton has it there), then gives the classical
 standard errors
 (-H)^-1 and, with the OPG B, the robust sandwich H^-1 B H^-1 (clustered: B from cluster sums).
@@ -136,8 +137,8 @@ class LikelihoodOracle:
         self._memo: OrderedDict[bytes, object] = OrderedDict()
 
     def sums(self, b: np.ndarray, opg: bool = True, hessian: bool = False):
-        """hessian: ask for the exact Hessian too (the first evaluation does, to learn whether the
-        kernel has one: LikelihoodSums.hessian is None where it has not)."""
+        """hessian: ask for the exact Hessian too (where the kernel has one: every evaluation's
+        LikelihoodSums.has_hessian says whether it has)."""
         b = np.asarray(b, dtype=np.float64)
         key = b.tobytes()
         hit = self._memo.get(key)
@@ -450,7 +451,7 @@ def maximize(source, settings: MleSettings, x0: np.ndarray, clustered: bool, sta
     Raises UserError when the log-likelihood is not finite at the start."""
     oracle = LikelihoodOracle(source, clustered)
     b0 = np.asarray(x0 if state is None else state.params, dtype=np.float64)
-    s0 = oracle.sums(b0, hessian=True)
+    s0 = oracle.sums(b0)
     if not (math.isfinite(s0.loglik) and np.all(np.isfinite(s0.score))):
         where = "the start" if state is None else "the checkpoint's parameters"
         raise UserError(f"the log-likelihood is not finite at {where} ({s0.loglik!r}); give {term('start')} with "
@@ -463,7 +464,7 @@ def maximize(source, settings: MleSettings, x0: np.ndarray, clustered: bool, sta
         D = np.asarray(state.D, dtype=np.float64)
     optimizer = MLE_OPTIMIZERS.get(settings.optimizer)
     objective = LikelihoodObjective(oracle, D, n, needs_opg=optimizer.needs_opg)
-    objective.exact = s0.hessian is not None
+    objective.exact = s0.has_hessian
     progress = _Progress(objective, D, state, on_state, on_iteration)
     theta = b0 * D
     progress.last_theta = theta
@@ -584,9 +585,9 @@ def estimate_mle(source, problem, model, settings: MleSettings, x0: np.ndarray, 
         # GMM's finished checkpoint likewise goes straight to the inference at its estimate
         oracle = LikelihoodOracle(source, clustered)
         D = np.asarray(state.D, dtype=np.float64)
-        s0 = oracle.sums(state.params, hessian=True)
+        s0 = oracle.sums(state.params)
         objective = LikelihoodObjective(oracle, D, s0.n_units)
-        objective.exact, n = s0.hessian is not None, s0.n_units
+        objective.exact, n = s0.has_hessian, s0.n_units
         theta = state.params * D
         nit, newton = state.iterations, state.polish_steps
         progress = None

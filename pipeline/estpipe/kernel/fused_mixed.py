@@ -29,6 +29,9 @@ from estpipe.kernel.tiles import TileData
 
 # Bytes of one (sets, J, draws) array per batch: the batch of draws is chosen to fit it.
 BATCH_BYTES = 8 * 2**20
+# Bytes of one (sets, P, draws) array of the exact Hessian's batch: under the 32 MiB glibc serves
+# from its kept heap (kernel/blas.py keep_freed_memory), so that no batch maps and faults in fresh pages.
+HESSIAN_BATCH_BYTES = 16 * 2**20
 # Row-draws per tile (the tile's rows times R), and the fewest rows a tile holds.
 TILE_ROW_DRAWS = 2**20
 MIN_TILE_ROWS = 256
@@ -239,7 +242,15 @@ def _likelihood_layout(tile: TileData, chosen, rcols: np.ndarray) -> _Layout:
     return cache[key]
 
 
-def simulated_likelihood_tile(model, tile: TileData, params, chosen, batch_bytes: int = BATCH_BYTES):
+def has_exact_hessian(model) -> bool:
+    """Whether simulated_likelihood_tile gives the exact Hessian of this model's simulated
+    log-likelihood: every random coefficient normal (the utilities are then linear in the
+    parameters draw by draw; a lognormal's are not, and it takes differences of the score)."""
+    return not any(r.sign for r in model.random)
+
+
+def simulated_likelihood_tile(model, tile: TileData, params, chosen, batch_bytes: int = BATCH_BYTES,
+                              hessian: bool = False):
     """The simulated log-likelihood of the tile's units and their scores (DESIGN.md, "Simulated
     maximum likelihood"): (loglik, loglik_null, n_chosen, S) with S (n_sets, P) holding each
     unit's score on the unit's first set (zeros elsewhere), so that sums over sets are sums over
@@ -260,7 +271,22 @@ def simulated_likelihood_tile(model, tile: TileData, params, chosen, batch_bytes
     weighted ones through c_trk = s_tr' x_tk for the random columns only.
 
     params: (P,) float, or complex for complex steps (every operation is analytic: the shifts
-    are taken from real parts); chosen: (rows, sets) the tile's chosen rows and their sets."""
+    are taken from real parts); chosen: (rows, sets) the tile's chosen rows and their sets.
+
+    hessian (real params, every coefficient normal: has_exact_hessian): also the exact
+    d2 loglik / dtheta2 (P, P) summed over the tile's units, as a fifth element. With every
+    coefficient normal, draw r's utilities are linear in theta, z_tjr,p = x_tj,k(p) e_r,c(p)
+    (e_r0 = 1, e_r,l+1 = eta_rl), so
+
+        d2 log L_u = sum_r w_ur (H_ur + g_ur g_ur') - g_u g_u'
+        H_ur = -sum_t ybar_t (sum_j s_tjr z_tjr z_tjr' - zbar_tr zbar_tr'),  zbar_tr = s_tr' z_tr
+        g_ur = sum_t (y_t - ybar_t s_tr)' z_tr
+
+    accumulated over the batches of draws like the score: sum_r w_ur sum_j s_tjr z z' through
+    Omega_tj[c, d] = sum_r w_ur s_tjr e_rc e_rd (one product over the draws per set), the
+    zbar zbar' and g g' terms through (P, B) x (B, P) products per set and per unit. Measured
+    against the P evaluations of forward differences in scripts/bench_peers_mle.py (DESIGN,
+    "Simulated maximum likelihood")."""
     m = model
     rows_n, K = tile.X.shape
     seg = tile.seg
@@ -281,6 +307,7 @@ def simulated_likelihood_tile(model, tile: TileData, params, chosen, batch_bytes
     weighted = [(int(r.column), i, "beta", -1) for i, r in enumerate(random) if r.sign]
     weighted += [(K + j, i, "beta_eta" if random[i].sign else "eta", l) for j, (i, l) in enumerate(pairs)]
     R = m.draws.R
+    want_h = bool(hessian) and not len(lognormal) and not np.iscomplexobj(params)
 
     c_rows, c_sets = chosen
     lay = _likelihood_layout(tile, chosen, rcols)
@@ -296,10 +323,19 @@ def simulated_likelihood_tile(model, tile: TileData, params, chosen, batch_bytes
     Qg = [np.zeros((len(g[1]), g[0]), dtype=dtype) for g in groups]  # per group: sum_r exp(l_ur - mx) s_tr
     Gw = np.zeros((n_u, len(weighted)), dtype=dtype)  # sum_r exp(l_ur - mx) dl_ur/dtheta_p, weighted p
     step = max(1, min(R, batch_bytes // (8 * max(1, rows_n, seg.n_sets * max(1, m.Kr)))))
+    if want_h:  # (sets, draws, P) arrays per batch
+        step = max(1, min(step, (HESSIAN_BATCH_BYTES * batch_bytes // BATCH_BYTES) // (8 * max(1, seg.n_sets * P))))
+        kP = np.r_[np.arange(K), [int(rcols[i]) for i, _ in pairs]].astype(np.int64)  # the column p moves
+        cP = np.r_[np.zeros(K, dtype=np.int64), [l + 1 for _, l in pairs]].astype(np.int64)  # its draw weight
+        C = m.Kr + 1
+        Xfull = [tile.X[g[2]][:, :, kP] for g in lay.groups]  # (n, J, P): x_tj,k(p)
+        yXP = (np.add.reduceat(y[:, None] * tile.X, seg.starts, axis=0)[:, kP] if seg.n_sets
+               else np.zeros((0, P)))  # y_t'x_t,k(p) per set
+        Hu = np.zeros((n_u, P, P))
     # With every spread entry 0 (the logit: a mixed logit's default start is a logit fit) no
     # utility depends on the draw, every w_ur is 1/R, and the weighted scores are linear in eta:
     # one "draw", the units' mean eta, gives the likelihood and every score exactly.
-    degenerate = not np.any(L)
+    degenerate = not np.any(L) and not want_h  # the Hessian needs every draw (E[eta eta'], not E[eta]^2)
     if degenerate:
         eta_mean = m.mean_draws(units)
     if not len(lognormal):  # per group: X_r L (n, J, Kr) and v + X_r mean (n, J)
@@ -387,6 +423,8 @@ def simulated_likelihood_tile(model, tile: TileData, params, chosen, batch_bytes
                 else:
                     W = beta[:, i, :] * eta[:, l, :]
                 Gw[:, q] += np.einsum("ub,ub->u", W, wA[i])
+        if want_h:
+            _hessian_batch(Hu, rescale, w, eta, C, cP, K, groups, probs, Xfull, yXP, ustart, own, one_each, seg.n_sets, P)
     loglik_u = mx + np.log(tot) - (0.0 if degenerate else np.log(R))
     q = np.empty(rows_n, dtype=dtype)
     for (J, sets, row_idx, *_), Q in zip(groups, Qg):
@@ -399,4 +437,62 @@ def simulated_likelihood_tile(model, tile: TileData, params, chosen, batch_bytes
     for qi, (p, _, _, _) in enumerate(weighted):
         S[ustart, p] = Gw[:, qi] / tot
     null = -float(np.sum(np.log(seg.sizes[c_sets]))) if len(c_sets) else 0.0
-    return np.sum(loglik_u), null, len(c_rows), S
+    if not hessian:
+        return np.sum(loglik_u), null, len(c_rows), S
+    H = None
+    if want_h:
+        gu = S[ustart]  # (n_u, P) the units' scores
+        H = np.einsum("upq,u->pq", Hu, 1.0 / tot) - gu.T @ gu
+        H = (H + H.T) / 2
+    return np.sum(loglik_u), null, len(c_rows), S, H
+
+
+def _hessian_batch(Hu, rescale, w, eta, C, cP, K, groups, probs, Xfull, yXP, ustart, own, one_each, n_sets, P):
+    """One batch of draws' share of sum_r w_ur (H_ur + g_ur g_ur') per unit, added to Hu
+    (n_u, P, P) after rescaling it like the other running sums (simulated_likelihood_tile).
+    The products over the draws are weighted by sqrt(w) on both sides (A'A: numpy's matmul then
+    takes BLAS's symmetric rank-k update), and a spread parameter's weight eta_rl multiplies
+    only its own columns (the other columns' weight is 1)."""
+    n_u, B = w.shape
+    Hu *= rescale[:, None, None]
+    # e_rc e_rd (e_r0 = 1) for c <= d, draws last: (n_u, pairs, B)
+    pairs = [(c, d) for c in range(C) for d in range(c, C)]
+    pair_of = np.empty((C, C), dtype=np.int64)
+    F = np.empty((n_u, len(pairs), B))
+    for i, (c, d) in enumerate(pairs):
+        pair_of[c, d] = pair_of[d, c] = i
+        if c == 0:
+            F[:, i] = 1.0 if d == 0 else eta[:, d - 1]
+        else:
+            np.multiply(eta[:, c - 1], eta[:, d - 1], out=F[:, i])
+    pair_pq = pair_of[cP[:, None], cP[None, :]]  # (P, P): which Omega entry weighs z_p z_q
+    sw = np.sqrt(w)
+    eta_p = eta[:, cP[K:] - 1, :]  # (n_u, spreads, B): e_r,c(p) for p >= K
+    T = np.empty((n_sets, P, P))  # ybar_t (sum_r w_ur sum_j s z z' - sum_r w_ur zbar zbar')
+    A = np.empty((n_sets, P, B))  # (y_t - ybar_t s_tr)' z_tr, draws last (contiguous products)
+    for (J, sets, row_idx, Xg, vg, yg, yb, us), e, Xt in zip(groups, probs, Xfull):
+        whole = own and len(sets) == n_sets
+        wg, swg, Fg, eg = (w, sw, F, eta_p) if whole else (w[us], sw[us], F[us], eta_p[us])
+        Om = np.matmul(e * wg[:, None, :], Fg.transpose(0, 2, 1))  # (n, J, pairs): Omega_tj
+        M = np.einsum("njp,njq,njpq->npq", Xt, Xt, Om[:, :, pair_pq])  # sum_r w_ur sum_j s z z'
+        Z = np.matmul(Xt.transpose(0, 2, 1), e)  # (n, P, B): s_tr' x_t,k(p)
+        Zs = Z * swg[:, None, :]
+        Zs[:, K:] *= eg  # sqrt(w_ur) zbar_tr
+        M -= np.matmul(Zs, Zs.transpose(0, 2, 1))
+        # (y_t - ybar_t s_tr)' z_tr = e_r,c(p) (y_t'x_t,k(p) - ybar_t s_tr' x_t,k(p))
+        if one_each:
+            np.subtract(yXP[sets][:, :, None], Z, out=Z)
+        else:
+            M *= yb[:, None, None]
+            Z *= -yb[:, None, None]
+            Z += yXP[sets][:, :, None]
+        Z[:, K:] *= eg
+        if whole:
+            T, A = M, Z
+        else:
+            T[sets] = M
+            A[sets] = Z
+    Au = A if own else np.add.reduceat(A, ustart, axis=0)  # g_ur (n_u, P, B)
+    Au *= sw[:, None, :]
+    Hu += np.matmul(Au, Au.transpose(0, 2, 1))
+    Hu -= T if own else np.add.reduceat(T, ustart, axis=0)

@@ -20,7 +20,7 @@ import numpy as np
 
 from estpipe.dual import Workspace, seed
 from estpipe.kernel.fused_logit import FusedLogit, logit_probabilities
-from estpipe.kernel.fused_mixed import simulated_likelihood_tile
+from estpipe.kernel.fused_mixed import has_exact_hessian, simulated_likelihood_tile
 from estpipe.kernel.tiles import TileData
 from estpipe.kernel.units import UnitSums
 from estpipe.models.base import Model, call_model
@@ -48,6 +48,9 @@ class LikelihoodSums:
     opg_cluster: np.ndarray | None = None
     n_clusters: int = 0
     hessian: np.ndarray | None = None  # (P, P) d2 loglik / d beta2, exact, when requested and the kernel has it
+    # whether the kernel has the exact Hessian (whether or not this request asked for it): the
+    # optimizer learns it from its first evaluation without paying for one
+    has_hessian: bool = False
 
     def __add__(self, other: "LikelihoodSums") -> "LikelihoodSums":
         if isinstance(other, int) and other == 0:  # lets sum() start from 0
@@ -61,7 +64,7 @@ class LikelihoodSums:
             loglik=self.loglik + other.loglik, loglik_null=self.loglik_null + other.loglik_null,
             score=plus(self.score, other.score), opg=plus(self.opg, other.opg), n_units=self.n_units + other.n_units,
             opg_cluster=plus(self.opg_cluster, other.opg_cluster), n_clusters=self.n_clusters + other.n_clusters,
-            hessian=plus(self.hessian, other.hessian))
+            hessian=plus(self.hessian, other.hessian), has_hessian=self.has_hessian and other.has_hessian)
 
     __radd__ = __add__
 
@@ -168,7 +171,8 @@ def likelihood_sums(kernel, request) -> LikelihoodSums:
     simulated = getattr(kernel.model, "simulated", False)
     fused = isinstance(kernel.strategy, FusedLogit) and not request.complex_step
     want_score, want_opg = request.score, request.opg
-    exact_hessian = fused and request.hessian
+    has_hessian = not request.complex_step and (fused or (simulated and has_exact_hessian(kernel.model)))
+    exact_hessian = request.hessian and has_hessian
 
     def work(ws, tiles):
         total = [0.0, 0.0, 0]
@@ -180,9 +184,14 @@ def likelihood_sums(kernel, request) -> LikelihoodSums:
             i = index[tile.set_start]
             chosen = kernel._chosen[i]
             if simulated:
-                ll, null, n, S = simulated_likelihood_tile(kernel.model, kernel.view(tile), request.params, chosen)
+                out = simulated_likelihood_tile(kernel.model, kernel.view(tile), request.params, chosen,
+                                                hessian=exact_hessian)
+                ll, null, n, S = out[:4]
                 if request.seed_scale is not None:
                     S = S / request.seed_scale
+                if exact_hessian:
+                    H += out[4] if request.seed_scale is None else out[4] / np.outer(request.seed_scale,
+                                                                                     request.seed_scale)
                 tile_score = S.sum(axis=0)
             elif fused:
                 ll, null, n, S, tile_score = fused_logit_likelihood_tile(kernel.view(tile), request.params, ws, chosen,
@@ -223,4 +232,4 @@ def likelihood_sums(kernel, request) -> LikelihoodSums:
         loglik_null=float(sum(p[0][1] for p in parts)), score=sum(p[1] for p in parts) if want_score else None,
         opg=None if units is None else units.hh, n_units=n_units,
         opg_cluster=None if clusters is None else clusters.hh, n_clusters=n_clusters,
-        hessian=sum(p[4] for p in parts) if exact_hessian else None)
+        hessian=sum(p[4] for p in parts) if exact_hessian else None, has_hessian=has_hessian)

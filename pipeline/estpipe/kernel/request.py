@@ -20,7 +20,7 @@ COVARIANCE = "covariance"
 LIKELIHOOD = "likelihood"
 SCORE = "score"  # with likelihood: the score sum
 OPG = "opg"  # with likelihood: the per-unit (and per-cluster) score outer products
-HESSIAN = "hessian"  # with likelihood: the exact Hessian, where the kernel has one (the textbook logit)
+HESSIAN = "hessian"  # with likelihood: the exact Hessian, where the kernel has one (the textbook logit, a normal mixed logit)
 QUANTITIES = (MOMENTS, JACOBIAN, COVARIANCE, LIKELIHOOD, SCORE, OPG, HESSIAN)
 
 
