@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -105,3 +109,31 @@ def test_registry_entries(name):
 def test_unknown_model_lists_the_allowed_names():
     with pytest.raises(UserError, match=r"unknown model 'probit'; allowed: logit, logit-signed"):
         get_model("probit")
+
+
+def test_draws_use_scipys_qmc_engines_without_importing_scipy_stats():
+    """models/draws.py loads scipy.stats._qmc without scipy.stats' package __init__ (0.7 s of
+    distributions and docstrings): in a fresh process the engines are scipy's own, scipy.stats
+    is not imported by it, and a later `import scipy.stats` works and shares the same engines,
+    whose points are those scipy.stats.qmc gives."""
+    code = textwrap.dedent("""
+        import sys
+        import numpy as np
+        from estpipe.models import draws
+        with draws._qmc() as q:
+            points = {k: getattr(q, k)(d=3, scramble=True, seed=4).random(64) for k in ("Halton", "Sobol")}
+        cells = {k: draws._base_cells(k, 64, 3, 4) for k in ("halton", "sobol")}
+        assert "scipy.stats" not in sys.modules, "scipy.stats was imported"
+        import scipy.stats
+        from scipy.stats import qmc
+        assert scipy.stats.norm.cdf(0.0) == 0.5
+        for k, p in points.items():
+            assert getattr(qmc, k) is getattr(q, k)
+            assert np.array_equal(getattr(qmc, k)(d=3, scramble=True, seed=4).random(64), p)
+        draws._base_cells.cache_clear()
+        for k, c in cells.items():  # made again with scipy.stats imported: the same
+            assert np.array_equal(draws._base_cells(k, 64, 3, 4), c)
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "ok", done.stderr[-2000:]

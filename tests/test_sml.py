@@ -160,6 +160,34 @@ def test_the_hessian_of_central_differences_is_the_complex_step_of_the_exact_sco
     np.testing.assert_allclose(H, (exact + exact.T) / 2, rtol=1e-6, atol=1e-6 * np.abs(exact).max())
 
 
+@pytest.mark.parametrize("scale", [1.0, 60.0])
+def test_a_cross_section_in_linear_scale_is_the_definition(monkeypatch, scale):
+    """Every unit one set (no panel): with tame utilities the draws' weights come from the chosen
+    probabilities themselves (no log, no exp per draw); scaled up 60 times they are not tame and
+    take the log scale. Both are the definition, and the linear path equals the log path (forced
+    by TAME_UTILITY = 0) in the loglik, the scores and the exact Hessian."""
+    from estpipe.kernel import fused_mixed
+
+    rng = np.random.default_rng(11)
+    sizes = rng.integers(1, 6, 40)
+    offsets = np.r_[0, np.cumsum(sizes)].astype(np.int64)
+    X = scale * rng.standard_normal((offsets[-1], 3))
+    chosen_row = offsets[:-1] + rng.integers(0, sizes)
+    unit = np.arange(len(sizes))
+    model = get_model("mixed-logit").bind(Facts(3, panel=False), random="x1,x3", correlated=True, draws=30,
+                                          draws_kind="halton")
+    params = np.array([0.5, -0.4, 0.3, 0.6, 0.2, 0.4])
+    tile = TileData(X=X, seg=Segments(offsets), alt=None, unit=unit, x_names=tuple(model.x_names))
+    chosen = (chosen_row, np.arange(len(sizes)))
+    ll, _, _, S, H = simulated_likelihood_tile(model, tile, params, chosen, batch_bytes=2000, hessian=True)
+    np.testing.assert_allclose(ll, reference_loglik(model, X, offsets, unit, chosen_row, params).real, rtol=1e-12)
+    monkeypatch.setattr(fused_mixed, "TAME_UTILITY", 0.0)
+    ll0, _, _, S0, H0 = simulated_likelihood_tile(model, tile, params, chosen, batch_bytes=2000, hessian=True)
+    np.testing.assert_allclose(ll, ll0, rtol=1e-13)
+    np.testing.assert_allclose(S, S0, rtol=1e-11, atol=1e-12 * np.abs(S0).max())
+    np.testing.assert_allclose(H, H0, rtol=1e-10, atol=1e-12 * np.abs(H0).max())
+
+
 def test_the_kernels_exact_hessian_over_tiles_and_seed_scales(tmp_path):
     """A whole partition (panel units, several tiles on two threads, correlated normals): the
     exact Hessian the likelihood request returns is the complex step of the kernel's score, also

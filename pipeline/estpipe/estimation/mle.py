@@ -135,11 +135,15 @@ class LikelihoodOracle:
         self.source, self.clustered = source, clustered
         self.evaluations = 0
         self._memo: OrderedDict[bytes, object] = OrderedDict()
+        # the OPG with every score where it costs no extra pass (LikelihoodSums.opg_with_score,
+        # learned from the first evaluation): the polish's first point is then the optimizer's last
+        self.opg_always = False
 
     def sums(self, b: np.ndarray, opg: bool = True, hessian: bool = False):
         """hessian: ask for the exact Hessian too (where the kernel has one: every evaluation's
         LikelihoodSums.has_hessian says whether it has)."""
         b = np.asarray(b, dtype=np.float64)
+        opg = opg or self.opg_always
         key = b.tobytes()
         hit = self._memo.get(key)
         if hit is not None and (hit.opg is not None or not opg) and (hit.hessian is not None or not hessian):
@@ -147,6 +151,7 @@ class LikelihoodOracle:
             return hit
         s = self.source.evaluate(Request.for_likelihood(b.copy(), clustered=self.clustered, opg=opg, hessian=hessian))
         self.evaluations += 1
+        self.opg_always = bool(getattr(s, "opg_with_score", False))
         self._memo[key] = s
         self._memo.move_to_end(key)
         while len(self._memo) > self.MEMO:

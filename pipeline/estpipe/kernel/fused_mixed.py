@@ -37,6 +37,10 @@ TILE_ROW_DRAWS = 2**20
 MIN_TILE_ROWS = 256
 # Below this |utility| exp cannot overflow and no set's sum can underflow (kernel/fused_logit.py).
 SAFE_UTILITY = 600.0
+# Below this |utility| no choice probability is under exp(-2 x 300 - log J), far from underflow:
+# a decision maker of one set then has exp(l_ur) = s_chosen,r itself, and its simulated likelihood
+# needs no log and no exp per draw (simulated_likelihood_tile, "linear").
+TAME_UTILITY = 300.0
 
 
 class FusedMixed:
@@ -319,6 +323,8 @@ def simulated_likelihood_tile(model, tile: TileData, params, chosen, batch_bytes
     groups = [(J, sets, row_idx, Xg, v[row_idx], yg, yb, us) for J, sets, row_idx, Xg, yg, yb, us in lay.groups]
 
     mx = np.full(n_u, -np.inf)  # running maximum of l_ur over the draws so far (real)
+    ml = np.zeros(n_u)  # the same as exp(l_ur), when linear
+    linear = False
     tot = np.zeros(n_u, dtype=dtype)  # sum_r exp(l_ur - mx)
     Qg = [np.zeros((len(g[1]), g[0]), dtype=dtype) for g in groups]  # per group: sum_r exp(l_ur - mx) s_tr
     Gw = np.zeros((n_u, len(weighted)), dtype=dtype)  # sum_r exp(l_ur - mx) dl_ur/dtheta_p, weighted p
@@ -368,7 +374,11 @@ def simulated_likelihood_tile(model, tile: TileData, params, chosen, batch_bytes
         spread = np.abs(L).sum(axis=1).real * (m.draws.max_abs if not degenerate else np.abs(eta_mean).max(initial=0.0))
         reach = np.abs(means.real) + spread
         reach = np.where(signs != 0, np.exp(np.minimum(reach, 700.0)), reach)
-        safe = v_bound + float(reach.max(initial=0.0)) * x_bound < SAFE_UTILITY
+        bound = v_bound + float(reach.max(initial=0.0)) * x_bound
+        safe = bound < SAFE_UTILITY
+        # every unit one set with one chosen row, utilities tame: l_ur = log s_chosen,r is not
+        # needed, exp(l_ur) is the probability itself (a log and an exp per draw saved)
+        linear = own and one_each and bound < TAME_UTILITY  # the same in every batch (no draw enters bound)
         probs = []
         lpb = lp[:, :B]
         for gi, (J, sets, row_idx, Xg, vg, yg, yb, us) in enumerate(groups):
@@ -383,30 +393,40 @@ def simulated_likelihood_tile(model, tile: TileData, params, chosen, batch_bytes
             if not safe:  # shift by each set's maximum only where exp could overflow (fused_logit.py)
                 shift = u.real.max(axis=1, keepdims=True)
                 u -= shift
-            if one_each:  # the chosen row's utility: a gather, not a sum over J
+            if linear:
+                pass
+            elif one_each:  # the chosen row's utility: a gather, not a sum over J
                 lpg = u[np.arange(len(sets)), pos_of[J]]
             else:
                 lpg = np.einsum("nj,njb->nb", yg, u)
             e = np.exp(u, out=u)
             total = e.sum(axis=1)  # (n, B)
-            if one_each:
+            if linear:
+                pass
+            elif one_each:
                 lpg -= np.log(total)  # sum_j y_j u_j - log sum_j exp(u_j); shifts cancel
             else:
                 lpg -= yb[:, None] * np.log(total)
             e *= (1.0 / total)[:, None, :]
             probs.append(e)  # s_tr
-            lpb[sets] = lpg
+            lpb[sets] = e[np.arange(len(sets)), pos_of[J]] if linear else lpg  # s_chosen,r, or its log
             if weighted:
                 for i in range(m.Kr):  # c_ri = s_r' x_i per set and draw, by a product over J
                     Ai = np.einsum("njb,nj->nb", e, Xg[:, :, i])
                     Ai *= -yb[:, None]
                     Ai += yXr[sets, i][:, None]
                     A[i, sets, :B] = Ai
-        lu = lpb if own else np.add.reduceat(lpb, ustart, axis=0)  # (n_u, B): l_ur
-        new = np.maximum(mx, lu.real.max(axis=1))
-        rescale = np.where(np.isfinite(mx), np.exp(mx - new), 0.0)
-        mx = new
-        w = np.exp(lu - mx[:, None])  # (n_u, B)
+        lu = lpb if own else np.add.reduceat(lpb, ustart, axis=0)  # (n_u, B): l_ur, or exp(l_ur) when linear
+        if linear:  # the same running sums with the maximum in linear scale (ml; mx = log ml at the end)
+            new = np.maximum(ml, lu.real.max(axis=1))
+            rescale = ml / new
+            ml = new
+            w = lu / ml[:, None]
+        else:
+            new = np.maximum(mx, lu.real.max(axis=1))
+            rescale = np.where(np.isfinite(mx), np.exp(mx - new), 0.0)
+            mx = new
+            w = np.exp(lu - mx[:, None])  # (n_u, B)
         tot = tot * rescale + w.sum(axis=1)
         for (J, sets, row_idx, Xg, vg, yg, yb, us), e, Q in zip(groups, probs, Qg):
             Q *= rescale[us][:, None]
@@ -425,6 +445,8 @@ def simulated_likelihood_tile(model, tile: TileData, params, chosen, batch_bytes
                 Gw[:, q] += np.einsum("ub,ub->u", W, wA[i])
         if want_h:
             _hessian_batch(Hu, rescale, w, eta, C, cP, K, groups, probs, Xfull, yXP, ustart, own, one_each, seg.n_sets, P)
+    if linear:
+        mx = np.log(ml)
     loglik_u = mx + np.log(tot) - (0.0 if degenerate else np.log(R))
     q = np.empty(rows_n, dtype=dtype)
     for (J, sets, row_idx, *_), Q in zip(groups, Qg):

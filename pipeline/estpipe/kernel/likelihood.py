@@ -51,6 +51,10 @@ class LikelihoodSums:
     # whether the kernel has the exact Hessian (whether or not this request asked for it): the
     # optimizer learns it from its first evaluation without paying for one
     has_hessian: bool = False
+    # whether the per-unit scores come with the score at no extra pass over the data (every kernel
+    # but the fused logit's, which makes per-set scores only for the OPG): the optimizer then asks
+    # for the OPG with every score, so BHHH's polish after BFGS needs no evaluation of its own
+    opg_with_score: bool = False
 
     def __add__(self, other: "LikelihoodSums") -> "LikelihoodSums":
         if isinstance(other, int) and other == 0:  # lets sum() start from 0
@@ -64,7 +68,8 @@ class LikelihoodSums:
             loglik=self.loglik + other.loglik, loglik_null=self.loglik_null + other.loglik_null,
             score=plus(self.score, other.score), opg=plus(self.opg, other.opg), n_units=self.n_units + other.n_units,
             opg_cluster=plus(self.opg_cluster, other.opg_cluster), n_clusters=self.n_clusters + other.n_clusters,
-            hessian=plus(self.hessian, other.hessian), has_hessian=self.has_hessian and other.has_hessian)
+            hessian=plus(self.hessian, other.hessian), has_hessian=self.has_hessian and other.has_hessian,
+            opg_with_score=self.opg_with_score and other.opg_with_score)
 
     __radd__ = __add__
 
@@ -232,4 +237,5 @@ def likelihood_sums(kernel, request) -> LikelihoodSums:
         loglik_null=float(sum(p[0][1] for p in parts)), score=sum(p[1] for p in parts) if want_score else None,
         opg=None if units is None else units.hh, n_units=n_units,
         opg_cluster=None if clusters is None else clusters.hh, n_clusters=n_clusters,
-        hessian=sum(p[4] for p in parts) if exact_hessian else None, has_hessian=has_hessian)
+        hessian=sum(p[4] for p in parts) if exact_hessian else None, has_hessian=has_hessian,
+        opg_with_score=not fused)

@@ -21,7 +21,12 @@ moments differ from the normal's by O(4^-16) ~ 2e-10, far below the simulation e
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+import threading
+import types
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -72,13 +77,63 @@ def _hash(seed: int, *keys: np.ndarray) -> np.ndarray:
     return h
 
 
+_qmc_lock = threading.Lock()
+
+
+@contextmanager
+def _qmc():
+    """scipy's quasi-Monte Carlo engines (scipy.stats.qmc's, from scipy.stats._qmc), for the
+    length of the block.
+
+    `from scipy.stats import qmc` runs scipy.stats' package __init__, which builds every
+    distribution and its docstrings: 0.7 s of a 6 s mixed-logit command on this 2-core machine
+    (cProfile and -X importtime, 2026-12-03), against 0.01 s for the engines' own modules. So,
+    unless scipy.stats is imported already, the block runs with a bare package entry for
+    scipy.stats (its real spec, so that Sobol's direction numbers load as package resources)
+    that is removed at its end: the engines are scipy's own code, and a later `import
+    scipy.stats` runs the real __init__, which finds _qmc loaded and uses it
+    (tests/test_models.py checks that both give the same engines and points). If loading fails
+    (a scipy whose _qmc needs its package's names), every module it added is dropped and the
+    plain import is used. Under a lock: tiles make draws on several threads."""
+    with _qmc_lock:
+        if "scipy.stats" in sys.modules:
+            from scipy.stats import qmc
+            yield qmc
+            return
+        import scipy
+
+        before = set(sys.modules)
+        bare = types.ModuleType("scipy.stats")
+        bare.__spec__ = importlib.util.find_spec("scipy.stats")
+        bare.__path__ = list(bare.__spec__.submodule_search_locations)
+        bare.__package__ = "scipy.stats"
+        sys.modules["scipy.stats"] = bare
+        try:
+            try:
+                from scipy.stats import _qmc as module
+                module.Halton, module.Sobol  # noqa: B018 (the engines the draws use)
+            except Exception:
+                module = None
+            if module is not None:
+                yield module
+                return
+        finally:
+            if sys.modules.get("scipy.stats") is bare:
+                del sys.modules["scipy.stats"]
+            if vars(scipy).get("stats") is bare:  # (not hasattr: scipy's lazy __getattr__ would import it)
+                del scipy.stats
+        for name in set(sys.modules) - before:
+            if name.startswith("scipy.stats"):
+                del sys.modules[name]
+        from scipy.stats import qmc
+        yield qmc
+
+
 @lru_cache(maxsize=8)
 def _base_cells(kind: str, R: int, dims: int, seed: int) -> np.ndarray:
     """(R, dims) uint32: the base sequence's cells on the 2^16 grid (kept for the run: R x dims)."""
-    from scipy.stats import qmc
-
-    engine = (qmc.Sobol if kind == "sobol" else qmc.Halton)(d=dims, scramble=True, seed=seed)
-    with warnings.catch_warnings():
+    with _qmc() as qmc, warnings.catch_warnings():
+        engine = (qmc.Sobol if kind == "sobol" else qmc.Halton)(d=dims, scramble=True, seed=seed)
         warnings.simplefilter("ignore")  # Sobol warns when R is not a power of two
         points = engine.random(R)
     return np.minimum((points * CELLS).astype(np.uint32), np.uint32(CELLS - 1))
