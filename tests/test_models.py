@@ -137,3 +137,31 @@ def test_draws_use_scipys_qmc_engines_without_importing_scipy_stats():
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_draws_fall_back_to_the_plain_scipy_stats_import():
+    """Where scipy.stats._qmc cannot be loaded on its own (simulated: an import hook refuses it
+    once), the draws come from the plain `from scipy.stats import qmc`, the same points."""
+    code = textwrap.dedent("""
+        import sys
+        import numpy as np
+
+        class RefuseOnce:
+            refused = False
+            def find_spec(self, name, path=None, target=None):
+                if name == "scipy.stats._qmc" and not RefuseOnce.refused:
+                    RefuseOnce.refused = True
+                    raise ImportError("refused once")
+                return None
+
+        sys.meta_path.insert(0, RefuseOnce())
+        from estpipe.models import draws
+        cells = draws._base_cells("sobol", 32, 2, 5)
+        assert RefuseOnce.refused and "scipy.stats" in sys.modules
+        from scipy.stats import qmc
+        ref = qmc.Sobol(d=2, scramble=True, seed=5).random(32)
+        assert np.array_equal(cells, np.minimum((ref * draws.CELLS).astype(np.uint32), np.uint32(draws.CELLS - 1)))
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -104,12 +104,12 @@ def _qmc():
 
         before = set(sys.modules)
         bare = types.ModuleType("scipy.stats")
-        bare.__spec__ = importlib.util.find_spec("scipy.stats")
-        bare.__path__ = list(bare.__spec__.submodule_search_locations)
-        bare.__package__ = "scipy.stats"
-        sys.modules["scipy.stats"] = bare
         try:
             try:
+                bare.__spec__ = importlib.util.find_spec("scipy.stats")
+                bare.__path__ = list(bare.__spec__.submodule_search_locations)
+                bare.__package__ = "scipy.stats"
+                sys.modules["scipy.stats"] = bare
                 from scipy.stats import _qmc as module
                 module.Halton, module.Sobol  # noqa: B018 (the engines the draws use)
             except Exception:
@@ -132,10 +132,17 @@ def _qmc():
 @lru_cache(maxsize=8)
 def _base_cells(kind: str, R: int, dims: int, seed: int) -> np.ndarray:
     """(R, dims) uint32: the base sequence's cells on the 2^16 grid (kept for the run: R x dims)."""
-    with _qmc() as qmc, warnings.catch_warnings():
-        engine = (qmc.Sobol if kind == "sobol" else qmc.Halton)(d=dims, scramble=True, seed=seed)
-        warnings.simplefilter("ignore")  # Sobol warns when R is not a power of two
-        points = engine.random(R)
+    def points(qmc):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Sobol warns when R is not a power of two
+            return (qmc.Sobol if kind == "sobol" else qmc.Halton)(d=dims, scramble=True, seed=seed).random(R)
+
+    try:
+        with _qmc() as qmc:
+            points = points(qmc)
+    except Exception:  # the engines failed without their package: with it, as scipy documents them
+        from scipy.stats import qmc
+        points = points(qmc)
     return np.minimum((points * CELLS).astype(np.uint32), np.uint32(CELLS - 1))
 
 
