@@ -464,3 +464,28 @@ def test_the_memory_check_of_an_mle_counts_no_dm(tmp_path):
     assert plan.data_bytes < 2**30
     with pytest.raises(UserError, match="will not fit in memory"):
         check_memory(problem, parts, [0], pools, moments=True, **kw)
+
+
+class _FlatValley:
+    """-loglik/n of a likelihood nearly flat along theta_2 (its OPG ~ 0 there): f = 1 + 1e-9 theta_1
+    + 1e-27 theta_2 + theta_2^2, with B = diag(1, 1e-40). BHHH's direction -B^-1 g has a tiny
+    predicted decrease (below f's rounding) yet a step of 1e13 along theta_2."""
+
+    def value(self, theta):
+        return 1.0 + 1e-9 * theta[0] + 1e-27 * theta[1] + theta[1] ** 2
+
+    def gradient(self, theta):
+        return np.array([1e-9, 1e-27 + 2 * theta[1]])
+
+    def opg(self, theta):
+        return np.diag([1.0, 1e-40])
+
+
+def test_bhhh_never_takes_a_step_that_worsens_the_likelihood_beyond_its_rounding():
+    """Found on the modechoice mixed logit at 200 draws, where the polish took a step of 4e51 that
+    made -loglik 2e54: a full step below f's rounding is taken only if f stays within it."""
+    from estpipe.estimation.mle import Bhhh
+
+    theta, iterations, ok, message = Bhhh().minimize(_FlatValley(), np.zeros(2), gtol=1e-12, max_iter=5)
+    assert not ok and iterations == 0 and np.array_equal(theta, np.zeros(2)), (theta, message)
+    assert "rounding" in message

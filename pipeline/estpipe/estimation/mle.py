@@ -331,10 +331,16 @@ class Bhhh(MleOptimizer):
             except np.linalg.LinAlgError:
                 return theta, it, False, "the OPG is singular"
             slope, t = float(g @ d), 1.0
-            if -slope <= 1e4 * np.finfo(float).eps * max(1.0, abs(f)):
+            rounding = 1e4 * np.finfo(float).eps * max(1.0, abs(f))
+            if -slope <= rounding:
                 # the decrease predicted is below f's rounding: a line search on f sees only noise
-                # there, so the full step is taken, on the gradient's word
-                theta, f = theta + d, objective.value(theta + d)
+                # there, so the full step is taken on the gradient's word, provided f stays within
+                # its rounding (where the OPG is near singular, d can be huge: the modechoice mixed
+                # logit at 200 draws had a step of 4e51 that took -loglik from 173 to 2e54)
+                ft = objective.value(theta + d)
+                if not ft <= f + rounding:  # (halving such a step would spend evaluations on noise)
+                    return theta, it, False, "a step below the log-likelihood's rounding made it worse"
+                theta, f = theta + d, ft
                 if accepted is not None:
                     accepted(theta)
                 continue
