@@ -489,3 +489,19 @@ def test_bhhh_never_takes_a_step_that_worsens_the_likelihood_beyond_its_rounding
     theta, iterations, ok, message = Bhhh().minimize(_FlatValley(), np.zeros(2), gtol=1e-12, max_iter=5)
     assert not ok and iterations == 0 and np.array_equal(theta, np.zeros(2)), (theta, message)
     assert "rounding" in message
+
+
+def test_a_flat_simulated_likelihood_suggests_more_draws():
+    """The one line for a Hessian that is not negative definite names the parameters; for a
+    simulated likelihood it also suggests more draws (the modechoice mixed logit at 200 Halton
+    draws ran off to such a point, where 100, 300, 500 and 1000 draws converge)."""
+    from estpipe.errors import UserError
+    from estpipe.estimation.mle import _inverse_negative
+
+    H = -np.diag([2.0, 1.0, 0.0])
+    for simulated in (False, True):
+        with pytest.raises(UserError) as err:
+            _inverse_negative(H, ["a", "b", "sd_c"], "the estimate", simulated)
+        line = str(err.value)
+        assert "\n" not in line and "sd_c" in line.split("identify")[1].split(";")[0]
+        assert ("draws" in line) == simulated, line

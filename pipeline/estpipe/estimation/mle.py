@@ -195,7 +195,7 @@ def forward_hessian(score, b: np.ndarray, steps: np.ndarray, g0: np.ndarray | No
     return (H + H.T) / 2
 
 
-def _inverse_negative(H: np.ndarray, names: list[str], where: str) -> np.ndarray:
+def _inverse_negative(H: np.ndarray, names: list[str], where: str, simulated: bool = False) -> np.ndarray:
     """(-H)^-1, or a UserError naming the parameters the likelihood does not identify."""
     w, V = np.linalg.eigh(-H)
     top = float(np.max(np.abs(w), initial=0.0))
@@ -204,7 +204,9 @@ def _inverse_negative(H: np.ndarray, names: list[str], where: str) -> np.ndarray
         worst = np.argsort(-np.abs(V[:, k]))[:3]
         raise UserError(f"the log-likelihood is flat or not concave at {where} (smallest curvature {w.min():.3g}, "
                         f"largest {top:.3g}): the data do not identify {', '.join(names[i] for i in worst)}; drop or "
-                        f"fix those parameters, or give {term('start')} nearer the estimate")
+                        f"fix those parameters, or give {term('start')} nearer the estimate"
+                        + (f", or more {term('draws')} (with few draws per decision maker a simulated likelihood "
+                           "can lack an interior maximum)" if simulated else ""))
     inv = (V / w) @ V.T
     return (inv + inv.T) / 2
 
@@ -648,7 +650,7 @@ def estimate_mle(source, problem, model, settings: MleSettings, x0: np.ndarray, 
     use_clusters = clustered and s.opg_cluster is not None
     if H is not None:
         # H is d^2(-loglik/n)/d theta^2; d score/d b = -n D H D
-        classical = _inverse_negative(-n * H * np.outer(D, D), names, "the estimate")
+        classical = _inverse_negative(-n * H * np.outer(D, D), names, "the estimate", simulated)
         B = s.opg_cluster if use_clusters else s.opg
         robust = classical @ B @ classical
         robust = (robust + robust.T) / 2
@@ -660,7 +662,7 @@ def estimate_mle(source, problem, model, settings: MleSettings, x0: np.ndarray, 
     flip = np.outer(signs, signs)
     covariances = {} if H is None else {"classical": classical * flip, robust_name: robust * flip}
     if se_type == "bhhh":  # the inverse OPG over units (BHHH's curvature), the information identity's other side
-        covariances["bhhh"] = _inverse_negative(-s.opg, names, "the estimate (its OPG)") * flip
+        covariances["bhhh"] = _inverse_negative(-s.opg, names, "the estimate (its OPG)", simulated) * flip
     P, n_units = len(b), int(s.n_units)
     ll, null = float(s.loglik), float(s.loglik_null)
     likelihood = {
