@@ -153,6 +153,18 @@ def test_top_level_help_imports_none_of_the_layers_behind_the_registries():
     assert proc.stderr.strip() == ""
 
 
+def test_an_estimate_refused_for_bad_input_imports_no_scipy(tmp_path):
+    """scipy (0.7 s of imports here) is imported where it is used, so a run refused for a missing
+    file or a bad option answers in the time of the interpreter and the CLI alone."""
+    code = ("import sys\nfrom estpipe.entry import main\nsys.argv = ['estpipe', 'estimate', sys.argv[1]]\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+            "print(code, sorted({m.split('.')[0] + '.' + m.split('.')[1] for m in sys.modules "
+            "if m.startswith('scipy.')}))")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "missing.h5")], capture_output=True, text=True)
+    assert proc.stdout.strip() == "2 []", (proc.stdout, proc.stderr)
+    assert "missing.h5" in proc.stderr
+
+
 def test_unknown_command_exits_2():
     proc = _estpipe("frobnicate")
     assert proc.returncode == 2

@@ -15,7 +15,6 @@ linear, so their tangents are the same operation on the partials.
 from __future__ import annotations
 
 import numpy as np
-from scipy import sparse
 
 from estpipe.dual.block import Dual
 from estpipe.dual.segments import Segments
@@ -103,21 +102,34 @@ def _csr_product(indptr, indices, data, A: np.ndarray, n_out: int, out: np.ndarr
     shape = (n_out,) + A.shape[1:]
     if out is None:
         out = np.empty(shape, dtype=np.result_type(data.dtype, A.dtype))
-    if _csr_matvecs is not None and A.dtype == np.float64 and data.dtype == np.float64 and out.dtype == np.float64 \
+    kernel = _csr_matvecs()
+    if kernel is not None and A.dtype == np.float64 and data.dtype == np.float64 and out.dtype == np.float64 \
             and out.flags.c_contiguous:
         A = np.ascontiguousarray(A)
         out[...] = 0.0
         columns = 1 if A.ndim == 1 else A.shape[1]
-        _csr_matvecs(n_out, A.shape[0], columns, indptr, indices, data, A.reshape(-1), out.reshape(-1))
+        kernel(n_out, A.shape[0], columns, indptr, indices, data, A.reshape(-1), out.reshape(-1))
         return out
+    from scipy import sparse
+
     out[...] = sparse.csr_matrix((data, indices, indptr), shape=(n_out, A.shape[0])) @ A
     return out
 
 
-try:  # scipy's CSR times dense kernel (y += A x for several x), private but stable since scipy 0.x
-    from scipy.sparse._sparsetools import csr_matvecs as _csr_matvecs
-except ImportError:  # pragma: no cover
-    _csr_matvecs = None
+_CSR_MATVECS = []  # [kernel or None] once looked up
+
+
+def _csr_matvecs():
+    """scipy's CSR times dense kernel (y += A x for several x), private but stable since scipy 0.x;
+    None without it. Imported when first used (scipy.sparse costs 0.2 s of a process's start, which
+    a run refused for bad input, or one without nests, does not need)."""
+    if not _CSR_MATVECS:
+        try:
+            from scipy.sparse._sparsetools import csr_matvecs
+        except ImportError:  # pragma: no cover
+            csr_matvecs = None
+        _CSR_MATVECS.append(csr_matvecs)
+    return _CSR_MATVECS[0]
 
 
 # -- dual operations over groups ---------------------------------------------------------------

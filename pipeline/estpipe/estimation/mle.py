@@ -25,7 +25,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.optimize import minimize
 
 from estpipe.errors import UserError, cli_flag, term
 from estpipe.estimation.gmm import Reporter, StepRecord
@@ -287,6 +286,8 @@ class ScipyQuasiNewton(MleOptimizer):
         opts = {"gtol": gtol, "maxiter": max_iter}
         if self.method == "L-BFGS-B":
             opts["ftol"] = np.finfo(float).eps  # let gtol decide, as for BFGS
+        from scipy.optimize import minimize  # (imported when used: a refused run needs no scipy)
+
         r = minimize(objective.value, theta0, jac=objective.gradient, method=self.method, options=opts,
                      callback=_scipy_callback(accepted))
         return r.x, int(r.nit), bool(r.success), str(r.message)
@@ -366,6 +367,8 @@ class TrustNewton(MleOptimizer):
     description = "scipy trust-exact with the Hessian (exact, or forward differences of the exact score: P evaluations each)"
 
     def minimize(self, objective, theta0, gtol, max_iter, accepted=None):
+        from scipy.optimize import minimize
+
         r = minimize(objective.value, theta0, jac=objective.gradient, hess=objective.hessian, method="trust-exact",
                      options={"gtol": gtol, "maxiter": max_iter}, callback=_scipy_callback(accepted))
         return r.x, int(r.nit), bool(r.success), str(r.message)

@@ -13,7 +13,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.optimize import least_squares, minimize
 
 from estpipe.errors import term
 from estpipe.estimation.scaling import Scaling
@@ -219,6 +218,8 @@ class GaussNewton(Optimizer):
     needs_jacobian = True
 
     def minimize(self, objective, theta0, tol, max_iter, accepted):
+        from scipy.optimize import least_squares  # (imported when used: a refused run needs no scipy)
+
         r = least_squares(
             objective.residual, theta0, jac=objective.residual_jacobian, method="trf", xtol=tol, ftol=tol,
             gtol=GAUSS_NEWTON_GTOL, max_nfev=10 * max_iter + 10,
@@ -244,6 +245,8 @@ class QuasiNewton(Optimizer):
             # L-BFGS-B also stops when the objective falls by less than ftol * max(|f|, 1); leave
             # the decision to gtol, as for BFGS.
             opts["ftol"] = np.finfo(float).eps
+        from scipy.optimize import minimize
+
         r = minimize(objective.value_and_gradient, theta0, jac=True, method=self.method, options=opts,
                      callback=lambda intermediate_result: accepted(intermediate_result.x))
         success, message = bool(r.success), str(r.message)

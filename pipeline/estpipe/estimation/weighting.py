@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.linalg import LinAlgError, cholesky, solve_triangular
+from numpy.linalg import LinAlgError  # scipy.linalg's is numpy's
 
 from estpipe.errors import UserError, term
 from estpipe.estimation.linalg import GRAM_TOL, minimal_dependent_principal
@@ -93,6 +93,8 @@ class WeightMatrix:
             d = self.diag if normalized else self.diag * math.exp(self.log_q / 2)
             return a * (d if a.ndim == 1 else d[:, None])
         E = self.E if a.ndim == 1 else self.E[:, None]
+        from scipy.linalg import solve_triangular
+
         out = solve_triangular(self.chol, a / E, lower=True)
         return out * math.exp(-self.log_q / 2) if normalized else out
 
@@ -100,6 +102,8 @@ class WeightMatrix:
         """A' r (M,): pulls a residual-space vector back to the scaled moments."""
         if self.diag is not None:
             return r * self.diag
+        from scipy.linalg import solve_triangular
+
         return solve_triangular(self.chol, r, lower=True, trans="T") / self.E * math.exp(-self.log_q / 2)
 
     def normalized_objective(self, g_scaled: np.ndarray) -> float:
@@ -137,6 +141,8 @@ class WeightMatrix:
             return cls(kind=d["kind"], R=R, log_q=float(d["log_q"]), diag=np.array(d["diag"], dtype=np.float64))
         S = np.array(d["S"], dtype=np.float64)
         E = np.sqrt(np.diag(S))
+        from scipy.linalg import cholesky
+
         chol = cholesky(S / np.outer(E, E), lower=True)
         return cls(kind="inverse-covariance", R=R, log_q=float(d["log_q"]), S=S, E=E, chol=chol)
 
@@ -146,6 +152,8 @@ def _factor(S: np.ndarray, moment_names: list[str], n_units: int, where: str,
     """E = sqrt(diag S) and the Cholesky factor of the correlation matrix S / (E E'), checked."""
     check_covariance(S, moment_names, n_units, where, units)
     E = np.sqrt(np.diag(S))
+    from scipy.linalg import cholesky
+
     try:
         chol = cholesky(S / np.outer(E, E), lower=True)
     except LinAlgError:
