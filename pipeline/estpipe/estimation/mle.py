@@ -150,7 +150,7 @@ class LikelihoodOracle:
             return hit
         s = self.source.evaluate(Request.for_likelihood(b.copy(), clustered=self.clustered, opg=opg, hessian=hessian))
         self.evaluations += 1
-        self.opg_always = bool(getattr(s, "opg_with_score", False))
+        self.opg_always = s.opg_with_score
         self._memo[key] = s
         self._memo.move_to_end(key)
         while len(self._memo) > self.MEMO:

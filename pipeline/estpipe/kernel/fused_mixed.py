@@ -393,20 +393,12 @@ def simulated_likelihood_tile(model, tile: TileData, params, chosen, batch_bytes
             if not safe:  # shift by each set's maximum only where exp could overflow (fused_logit.py)
                 shift = u.real.max(axis=1, keepdims=True)
                 u -= shift
-            if linear:
-                pass
-            elif one_each:  # the chosen row's utility: a gather, not a sum over J
-                lpg = u[np.arange(len(sets)), pos_of[J]]
-            else:
-                lpg = np.einsum("nj,njb->nb", yg, u)
+            if not linear:  # the chosen rows' utility: a gather when one per set, not a sum over J
+                lpg = u[np.arange(len(sets)), pos_of[J]] if one_each else np.einsum("nj,njb->nb", yg, u)
             e = np.exp(u, out=u)
             total = e.sum(axis=1)  # (n, B)
-            if linear:
-                pass
-            elif one_each:
-                lpg -= np.log(total)  # sum_j y_j u_j - log sum_j exp(u_j); shifts cancel
-            else:
-                lpg -= yb[:, None] * np.log(total)
+            if not linear:  # sum_j y_j u_j - ybar log sum_j exp(u_j); shifts cancel
+                lpg -= np.log(total) if one_each else yb[:, None] * np.log(total)
             e *= (1.0 / total)[:, None, :]
             probs.append(e)  # s_tr
             lpb[sets] = e[np.arange(len(sets)), pos_of[J]] if linear else lpg  # s_chosen,r, or its log
@@ -490,8 +482,9 @@ def _hessian_batch(Hu, rescale, w, eta, C, cP, K, groups, probs, Xfull, yXP, ust
     pair_pq = pair_of[cP[:, None], cP[None, :]]  # (P, P): which Omega entry weighs z_p z_q
     sw = np.sqrt(w)
     eta_p = eta[:, cP[K:] - 1, :]  # (n_u, spreads, B): e_r,c(p) for p >= K
-    T = np.empty((n_sets, P, P))  # ybar_t (sum_r w_ur sum_j s z z' - sum_r w_ur zbar zbar')
-    A = np.empty((n_sets, P, B))  # (y_t - ybar_t s_tr)' z_tr, draws last (contiguous products)
+    T = A = None  # per set: ybar_t (sum_r w_ur sum_j s z z' - sum_r w_ur zbar zbar') (n_sets, P, P), and
+    # (y_t - ybar_t s_tr)' z_tr (n_sets, P, B), draws last (contiguous products); one group of all
+    # sets (every set its own unit) makes them directly
     for (J, sets, row_idx, Xg, vg, yg, yb, us), e, Xt in zip(groups, probs, Xfull):
         whole = own and len(sets) == n_sets
         wg, swg, Fg, eg = (w, sw, F, eta_p) if whole else (w[us], sw[us], F[us], eta_p[us])
@@ -512,6 +505,8 @@ def _hessian_batch(Hu, rescale, w, eta, C, cP, K, groups, probs, Xfull, yXP, ust
         if whole:
             T, A = M, Z
         else:
+            if T is None:
+                T, A = np.empty((n_sets, P, P)), np.empty((n_sets, P, B))
             T[sets] = M
             A[sets] = Z
     Au = A if own else np.add.reduceat(A, ustart, axis=0)  # g_ur (n_u, P, B)

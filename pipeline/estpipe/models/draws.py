@@ -92,9 +92,10 @@ def _qmc():
     scipy.stats (its real spec, so that Sobol's direction numbers load as package resources)
     that is removed at its end: the engines are scipy's own code, and a later `import
     scipy.stats` runs the real __init__, which finds _qmc loaded and uses it
-    (tests/test_models.py checks that both give the same engines and points). If loading fails
-    (a scipy whose _qmc needs its package's names), every module it added is dropped and the
-    plain import is used. Under a lock: tiles make draws on several threads."""
+    (tests/test_models.py checks that both give the same engines and points). If the block
+    fails (a scipy whose _qmc needs its package's names), every module it added is dropped and
+    the error raised: _base_cells then takes the plain import. Under a lock: tiles make draws on
+    several threads."""
     with _qmc_lock:
         if "scipy.stats" in sys.modules:
             from scipy.stats import qmc
@@ -104,45 +105,40 @@ def _qmc():
 
         before = set(sys.modules)
         bare = types.ModuleType("scipy.stats")
+        done = False
         try:
-            try:
-                bare.__spec__ = importlib.util.find_spec("scipy.stats")
-                bare.__path__ = list(bare.__spec__.submodule_search_locations)
-                bare.__package__ = "scipy.stats"
-                sys.modules["scipy.stats"] = bare
-                from scipy.stats import _qmc as module
-                module.Halton, module.Sobol  # noqa: B018 (the engines the draws use)
-            except Exception:
-                module = None
-            if module is not None:
-                yield module
-                return
+            bare.__spec__ = importlib.util.find_spec("scipy.stats")
+            bare.__path__ = list(bare.__spec__.submodule_search_locations)
+            bare.__package__ = "scipy.stats"
+            sys.modules["scipy.stats"] = bare
+            from scipy.stats import _qmc as module
+            yield module
+            done = True
         finally:
             if sys.modules.get("scipy.stats") is bare:
                 del sys.modules["scipy.stats"]
             if vars(scipy).get("stats") is bare:  # (not hasattr: scipy's lazy __getattr__ would import it)
                 del scipy.stats
-        for name in set(sys.modules) - before:
-            if name.startswith("scipy.stats"):
-                del sys.modules[name]
-        from scipy.stats import qmc
-        yield qmc
+            if not done:
+                for name in set(sys.modules) - before:
+                    if name.startswith("scipy.stats"):
+                        del sys.modules[name]
 
 
 @lru_cache(maxsize=8)
 def _base_cells(kind: str, R: int, dims: int, seed: int) -> np.ndarray:
     """(R, dims) uint32: the base sequence's cells on the 2^16 grid (kept for the run: R x dims)."""
-    def points(qmc):
+    def make(qmc):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Sobol warns when R is not a power of two
             return (qmc.Sobol if kind == "sobol" else qmc.Halton)(d=dims, scramble=True, seed=seed).random(R)
 
     try:
         with _qmc() as qmc:
-            points = points(qmc)
-    except Exception:  # the engines failed without their package: with it, as scipy documents them
+            points = make(qmc)
+    except Exception:  # the engines failed without their package (_qmc): with it, as scipy documents them
         from scipy.stats import qmc
-        points = points(qmc)
+        points = make(qmc)
     return np.minimum((points * CELLS).astype(np.uint32), np.uint32(CELLS - 1))
 
 
